@@ -1,0 +1,432 @@
+//! Text generation: greedy and sampled decoding (temperature, top-k, top-p, seed) with a KV cache,
+//! batched over left-padded prompts, stopping on EOS, stop strings or a token budget.
+//! Semantics follow transformers' `generate` (warpers applied temperature -> top-k -> top-p,
+//! positions of left-padded rows counted from their first real token).
+
+use crate::models::{AttentionInputs, CausalLm};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::{Device, IndexOp, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+/// Token ids and sampling defaults from `config.json` / `generation_config.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub do_sample: bool,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+}
+
+fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+impl GenerationDefaults {
+    /// Ids from the model config, plus the tokenizer's EOS token.
+    pub fn from_config(config: &serde_json::Value, tokenizer: &Tokenizer) -> Self {
+        let mut d = Self::default();
+        d.update_from(config);
+        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+            if !d.eos_token_ids.contains(&id) {
+                d.eos_token_ids.push(id);
+            }
+        }
+        d
+    }
+
+    /// Overrides with the fields present in `g` (a `generation_config.json`).
+    pub fn update_from(&mut self, g: &serde_json::Value) {
+        if let Some(b) = ids(g.get("bos_token_id")).first() {
+            self.bos_token_id = Some(*b);
+        }
+        let eos = ids(g.get("eos_token_id"));
+        if !eos.is_empty() {
+            self.eos_token_ids = eos;
+        }
+        if let Some(p) = ids(g.get("pad_token_id")).first() {
+            self.pad_token_id = Some(*p);
+        }
+        if let Some(v) = g.get("do_sample").and_then(|v| v.as_bool()) {
+            self.do_sample = v;
+        }
+        if let Some(v) = g.get("temperature").and_then(|v| v.as_f64()) {
+            self.temperature = Some(v);
+        }
+        if let Some(v) = g.get("top_k").and_then(|v| v.as_u64()) {
+            self.top_k = Some(v as usize);
+        }
+        if let Some(v) = g.get("top_p").and_then(|v| v.as_f64()) {
+            self.top_p = Some(v);
+        }
+        if let Some(v) = g.get("max_new_tokens").and_then(|v| v.as_u64()) {
+            self.max_new_tokens = Some(v as usize);
+        }
+    }
+
+    /// `generation_config.json` content.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut g = json!({});
+        if let Some(b) = self.bos_token_id {
+            g["bos_token_id"] = json!(b);
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => g["eos_token_id"] = json!(one),
+            many => g["eos_token_id"] = json!(many),
+        }
+        if let Some(p) = self.pad_token_id {
+            g["pad_token_id"] = json!(p);
+        }
+        if self.do_sample {
+            g["do_sample"] = json!(true);
+        }
+        for (k, v) in [("temperature", self.temperature), ("top_p", self.top_p)] {
+            if let Some(v) = v {
+                g[k] = json!(v);
+            }
+        }
+        if let Some(k) = self.top_k {
+            g["top_k"] = json!(k);
+        }
+        if let Some(n) = self.max_new_tokens {
+            g["max_new_tokens"] = json!(n);
+        }
+        g
+    }
+
+    /// Sampling parameters these defaults imply (greedy unless `do_sample`).
+    pub fn sampling(&self) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        if self.do_sample {
+            p.temperature = self.temperature.unwrap_or(1.0);
+            p.top_k = self.top_k.filter(|&k| k > 0);
+            p.top_p = self.top_p.filter(|&v| v < 1.0);
+        }
+        if let Some(n) = self.max_new_tokens {
+            p.max_new_tokens = n;
+        }
+        p
+    }
+}
+
+/// How to pick tokens and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// EOS is suppressed until this many tokens are out (as transformers' `min_new_tokens`).
+    pub min_new_tokens: usize,
+    /// Generation stops when the new text contains one of these; the text is cut before it.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0, max_new_tokens: 128, min_new_tokens: 0, stop_strings: vec![] }
+    }
+}
+
+/// Picks next tokens from logits with a seeded RNG (ChaCha8: the same seed gives the same
+/// choices on every platform and crate version).
+pub struct Sampler {
+    params: SamplingParams,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Sampler {
+    /// A sampler for `params`.
+    pub fn new(params: &SamplingParams) -> Result<Self> {
+        if params.temperature < 0.0 || !params.temperature.is_finite() {
+            return Err(Error::Invalid(format!("temperature must be >= 0, got {}", params.temperature)));
+        }
+        if let Some(p) = params.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Invalid(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        if params.top_k == Some(0) {
+            return Err(Error::Invalid("top_k must be at least 1".into()));
+        }
+        Ok(Self { params: params.clone(), rng: rand_chacha::ChaCha8Rng::seed_from_u64(params.seed) })
+    }
+
+    /// The next token for one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            let mut best = 0;
+            for (i, &v) in logits.iter().enumerate() {
+                if v > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        if self.params.temperature == 0.0 {
+            return argmax();
+        }
+        let t = self.params.temperature as f32;
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
+        // Only top-k/top-p need an order; select before sorting so 50k-entry rows stay cheap.
+        if let Some(k) = self.params.top_k.filter(|&k| k < cand.len()) {
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.truncate(k);
+        }
+        if self.params.top_p.is_some() || self.params.top_k.is_some() {
+            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if let Some(top_p) = self.params.top_p {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut acc = 0f32;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= top_p as f32 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= s);
+        }
+        let u: f32 = self.rng.gen();
+        let mut acc = 0f32;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token (not included in `tokens`).
+    Eos,
+    /// A stop string (`text` is cut before it).
+    Stop,
+    /// The token budget or the context ran out.
+    Length,
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+}
+
+/// Incremental detokenizer: yields the text each new token adds, holding back incomplete UTF-8.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// An empty stream.
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self { tokenizer, tokens: vec![], printed: 0 }
+    }
+
+    /// Adds a token; returns the newly completed text, if any.
+    pub fn push(&mut self, token: u32) -> Result<Option<String>> {
+        self.tokens.push(token);
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        if text.len() > self.printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(self.printed) {
+            let new = text[self.printed..].to_string();
+            self.printed = text.len();
+            return Ok(Some(new));
+        }
+        Ok(None)
+    }
+}
+
+/// Generates continuations of `prompts` (token ids) in one left-padded batch. `on_token(row,
+/// token)` sees every new token as it is chosen (for streaming).
+pub fn generate(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    defaults: &GenerationDefaults,
+    device: &Device,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::Invalid(format!("prompt {i} is empty")));
+    }
+    let ctx = model.max_positions();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if longest >= ctx {
+        return Err(Error::Invalid(format!(
+            "prompt of {longest} tokens does not fit the model's context of {ctx} tokens (at least one new token is needed)"
+        )));
+    }
+    let budget = params.max_new_tokens.min(ctx - longest);
+    let mut sampler = Sampler::new(params)?;
+    let pad = defaults.pad_token_id.or(defaults.eos_token_ids.first().copied()).unwrap_or(0);
+    let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
+    let mut ids = Vec::with_capacity(b * longest);
+    for p in prompts {
+        let n_pad = longest - p.len();
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat_n(0u8, n_pad).chain(std::iter::repeat_n(1u8, p.len())).collect());
+    }
+    let mut cache = model.new_cache(b, longest + budget, device)?;
+    let mut input = Tensor::from_vec(ids, (b, longest), device)?;
+    let mut out: Vec<Generation> = prompts
+        .iter()
+        .map(|p| Generation { tokens: vec![], text: String::new(), finish: FinishReason::Length, prompt_tokens: p.len() })
+        .collect();
+    let mut done = vec![false; b];
+    for _ in 0..budget {
+        let (_, t) = input.dims2()?;
+        let inp = AttentionInputs::new(b, t, cache.len, Some(&mask), device)?;
+        let h = model.forward_embeds(&model.embed(&input)?, &inp, Some(&mut cache))?;
+        let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
+        let mut logits = logits.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (r, row) in logits.iter_mut().enumerate() {
+            if done[r] {
+                next.push(pad);
+                continue;
+            }
+            if out[r].tokens.len() < params.min_new_tokens {
+                for &e in &defaults.eos_token_ids {
+                    if let Some(v) = row.get_mut(e as usize) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let tok = sampler.sample(row);
+            next.push(tok);
+            if defaults.eos_token_ids.contains(&tok) {
+                done[r] = true;
+                out[r].finish = FinishReason::Eos;
+                continue;
+            }
+            out[r].tokens.push(tok);
+            on_token(r, tok)?;
+            if !params.stop_strings.is_empty() {
+                let text = tokenizer.decode(&out[r].tokens, true)?;
+                if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    done[r] = true;
+                    out[r].finish = FinishReason::Stop;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        for m in mask.iter_mut() {
+            m.push(1);
+        }
+        input = Tensor::from_vec(next, (b, 1), device)?;
+    }
+    for g in out.iter_mut() {
+        let mut text = tokenizer.decode(&g.tokens, true)?;
+        if g.finish == FinishReason::Stop {
+            if let Some(cut) = params.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+            }
+        }
+        g.text = text;
+    }
+    Ok(out)
+}
+
+/// Prompt token ids for `text`: rendered with the chat template (as one user turn, with
+/// `system` first if given) when `chat`, else encoded as is with the tokenizer's special tokens.
+pub fn prompt_ids(tokenizer: &Tokenizer, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+    if chat {
+        let mut msgs = vec![];
+        if let Some(s) = system {
+            msgs.push(crate::tokenizer::Message::new("system", s));
+        }
+        msgs.push(crate::tokenizer::Message::new("user", text));
+        let rendered = tokenizer.apply_chat_template(&msgs, true)?;
+        // The template already holds every special token (as transformers' apply_chat_template).
+        tokenizer.encode(&rendered, false)
+    } else {
+        tokenizer.encode(text, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(&SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
+        let logits = [0.0, 2.0, 1.0, 5.0, 4.9];
+        let mut s = Sampler::new(&SamplingParams { temperature: 1.0, top_k: Some(1), seed: 3, ..Default::default() }).unwrap();
+        assert!((0..50).all(|_| s.sample(&logits) == 3));
+        // p(3) ~ 0.5, p(4) ~ 0.45: top_p 0.9 keeps exactly {3, 4}.
+        let mut s = Sampler::new(&SamplingParams { temperature: 1.0, top_p: Some(0.9), seed: 4, ..Default::default() }).unwrap();
+        let picks: Vec<u32> = (0..400).map(|_| s.sample(&logits)).collect();
+        assert!(picks.iter().all(|&t| t == 3 || t == 4));
+        let threes = picks.iter().filter(|&&t| t == 3).count() as f64 / 400.0;
+        // Renormalised over {3, 4}: e^5 / (e^5 + e^4.9) = 0.525.
+        assert!((threes - 0.525).abs() < 0.07, "{threes}");
+    }
+
+    #[test]
+    fn sampling_matches_the_softmax_and_is_seeded() {
+        let logits = [1.0f32, 0.0, 2.0];
+        let params = SamplingParams { temperature: 0.5, seed: 7, ..Default::default() };
+        let mut s = Sampler::new(&params).unwrap();
+        let n = 20000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        // softmax([2, 0, 4]) = [0.1173, 0.0159, 0.8668]
+        for (c, p) in counts.iter().zip([0.1173, 0.0159, 0.8668]) {
+            assert!((*c as f64 / n as f64 - p).abs() < 0.01, "{counts:?}");
+        }
+        let a: Vec<u32> = { let mut s = Sampler::new(&params).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
+        let b: Vec<u32> = { let mut s = Sampler::new(&params).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_parameters_are_refused() {
+        assert!(Sampler::new(&SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(&SamplingParams { top_p: Some(0.0), ..Default::default() }).is_err());
+        assert!(Sampler::new(&SamplingParams { top_k: Some(0), ..Default::default() }).is_err());
+    }
+}

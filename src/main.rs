@@ -1,0 +1,227 @@
+//! The `meet` command line: a thin layer over the library.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use meet::generate::{generate, prompt_ids, SamplingParams, TextStream};
+use meet::nn::packed::PackedFormat;
+use meet::{LoadOptions, Packing, Pretrained};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The model `scripts/fetch-model.sh` puts in place.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "meet", version, about = "Align causal language models with human preferences (MEET and baselines) on candle")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Write a model (GGUF, HF folder or Hub id) as a standard HF folder.
+    Convert {
+        /// Model: HF folder, GGUF file or Hub repo id.
+        model: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: HF folder, GGUF file, or Hub repo id (org/name[@revision]) from the HF cache.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Weight storage for inference: `auto` keeps a GGUF file's formats (exact) and f32 as f32;
+    /// `f32` expands everything; `q8_0`, `q4_1`, `q4_0`, `f16`, `bf16` round matrices (lossy).
+    #[arg(long, default_value = "auto")]
+    weights: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<Pretrained> {
+        let packing = match self.weights.as_str() {
+            "auto" => Packing::Source,
+            "f32" => Packing::Dense,
+            other => Packing::Quantize(PackedFormat::parse(other)?),
+        };
+        let opts = LoadOptions { packing, ..Default::default() };
+        Pretrained::load(&self.model, &opts).with_context(|| format!("loading model '{}'", self.model))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    min_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable); the text is cut before it.
+    #[arg(long = "stop-strings")]
+    stop_strings: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s at several batch sizes; ends with one JSON line.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Batch-1 prompt (the Python reference's).
+        #[arg(long, default_value = "The capital of France is")]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Sampling temperature for batches above 1 (batch 1 is greedy, as the reference).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+    },
+}
+
+/// Sixteen varied prompts for batched runs (different lengths exercise left padding).
+const BATCH_PROMPTS: [&str; 16] = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important things to know about photosynthesis are",
+    "Write a short poem about autumn leaves:",
+    "In computer science, a hash table is",
+    "My favourite recipe for a rainy day is",
+    "The history of the Roman Empire began",
+    "Here is a list of tips for learning a new language:",
+    "The weather today",
+    "Explain to a child why the sky is blue.",
+    "The best way to start a morning routine is",
+    "A good movie review should mention",
+    "def fibonacci(n):",
+    "Dear hiring manager, I am writing to apply for",
+    "The main causes of the French Revolution were",
+    "Q: What is the boiling point of water? A:",
+];
+
+fn run() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => {
+            let p = a.model.load()?;
+            let ids = prompt_ids(&p.tokenizer, &a.prompt, a.chat, a.system.as_deref())?;
+            let params = SamplingParams {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+                max_new_tokens: a.max_new_tokens,
+                min_new_tokens: a.min_new_tokens,
+                stop_strings: a.stop_strings.clone(),
+            };
+            let mut stream = TextStream::new(&p.tokenizer);
+            let mut stdout = std::io::stdout().lock();
+            let stopping = !params.stop_strings.is_empty();
+            let out = generate(p.model.as_ref(), &p.tokenizer, &[ids], &params, &p.generation, &p.device, |_, tok| {
+                // With stop strings the text is printed once cut, so the stop text never shows.
+                if !stopping {
+                    if let Some(piece) = stream.push(tok)? {
+                        write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| meet::Error::io("<stdout>", e))?;
+                    }
+                }
+                Ok(())
+            })?;
+            if stopping {
+                write!(stdout, "{}", out[0].text)?;
+            }
+            writeln!(stdout)?;
+            tracing::info!(finish = ?out[0].finish, tokens = out[0].tokens.len(), "done");
+        }
+        Command::Convert { model, out } => {
+            let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
+            eprintln!("wrote {} ({n} tensors)", out.display());
+        }
+        Command::Bench { what: BenchCommand::Generate { model, prompt, new_tokens, batches, reps, temperature } } => {
+            if new_tokens < 2 {
+                bail!("--new-tokens must be at least 2");
+            }
+            let p = model.load()?;
+            let mut results = vec![];
+            for &b in &batches {
+                let prompts = if b == 1 {
+                    vec![p.tokenizer.encode(&prompt, true)?]
+                } else {
+                    (0..b).map(|i| p.tokenizer.encode(BATCH_PROMPTS[i % BATCH_PROMPTS.len()], true)).collect::<meet::Result<Vec<_>>>()?
+                };
+                let temp = if b == 1 { 0.0 } else { temperature };
+                let f = meet::bench::bench_generate(p.model.as_ref(), &p.tokenizer, &p.generation, &prompts, new_tokens, temp, reps, &p.device)?;
+                println!(
+                    "batch {:>2} ({}): prefill {:>8.1} tok/s, decode {:>7.1} tok/s ({} prompt tokens, {} new per row, median {:.3}s)",
+                    f.batch, f.sampling, f.prefill_tokens_per_s, f.decode_tokens_per_s, f.prompt_tokens, f.new_tokens, f.seconds_total_median
+                );
+                results.push(f);
+            }
+            let json = serde_json::json!({
+                "bench": "generate",
+                "model": model.model,
+                "weights": model.weights,
+                "threads": rayon::current_num_threads(),
+                "results": results,
+                "peak_rss_mib": meet::bench::peak_rss_mib(),
+            });
+            println!("{json}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    // candle asks for its thread count on every matmul and, unless RAYON_NUM_THREADS is set,
+    // re-reads /proc/cpuinfo each time; settle it once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // Run on a pool worker so parallel kernels use the calling thread plus the others, instead of
+    // a blocked main thread beside busy-waiting workers.
+    match rayon::scope(|_| run()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `y = x W^T + b`, with `W` either a dense f32 tensor (trainable when it is a `Var`) or a frozen
+//! [`PackedWeight`] multiplied by a fused kernel.
+
+use crate::nn::packed::PackedWeight;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// Where a linear layer's weight lives.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// `[out, in]` f32 tensor; gradients flow to it when it is a `Var`.
+    Dense(Tensor),
+    /// Frozen compact storage; gradients flow to the input only.
+    Packed(Arc<PackedWeight>),
+}
+
+/// A linear layer named like torch's `nn.Linear` (`weight: [out, in]`, optional `bias: [out]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: LinearWeight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A dense layer.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Dense(weight), bias }
+    }
+
+    /// `(out, in)` features.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims2(),
+            LinearWeight::Packed(p) => Ok(p.dims()),
+        }
+    }
+
+    /// The weight as a dense f32 `[out, in]` tensor (expanded from packed storage if needed).
+    pub fn dense_weight(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Packed(p) => Tensor::from_vec(p.dequantize(), p.dims(), device),
+        }
+    }
+
+    /// Applies the layer to `x: [..., in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let (out, inp) = w.dims2()?;
+                let mut dims = x.dims().to_vec();
+                let last = dims.pop().unwrap_or(0);
+                if last != inp {
+                    candle_core::bail!("linear: input {:?} does not end in {inp}", x.dims());
+                }
+                let rows: usize = dims.iter().product();
+                dims.push(out);
+                // One [rows, in] x [in, out] gemm instead of a batched one.
+                x.reshape((rows, inp))?.matmul(&w.t()?)?.reshape(dims)?
+            }
+            LinearWeight::Packed(p) => x.contiguous()?.apply_op1(PackedMatMul(p.clone()))?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct PackedMatMul(Arc<PackedWeight>);
+
+impl CustomOp1 for PackedMatMul {
+    fn name(&self) -> &'static str {
+        "meet-packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.0.dims();
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("packed matmul: needs a contiguous f32 input"),
+        };
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("packed matmul: input {:?} does not end in {k}", l.shape());
+        }
+        dims.pop();
+        let m: usize = dims.iter().product();
+        dims.push(n);
+        Ok((CpuStorage::F32(self.0.matmul_t(x, m)), Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dx = dy W; the weight itself is frozen.
+        let (n, k) = self.0.dims();
+        let w = Tensor::from_vec(self.0.dequantize(), (n, k), dy.device())?;
+        let mut dims = dy.dims().to_vec();
+        dims.pop();
+        let rows: usize = dims.iter().product();
+        dims.push(k);
+        Ok(Some(dy.reshape((rows, n))?.matmul(&w)?.reshape(dims)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::packed::PackedFormat;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn packed_layer_matches_dense_layer_and_passes_input_gradients() {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..6 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
+        let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
+        let packed = Linear { weight: LinearWeight::Packed(p), bias: None };
+        let x = Var::from_tensor(&Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev).unwrap().reshape((2, 3, 32)).unwrap().affine(0.01, -0.5).unwrap()).unwrap();
+        let a = dense.forward(&x).unwrap();
+        let b = packed.forward(&x).unwrap();
+        assert_eq!(a.dims(), &[2, 3, 6]);
+        let d: f32 = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "{d}");
+        let ga = a.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let gb = b.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let d: f32 = (ga - gb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+}

@@ -1,0 +1,183 @@
+//! Building blocks shared by the model files: linear layers (dense or packed), fused differentiable
+//! ops, and [`Builder`], which hands each layer its weights by Hugging Face tensor name.
+
+pub mod linear;
+pub mod ops;
+pub mod packed;
+pub mod team;
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use linear::{Linear, LinearWeight};
+use packed::PackedWeight;
+use rand::SeedableRng;
+use rand_distr::Distribution;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+
+/// How a fresh parameter is filled when a model is built without a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Normal with this standard deviation (HF `initializer_range`).
+    Normal(f64),
+    /// Every element equal (norm weights start at 1).
+    Const(f64),
+}
+
+#[derive(Clone)]
+enum Origin {
+    /// Weights loaded from a file; a missing tensor is an error naming the file.
+    Loaded { path: Arc<PathBuf>, packed: Arc<HashMap<String, Arc<PackedWeight>>> },
+    /// Fresh parameters drawn from a seeded RNG (tiny test models).
+    Init { varmap: VarMap, seed: u64 },
+}
+
+/// Hands out weights by their HF name (`model.layers.0.self_attn.q_proj.weight`), like
+/// candle-nn's `VarBuilder`, which it wraps, plus packed weights for frozen inference.
+#[derive(Clone)]
+pub struct Builder<'a> {
+    vb: VarBuilder<'a>,
+    origin: Origin,
+}
+
+impl<'a> Builder<'a> {
+    /// Weights from `vb` (tensors or a pre-filled `VarMap`) and `packed`, loaded from `path`.
+    pub fn loaded(vb: VarBuilder<'a>, packed: HashMap<String, Arc<PackedWeight>>, path: PathBuf) -> Self {
+        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed) } }
+    }
+
+    /// Fresh trainable parameters in `varmap`, drawn deterministically from `seed`.
+    pub fn init(varmap: &VarMap, seed: u64, device: &Device) -> Self {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
+        Self { vb, origin: Origin::Init { varmap: varmap.clone(), seed } }
+    }
+
+    /// The builder for a sub-module.
+    pub fn pp(&self, s: impl ToString) -> Self {
+        Self { vb: self.vb.pp(s), origin: self.origin.clone() }
+    }
+
+    /// The device weights live on.
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    fn path(&self, name: &str) -> String {
+        let p = self.vb.prefix();
+        if p.is_empty() {
+            name.to_string()
+        } else {
+            format!("{p}.{name}")
+        }
+    }
+
+    /// The tensor `name` with the given shape; missing or misshapen tensors are errors naming the
+    /// tensor and the file.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        let shape = shape.into();
+        match &self.origin {
+            Origin::Loaded { path, .. } => {
+                if !self.vb.contains_tensor(name) {
+                    return Err(Error::format(path.as_ref(), format!("missing tensor '{}'", self.path(name))));
+                }
+                self.vb.get(shape.clone(), name).map_err(|e| {
+                    Error::format(path.as_ref(), format!("tensor '{}' (expected shape {shape:?}): {e}", self.path(name)))
+                })
+            }
+            Origin::Init { varmap, seed } => {
+                let full = self.path(name);
+                if !self.vb.contains_tensor(name) {
+                    let t = init_tensor(&shape, init, *seed, &full, self.device())?;
+                    varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?.insert(full, Var::from_tensor(&t)?);
+                }
+                Ok(self.vb.get(shape, name)?)
+            }
+        }
+    }
+
+    /// Whether the tensor `name` exists (always true for fresh models, which create it).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.origin {
+            Origin::Loaded { packed, .. } => self.vb.contains_tensor(name) || packed.contains_key(&self.path(name)),
+            Origin::Init { .. } => true,
+        }
+    }
+
+    /// A linear layer `in_dim -> out_dim`: `weight` packed when the loader packed it, else dense.
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Linear> {
+        let bias = if bias { Some(self.get(out_dim, "bias", Init::Const(0.0))?) } else { None };
+        if let Origin::Loaded { packed, path } = &self.origin {
+            if let Some(p) = packed.get(&self.path("weight")) {
+                if p.dims() != (out_dim, in_dim) {
+                    return Err(Error::format(
+                        path.as_ref(),
+                        format!("tensor '{}' has shape {:?}, expected [{out_dim}, {in_dim}]", self.path("weight"), p.dims()),
+                    ));
+                }
+                return Ok(Linear { weight: LinearWeight::Packed(p.clone()), bias });
+            }
+        }
+        Ok(Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias))
+    }
+}
+
+fn init_tensor(shape: &Shape, init: Init, seed: u64, name: &str, device: &Device) -> Result<Tensor> {
+    let n = shape.elem_count();
+    let data: Vec<f32> = match init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Normal(std) => {
+            // One stream per tensor name, so adding a layer does not reshuffle the others.
+            let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
+            let normal = rand_distr::Normal::new(0.0, std).map_err(|e| Error::Invalid(e.to_string()))?;
+            (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+        }
+    };
+    Ok(Tensor::from_vec(data, shape.clone(), device)?)
+}
+
+/// A token embedding table (`weight: [vocab, hidden]`), dense or packed.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub weight: LinearWeight,
+    pub hidden: usize,
+}
+
+impl Embedding {
+    /// Looks up `ids` (u32, any shape) and appends the hidden dimension.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        match &self.weight {
+            LinearWeight::Dense(w) => w.index_select(&ids.flatten_all()?, 0)?.reshape(dims),
+            LinearWeight::Packed(p) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let (vocab, hidden) = p.dims();
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(&ids) {
+                    if id as usize >= vocab {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+                    }
+                    p.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
+    }
+
+    /// The output projection that shares this table (tied embeddings).
+    pub fn as_linear(&self) -> Linear {
+        Linear { weight: self.weight.clone(), bias: None }
+    }
+}
+
+impl<'a> Builder<'a> {
+    /// An embedding table `vocab x hidden` under `weight`.
+    pub fn embedding(&self, vocab: usize, hidden: usize, std: f64) -> Result<Embedding> {
+        let lin = self.linear(hidden, vocab, false, std)?;
+        Ok(Embedding { weight: lin.weight, hidden })
+    }
+}

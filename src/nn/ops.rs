@@ -1,0 +1,319 @@
+//! Differentiable fused ops for the decoder: RMSNorm, rotary embeddings and softmax.
+//!
+//! candle-nn's fused versions of these (`ops::rms_norm`, `rotary_emb::rope`,
+//! `ops::softmax_last_dim`) have no backward pass, so gradients through them silently vanish. Here
+//! each op is a candle custom op with a CPU kernel *and* a `bwd`, and on other devices the same
+//! function falls back to a composition of differentiable candle ops. The composed forms double as
+//! the reference the tests hold the kernels to.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
+        _ => candle_core::bail!("{op}: only f32 is supported on CPU, got {:?}", s.dtype()),
+    }
+}
+
+fn use_kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w   (Zhang & Sennrich 2019; HF LlamaRMSNorm)
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "meet-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm")?;
+        let w = f32_slice(s2, l2, "rms_norm")?;
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        let eps = self.eps;
+        y.par_chunks_mut(h * 16).zip(x.par_chunks(h * 16)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * r * g;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        // With r = 1/sqrt(mean(x^2)+eps), xh = x*r and g = dy*w:
+        //   dx = r * (g - xh * mean(g*xh)),  dw = sum over rows of dy*xh.
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+        let xh = x.broadcast_mul(&r)?;
+        let g = dy.broadcast_mul(w)?;
+        let proj = (&g * &xh)?.mean_keepdim(D::Minus1)?;
+        let dx = (g - xh.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
+        let h = w.dim(0)?;
+        let dw = (dy * xh)?.reshape(((), h))?.sum(0)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// RMSNorm over the last dimension, differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if use_kernel(x) {
+        x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })
+    } else {
+        rms_norm_composed(x, w, eps)
+    }
+}
+
+/// RMSNorm from differentiable primitives (any device, and the tests' reference).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding, HF "rotate_half" layout (first half pairs with second half).
+
+/// cos/sin tables for positions `0..max_positions`, `[max_positions, head_dim / 2]` each.
+#[derive(Debug)]
+pub struct RopeTables {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+    pub max_positions: usize,
+    cos_t: Tensor,
+    sin_t: Tensor,
+}
+
+impl RopeTables {
+    /// Builds the tables from per-pair inverse frequencies (already scaled, e.g. llama3), in f32
+    /// as transformers does (`inv_freq` float32, `freqs = t * inv_freq`).
+    pub fn new(inv_freq: &[f32], max_positions: usize, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for &f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos_t = Tensor::from_slice(&cos, (max_positions, half), device)?;
+        let sin_t = Tensor::from_slice(&sin, (max_positions, half), device)?;
+        Ok(Self { cos, sin, half, max_positions, cos_t, sin_t })
+    }
+}
+
+struct Rope {
+    tables: Arc<RopeTables>,
+    /// Position of each (batch, time) row, `b * t` entries.
+    positions: Arc<Vec<u32>>,
+    /// Rotate by -angle: the backward pass of a rotation is its inverse.
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "meet-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope")?;
+        let (b, t, h, d) = l.shape().dims4()?;
+        let half = self.tables.half;
+        if d != 2 * half || self.positions.len() != b * t {
+            candle_core::bail!("rope: x {:?} vs head_dim {} and {} positions", l.shape(), 2 * half, self.positions.len());
+        }
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut y = vec![0f32; x.len()];
+        let tables = &self.tables;
+        let mut err = None;
+        for (row, &p) in self.positions.iter().enumerate() {
+            let p = p as usize;
+            if p >= tables.max_positions {
+                err = Some(p);
+                break;
+            }
+            let cos = &tables.cos[p * half..(p + 1) * half];
+            let sin = &tables.sin[p * half..(p + 1) * half];
+            for head in 0..h {
+                let off = (row * h + head) * d;
+                let (x1, x2) = x[off..off + d].split_at(half);
+                let (y1, y2) = y[off..off + d].split_at_mut(half);
+                for i in 0..half {
+                    let (c, s) = (cos[i], sign * sin[i]);
+                    y1[i] = x1[i] * c - x2[i] * s;
+                    y2[i] = x2[i] * c + x1[i] * s;
+                }
+            }
+        }
+        if let Some(p) = err {
+            candle_core::bail!("rope: position {p} is beyond the {} positions of the model", tables.max_positions);
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let inv = Rope { tables: self.tables.clone(), positions: self.positions.clone(), inverse: !self.inverse };
+        Ok(Some(dy.contiguous()?.apply_op1(inv)?))
+    }
+}
+
+/// Rotates `x: [b, t, heads, head_dim]` by the angles of `positions` (`b * t` entries, row-major).
+pub fn rope(x: &Tensor, tables: &Arc<RopeTables>, positions: &Arc<Vec<u32>>) -> candle_core::Result<Tensor> {
+    if use_kernel(x) {
+        x.contiguous()?.apply_op1(Rope { tables: tables.clone(), positions: positions.clone(), inverse: false })
+    } else {
+        rope_composed(x, tables, positions)
+    }
+}
+
+/// [`rope`] from differentiable primitives.
+pub fn rope_composed(x: &Tensor, tables: &RopeTables, positions: &[u32]) -> candle_core::Result<Tensor> {
+    let (b, t, _h, d) = x.dims4()?;
+    let half = d / 2;
+    let idx = Tensor::from_slice(positions, b * t, x.device())?;
+    let cos = tables.cos_t.to_device(x.device())?.index_select(&idx, 0)?.reshape((b, t, 1, half))?;
+    let sin = tables.sin_t.to_device(x.device())?.index_select(&idx, 0)?.reshape((b, t, 1, half))?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[y1, y2], D::Minus1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "meet-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * 8).zip(x.par_chunks(n * 8)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
+                let max = xr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        // dx = y * (dy - sum(dy * y))
+        let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((dy.broadcast_sub(&dot)? * y)?))
+    }
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if use_kernel(x) {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * 2654435761 ^ seed * 97) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Gradients of `sum(f(x) * probe)` by the kernel's bwd and by autograd of the composed form.
+    fn grads(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, probe: &Tensor) -> Tensor {
+        let v = Var::from_tensor(x).unwrap();
+        let loss = (f(v.as_tensor()) * probe).unwrap().sum_all().unwrap();
+        loss.backward().unwrap().get(v.as_tensor()).unwrap().clone()
+    }
+
+    #[test]
+    fn rms_norm_kernel_matches_composed_forward_and_backward() {
+        let x = rand(&[2, 3, 8], 1);
+        let w = Var::from_tensor(&rand(&[8], 2)).unwrap();
+        let probe = rand(&[2, 3, 8], 3);
+        let a = rms_norm(&x, &w, 1e-5).unwrap();
+        let b = rms_norm_composed(&x, &w, 1e-5).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let ga = grads(&|x| rms_norm(x, &w, 1e-5).unwrap(), &x, &probe);
+        let gb = grads(&|x| rms_norm_composed(x, &w, 1e-5).unwrap(), &x, &probe);
+        assert!(max_diff(&ga, &gb) < 1e-5, "dx");
+        // Weight gradient through the kernel.
+        let loss = (rms_norm(&x, &w, 1e-5).unwrap() * &probe).unwrap().sum_all().unwrap();
+        let gw = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        let loss = (rms_norm_composed(&x, &w, 1e-5).unwrap() * &probe).unwrap().sum_all().unwrap();
+        let gw2 = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        assert!(max_diff(&gw, &gw2) < 1e-5, "dw");
+    }
+
+    #[test]
+    fn rope_kernel_matches_composed_and_inverts() {
+        let inv: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0)).collect();
+        let tables = Arc::new(RopeTables::new(&inv, 16, &Device::Cpu).unwrap());
+        let pos = Arc::new(vec![0, 1, 2, 5, 3, 4]);
+        let x = rand(&[2, 3, 2, 8], 4);
+        let a = rope(&x, &tables, &pos).unwrap();
+        let b = rope_composed(&x, &tables, &pos).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let probe = rand(&[2, 3, 2, 8], 5);
+        let ga = grads(&|x| rope(x, &tables, &pos).unwrap(), &x, &probe);
+        let gb = grads(&|x| rope_composed(x, &tables, &pos).unwrap(), &x, &probe);
+        assert!(max_diff(&ga, &gb) < 1e-6);
+        // Position 0 is the identity.
+        let x0 = rand(&[1, 1, 2, 8], 6);
+        let y0 = rope(&x0, &tables, &Arc::new(vec![0])).unwrap();
+        assert!(max_diff(&x0, &y0) < 1e-7);
+        assert!(rope(&x0, &tables, &Arc::new(vec![16])).is_err(), "position beyond the table");
+    }
+
+    #[test]
+    fn softmax_kernel_matches_composed() {
+        let x = (rand(&[3, 7], 8) * 5.0).unwrap();
+        let a = softmax_last_dim(&x).unwrap();
+        let b = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let probe = rand(&[3, 7], 9);
+        let ga = grads(&|x| softmax_last_dim(x).unwrap(), &x, &probe);
+        let gb = grads(&|x| candle_nn::ops::softmax(x, D::Minus1).unwrap(), &x, &probe);
+        assert!(max_diff(&ga, &gb) < 1e-6);
+    }
+}

@@ -1,0 +1,659 @@
+//! Frozen weight matrices kept in a compact storage format (GGML blocks, f16, bf16) and multiplied
+//! by f32 activations without first expanding the whole matrix.
+//!
+//! Why: CPU decoding is bound by memory bandwidth. SmolLM2-135M in f32 is 540 MB, which a 15 GB/s
+//! machine reads at most ~28 times a second; its GGUF Q4_1 blocks are 85 MB. Each block is
+//! dequantized into f32 in L1 and dotted with f32 activations, so results equal those of the
+//! dequantized f32 model up to summation order (unlike ggml's kernels, which also quantize the
+//! activations to 8 bits).
+//!
+//! Layout: `n` rows of `k` values, row-major; a row of a block format is `k / 32` blocks:
+//! Q4_0 `{d: f16, qs: [u8; 16]}`, Q4_1 `{d: f16, m: f16, qs: [u8; 16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`,
+//! exactly as in GGUF files, so rows are copied from the file as they are.
+
+use crate::{Error, Result};
+use candle_core::quantized::GgmlDType;
+use half::{bf16, f16};
+use crate::nn::team::Team;
+use rayon::prelude::*;
+
+/// Storage formats with a fused dequantize-and-multiply kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedFormat {
+    F16,
+    Bf16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl PackedFormat {
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::F16 | Self::Bf16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F16 | Self::Bf16 => 2,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// The packed format for a GGML dtype, if there is a kernel for it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::F16 => Some(Self::F16),
+            GgmlDType::BF16 => Some(Self::Bf16),
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Parses a user-facing name (`q8_0`, `q4_1`, `f16`, ...).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            "q4_0" => Ok(Self::Q4_0),
+            "q4_1" => Ok(Self::Q4_1),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(Error::Invalid(format!(
+                "unknown weight format '{other}' (expected f16, bf16, q4_0, q4_1 or q8_0)"
+            ))),
+        }
+    }
+}
+
+/// A frozen `[n, k]` weight matrix in a [`PackedFormat`].
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    format: PackedFormat,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl PackedWeight {
+    /// Wraps raw rows (as stored in GGUF) of an `[n, k]` matrix.
+    pub fn from_raw(format: PackedFormat, n: usize, k: usize, data: Vec<u8>) -> Result<Self> {
+        let bs = format.block_size();
+        if !k.is_multiple_of(bs) || data.len() != n * (k / bs) * format.block_bytes() {
+            return Err(Error::Invalid(format!(
+                "packed {format:?} weight [{n}, {k}]: row length must be a multiple of {bs} and \
+                 the data {} bytes, got {}",
+                n * (k / bs) * format.block_bytes(),
+                data.len()
+            )));
+        }
+        Ok(Self { format, n, k, data })
+    }
+
+    /// Quantizes/rounds an f32 `[n, k]` matrix (row-major) the way ggml's reference quantizers do.
+    pub fn quantize(format: PackedFormat, n: usize, k: usize, w: &[f32]) -> Result<Self> {
+        let bs = format.block_size();
+        if w.len() != n * k || !k.is_multiple_of(bs) {
+            return Err(Error::Invalid(format!(
+                "cannot pack [{n}, {k}] as {format:?}: row length must be a multiple of {bs}"
+            )));
+        }
+        let mut data = Vec::with_capacity(n * (k / bs) * format.block_bytes());
+        for block in w.chunks_exact(bs) {
+            match format {
+                PackedFormat::F16 => data.extend_from_slice(&f16::from_f32(block[0]).to_le_bytes()),
+                PackedFormat::Bf16 => {
+                    data.extend_from_slice(&bf16::from_f32(block[0]).to_le_bytes())
+                }
+                PackedFormat::Q8_0 => {
+                    let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    data.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+                }
+                PackedFormat::Q4_0 => {
+                    // ggml: the value of largest magnitude maps to -8.
+                    let max = block.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                    let d = max / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    let q = |v: f32| ((v * id + 8.5) as u8).min(15);
+                    data.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+                }
+                PackedFormat::Q4_1 => {
+                    let min = block.iter().cloned().fold(f32::INFINITY, f32::min);
+                    let max = block.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let d = (max - min) / 15.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    data.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                    let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+                    data.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+                }
+            }
+        }
+        Self::from_raw(format, n, k, data)
+    }
+
+    /// Storage format.
+    pub fn format(&self) -> PackedFormat {
+        self.format
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes of weight storage.
+    pub fn nbytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.k / self.format.block_size() * self.format.block_bytes()
+    }
+
+    /// Expands row `j` into `out` (`k` values).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        dequantize_row(self.format, &self.data[j * rb..(j + 1) * rb], out)
+    }
+
+    /// The whole matrix in f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        out.par_chunks_mut(self.k).enumerate().for_each(|(j, row)| self.dequantize_row(j, row));
+        out
+    }
+
+    /// `y[r, j] = sum_i x[r, i] * w[j, i]` for `x: [m, k]`, returning `y: [m, n]`.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        debug_assert_eq!(x.len(), m * k);
+        let mut y = vec![0f32; m * n];
+        if m == 1 && self.gemv(x, &mut y) {
+            return y;
+        }
+        // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are expanded
+        // into L1 and dotted with every row of x.
+        let out = SendPtr(y.as_mut_ptr());
+        Team::global().for_ranges(n, 16, &|range| {
+            let out = &out;
+            let mut buf = vec![0f32; TILE_N * k];
+            let mut j = range.start;
+            while j < range.end {
+                let rows = TILE_N.min(range.end - j);
+                for t in 0..rows {
+                    self.dequantize_row(j + t, &mut buf[t * k..(t + 1) * k]);
+                }
+                // Safety: this thread alone writes columns `range` of y, which outlives the run.
+                unsafe { dot_tile(x, m, k, &buf[..rows * k], rows, out.0.add(j), n) };
+                j += rows;
+            }
+        });
+        y
+    }
+}
+
+impl PackedWeight {
+    /// One row of x against every row of w without expanding w: per block,
+    /// `d * dot(x, q) + m * sum(x)`. Returns false where there is no fused kernel.
+    fn gemv(&self, x: &[f32], y: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && matches!(self.format, PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q8_0) {
+            let rb = self.row_bytes();
+            let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+            let out = SendPtr(y.as_mut_ptr());
+            Team::global().for_ranges(self.n, 16, &|r| {
+                let out = &out;
+                let data = &self.data[r.start * rb..r.end * rb];
+                // Safety: AVX2/FMA/F16C were detected; each thread writes only y[r].
+                unsafe {
+                    let yr = std::slice::from_raw_parts_mut(out.0.add(r.start), r.len());
+                    x86::gemv(self.format, data, rb, x, &xsum, yr)
+                };
+            });
+            return true;
+        }
+        let _ = (x, y);
+        false
+    }
+}
+
+const TILE_N: usize = 4;
+
+struct SendPtr(*mut f32);
+// Safety: used only to write disjoint column ranges from rayon tasks.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Expands one row of `format` blocks into f32.
+pub fn dequantize_row(format: PackedFormat, src: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the CPU has the features the function is compiled for.
+        unsafe { x86::dequantize_row(format, src, out) };
+        return;
+    }
+    dequantize_row_scalar(format, src, out)
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+fn dequantize_row_scalar(format: PackedFormat, src: &[u8], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    match format {
+        PackedFormat::F16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16_at(b, 0);
+            }
+        }
+        PackedFormat::Bf16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        PackedFormat::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                for (v, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *v = d * (q as i8) as f32;
+                }
+            }
+        }
+        PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                let (m, qs) = if format == PackedFormat::Q4_1 {
+                    (f16_at(b, 2), &b[4..20])
+                } else {
+                    (-8.0 * d, &b[2..18])
+                };
+                for (j, &q) in qs.iter().enumerate() {
+                    o[j] = ((q & 0x0f) as f32).mul_add(d, m);
+                    o[j + 16] = ((q >> 4) as f32).mul_add(d, m);
+                }
+            }
+        }
+    }
+}
+
+/// `y[r * ldy + t] = dot(x[r], w[t])` for `r < m`, `t < rows`.
+///
+/// Safety: `y` must be valid for writes at those offsets.
+unsafe fn dot_tile(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, y: *mut f32, ldy: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && rows == TILE_N && k.is_multiple_of(8) {
+        x86::dot_tile4(x, m, k, w, y, ldy);
+        return;
+    }
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for t in 0..rows {
+            let wt = &w[t * k..(t + 1) * k];
+            *y.add(r * ldy + t) = xr.iter().zip(wt).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::PackedFormat;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(b: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
+    }
+
+    /// Nibbles of 16 bytes: low halves are values 0..16, high halves 16..32 (GGML order).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles_to_f32(qs: *const u8, d: __m256, m: __m256, out: *mut f32) {
+        let q = _mm_loadu_si128(qs as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        for (i, v) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            _mm256_storeu_ps(out.add(8 * i), _mm256_fmadd_ps(f, d, m));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_row(format: PackedFormat, src: &[u8], out: &mut [f32]) {
+        let bb = format.block_bytes();
+        let s = src.as_ptr();
+        let o = out.as_mut_ptr();
+        match format {
+            PackedFormat::F16 => {
+                let n = out.len();
+                let mut i = 0;
+                while i + 8 <= n {
+                    let h = _mm_loadu_si128(s.add(2 * i) as *const __m128i);
+                    _mm256_storeu_ps(o.add(i), _mm256_cvtph_ps(h));
+                    i += 8;
+                }
+                for j in i..n {
+                    *o.add(j) = load_f16(s.add(2 * j));
+                }
+            }
+            PackedFormat::Bf16 => {
+                let n = out.len();
+                let mut i = 0;
+                while i + 8 <= n {
+                    let h = _mm_loadu_si128(s.add(2 * i) as *const __m128i);
+                    let w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+                    _mm256_storeu_ps(o.add(i), _mm256_castsi256_ps(w));
+                    i += 8;
+                }
+                for j in i..n {
+                    *o.add(j) = f32::from_bits((u16::from_le_bytes([*s.add(2 * j), *s.add(2 * j + 1)]) as u32) << 16);
+                }
+            }
+            PackedFormat::Q8_0 => {
+                for b in 0..out.len() / 32 {
+                    let blk = s.add(b * bb);
+                    let d = _mm256_set1_ps(load_f16(blk));
+                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let parts = [
+                        _mm256_castsi256_si128(q),
+                        _mm_srli_si128(_mm256_castsi256_si128(q), 8),
+                        _mm256_extracti128_si256(q, 1),
+                        _mm_srli_si128(_mm256_extracti128_si256(q, 1), 8),
+                    ];
+                    for (i, v) in parts.into_iter().enumerate() {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                        _mm256_storeu_ps(o.add(b * 32 + 8 * i), _mm256_mul_ps(f, d));
+                    }
+                }
+            }
+            PackedFormat::Q4_0 => {
+                for b in 0..out.len() / 32 {
+                    let blk = s.add(b * bb);
+                    let d = load_f16(blk);
+                    nibbles_to_f32(blk.add(2), _mm256_set1_ps(d), _mm256_set1_ps(-8.0 * d), o.add(b * 32));
+                }
+            }
+            PackedFormat::Q4_1 => {
+                for b in 0..out.len() / 32 {
+                    let blk = s.add(b * bb);
+                    let d = _mm256_set1_ps(load_f16(blk));
+                    let m = _mm256_set1_ps(load_f16(blk.add(2)));
+                    nibbles_to_f32(blk.add(4), d, m, o.add(b * 32));
+                }
+            }
+        }
+    }
+
+
+    /// Fused dequantize-and-dot of one x row against `y.len()` rows of Q4_0/Q4_1/Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv(format: PackedFormat, rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+        let nb = x.len() / 32;
+        let bb = format.block_bytes();
+        let xp = x.as_ptr();
+        let low = _mm256_set1_epi32(0x0f);
+        for (j, out) in y.iter_mut().enumerate() {
+            let row = rows.as_ptr().add(j * rb);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut mterm = 0f32;
+            for b in 0..nb {
+                let blk = row.add(b * bb);
+                let xb = xp.add(b * 32);
+                // d (and m) as f16 at the block start.
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
+                let d = _mm256_broadcastss_ps(dm);
+                let t = match format {
+                    PackedFormat::Q8_0 => {
+                        let q = blk.add(2);
+                        let mut t = _mm256_setzero_ps();
+                        for i in 0..4 {
+                            let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * i) as *const __m128i));
+                            t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(v), t);
+                        }
+                        t
+                    }
+                    _ => {
+                        let (q, m) = if format == PackedFormat::Q4_1 {
+                            (blk.add(4), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+                        } else {
+                            (blk.add(2), -8.0 * _mm_cvtss_f32(dm))
+                        };
+                        mterm = m.mul_add(*xsum.get_unchecked(b), mterm);
+                        // Bytes 0..8 and 8..16; low nibbles are values 0..16, high 16..32.
+                        let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+                        let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i));
+                        let f = [
+                            _mm256_and_si256(v0, low),
+                            _mm256_and_si256(v1, low),
+                            _mm256_srli_epi32(v0, 4),
+                            _mm256_srli_epi32(v1, 4),
+                        ];
+                        let mut t = _mm256_mul_ps(_mm256_loadu_ps(xb), _mm256_cvtepi32_ps(f[0]));
+                        for (i, fi) in f.iter().enumerate().skip(1) {
+                            t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(*fi), t);
+                        }
+                        t
+                    }
+                };
+                acc[b & 1] = _mm256_fmadd_ps(t, d, acc[b & 1]);
+            }
+            *out = hsum(_mm256_add_ps(acc[0], acc[1])) + mterm;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Four rows of `w` against every row of `x`; three rows of `x` at a time keep 12 accumulators
+    /// plus 4 loads within the 16 ymm registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_tile4(x: &[f32], m: usize, k: usize, w: &[f32], y: *mut f32, ldy: usize) {
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let mut r = 0;
+        while r + 3 <= m {
+            let (x0, x1, x2) = (xp.add(r * k), xp.add((r + 1) * k), xp.add((r + 2) * k));
+            let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+            let mut i = 0;
+            while i < k {
+                let a = [_mm256_loadu_ps(x0.add(i)), _mm256_loadu_ps(x1.add(i)), _mm256_loadu_ps(x2.add(i))];
+                for t in 0..4 {
+                    let wt = _mm256_loadu_ps(wp.add(t * k + i));
+                    for (s, av) in a.iter().enumerate() {
+                        acc[s][t] = _mm256_fmadd_ps(*av, wt, acc[s][t]);
+                    }
+                }
+                i += 8;
+            }
+            for (s, row) in acc.iter().enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    *y.add((r + s) * ldy + t) = hsum(*v);
+                }
+            }
+            r += 3;
+        }
+        while r < m {
+            // Two accumulators per w row hide the FMA latency when only one x row is left.
+            let x0 = xp.add(r * k);
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut i = 0;
+            while i + 16 <= k {
+                let a0 = _mm256_loadu_ps(x0.add(i));
+                let a1 = _mm256_loadu_ps(x0.add(i + 8));
+                for t in 0..4 {
+                    acc[0][t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(wp.add(t * k + i)), acc[0][t]);
+                    acc[1][t] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(wp.add(t * k + i + 8)), acc[1][t]);
+                }
+                i += 16;
+            }
+            if i < k {
+                let a0 = _mm256_loadu_ps(x0.add(i));
+                for t in 0..4 {
+                    acc[0][t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(wp.add(t * k + i)), acc[0][t]);
+                }
+            }
+            for t in 0..4 {
+                *y.add(r * ldy + t) = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
+            }
+            r += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, seed: u32) -> Vec<f32> {
+        // Deterministic values in [-1, 1) without an RNG dependency.
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13).wrapping_mul(40503);
+                (h % 20000) as f32 / 10000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn avx2_and_scalar_dequantization_agree() {
+        let (n, k) = (3, 96);
+        let w = sample(n * k, 7);
+        for f in [PackedFormat::F16, PackedFormat::Bf16, PackedFormat::Q4_0, PackedFormat::Q4_1, PackedFormat::Q8_0] {
+            let p = PackedWeight::quantize(f, n, k, &w).unwrap();
+            let rb = p.row_bytes();
+            for j in 0..n {
+                let mut a = vec![0f32; k];
+                let mut b = vec![0f32; k];
+                dequantize_row(f, &p.data[j * rb..(j + 1) * rb], &mut a);
+                dequantize_row_scalar(f, &p.data[j * rb..(j + 1) * rb], &mut b);
+                assert_eq!(a, b, "{f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_within_format_resolution() {
+        let (n, k) = (2, 64);
+        let w = sample(n * k, 3);
+        // Half a step of each format's grid for values in [-1, 1].
+        for (f, tol) in [
+            (PackedFormat::F16, 1e-3),
+            (PackedFormat::Bf16, 4e-3),
+            (PackedFormat::Q8_0, 1.0 / 254.0 + 1e-3),
+            (PackedFormat::Q4_0, 1.0 / 8.0 + 1e-3),
+            (PackedFormat::Q4_1, 2.0 / 30.0 + 1e-3),
+        ] {
+            let d = PackedWeight::quantize(f, n, k, &w).unwrap().dequantize();
+            let err = w.iter().zip(&d).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= tol, "{f:?}: max error {err} > {tol}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_dequantized_reference() {
+        // m covers the 3-row blocks and the 1-row tail; n covers a partial tile.
+        for (m, n, k) in [(1, 9, 64), (5, 13, 96), (16, 7, 32), (2, 3, 40)] {
+            let x = sample(m * k, 11);
+            for f in [PackedFormat::Q4_1, PackedFormat::Q8_0, PackedFormat::F16] {
+                if !k.is_multiple_of(f.block_size()) {
+                    continue;
+                }
+                let p = PackedWeight::quantize(f, n, k, &sample(n * k, 5)).unwrap();
+                let w = p.dequantize();
+                let y = p.matmul_t(&x, m);
+                for r in 0..m {
+                    for j in 0..n {
+                        let want: f64 =
+                            (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                        let got = y[r * n + j] as f64;
+                        assert!((got - want).abs() < 1e-4, "{f:?} m={m} n={n} ({r},{j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(PackedWeight::from_raw(PackedFormat::Q4_1, 2, 32, vec![0; 39]).is_err());
+        assert!(PackedWeight::quantize(PackedFormat::Q8_0, 1, 33, &[0.0; 33]).is_err());
+        assert!(PackedFormat::parse("q3_k").is_err());
+    }
+}
+
+#[cfg(test)]
+mod perf_probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe() {
+        for &(m, n, k) in &[(1usize, 1536usize, 576usize), (1, 576, 1536), (16, 1536, 576), (16, 576, 1536), (16, 49152, 576)] {
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 100) as f32 / 100.0).collect();
+            let p = PackedWeight::quantize(PackedFormat::Q4_1, n, k, &w).unwrap();
+            let reps = if n > 10000 { 5 } else { 50 };
+            let _ = p.matmul_t(&x, m);
+            let mut s = f64::MAX;
+            for _ in 0..reps { let t = std::time::Instant::now(); std::hint::black_box(p.matmul_t(&x, m)); s = s.min(t.elapsed().as_secs_f64()); }
+            println!("m={m} n={n} k={k}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9, p.nbytes() as f64 / s / 1e9);
+        }
+    }
+}
+#[cfg(test)]
+mod perf_probe2 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe2() {
+        let (n, k) = (1536usize, 576usize);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let p = PackedWeight::quantize(PackedFormat::Q4_1, n, k, &w).unwrap();
+        let mut buf = vec![0f32; 4 * k];
+        let x: Vec<f32> = (0..16 * k).map(|i| ((i * 31) % 100) as f32 / 100.0).collect();
+        let mut y = vec![0f32; 16 * n];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for j in 0..n { p.dequantize_row(j, &mut buf[(j % 4) * k..(j % 4 + 1) * k]); }
+            let a = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for j in (0..n).step_by(4) { unsafe { dot_tile(&x, 1, k, &buf, 4, y.as_mut_ptr().add(j), n) } }
+            let b = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for j in (0..n).step_by(4) { unsafe { dot_tile(&x, 16, k, &buf, 4, y.as_mut_ptr().add(j), n) } }
+            let c = t.elapsed().as_secs_f64();
+            println!("dequant {:.3} ms ({:.2} ns/w), dot m=1 {:.3} ms ({:.2} ns/w), dot m=16 {:.3} ms ({:.1} GFLOP/s)", a*1e3, a*1e9/(n*k) as f64, b*1e3, b*1e9/(n*k) as f64, c*1e3, 32.0*(n*k) as f64/c/1e9);
+        }
+    }
+}
+
