@@ -166,6 +166,35 @@ impl Sampler {
 
     /// The next token for one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let u = self.rng.gen();
+        pick(&self.params, logits, u)
+    }
+
+    /// The next token of every row where `active` holds (`None` elsewhere). Uniform numbers are
+    /// drawn in row order, so results do not depend on how the rows are spread over threads.
+    pub fn sample_rows(&mut self, rows: &[Vec<f32>], active: &[bool]) -> Vec<Option<u32>> {
+        let us: Vec<Option<f32>> = active.iter().map(|&a| a.then(|| self.rng.gen())).collect();
+        let mut out = vec![None; rows.len()];
+        let dst = SendPtr(out.as_mut_ptr());
+        crate::nn::team::Team::global().for_ranges(rows.len(), 1, &|range| {
+            let dst = &dst;
+            for r in range {
+                if let Some(u) = us[r] {
+                    // Safety: each row index is written by one thread only.
+                    unsafe { *dst.0.add(r) = Some(pick(&self.params, &rows[r], u)) };
+                }
+            }
+        });
+        out
+    }
+}
+
+struct SendPtr(*mut Option<u32>);
+// Safety: threads write disjoint elements.
+unsafe impl Sync for SendPtr {}
+
+/// The token for one row of logits given a uniform draw `u` in [0, 1).
+fn pick(params: &SamplingParams, logits: &[f32], u: f32) -> u32 {
         let argmax = || {
             let mut best = 0;
             for (i, &v) in logits.iter().enumerate() {
@@ -175,24 +204,24 @@ impl Sampler {
             }
             best as u32
         };
-        if self.params.temperature == 0.0 {
+        if params.temperature == 0.0 {
             return argmax();
         }
-        let t = self.params.temperature as f32;
+        let t = params.temperature as f32;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
         // Only top-k/top-p need an order; select before sorting so 50k-entry rows stay cheap.
-        if let Some(k) = self.params.top_k.filter(|&k| k < cand.len()) {
+        if let Some(k) = params.top_k.filter(|&k| k < cand.len()) {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(k);
         }
-        if self.params.top_p.is_some() || self.params.top_k.is_some() {
+        if params.top_p.is_some() || params.top_k.is_some() {
             cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         }
         let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
+        let mut probs: Vec<f32> = cand.iter().map(|c| c.1).collect();
+        let sum = crate::nn::simd::exp_shifted_sum(&mut probs, max);
         probs.iter_mut().for_each(|p| *p /= sum);
-        if let Some(top_p) = self.params.top_p {
+        if let Some(top_p) = params.top_p {
             // Keep the smallest prefix whose mass reaches top_p (at least one token).
             let mut acc = 0f32;
             let mut keep = probs.len();
@@ -207,7 +236,6 @@ impl Sampler {
             let s: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= s);
         }
-        let u: f32 = self.rng.gen();
         let mut acc = 0f32;
         for (i, p) in probs.iter().enumerate() {
             acc += p;
@@ -217,7 +245,6 @@ impl Sampler {
         }
         cand[probs.len() - 1].0
     }
-}
 
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,21 +340,20 @@ pub fn generate(
         let h = model.forward_embeds(&model.embed(&input)?, &inp, Some(&mut cache))?;
         let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
         let mut logits = logits.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(b);
         for (r, row) in logits.iter_mut().enumerate() {
-            if done[r] {
-                next.push(pad);
-                continue;
-            }
-            if out[r].tokens.len() < params.min_new_tokens {
+            if !done[r] && out[r].tokens.len() < params.min_new_tokens {
                 for &e in &defaults.eos_token_ids {
                     if let Some(v) = row.get_mut(e as usize) {
                         *v = f32::NEG_INFINITY;
                     }
                 }
             }
-            let tok = sampler.sample(row);
-            next.push(tok);
+        }
+        let active: Vec<bool> = done.iter().map(|d| !d).collect();
+        let picks = sampler.sample_rows(&logits, &active);
+        let next: Vec<u32> = picks.iter().map(|p| p.unwrap_or(pad)).collect();
+        for (r, pick) in picks.into_iter().enumerate() {
+            let Some(tok) = pick else { continue };
             if defaults.eos_token_ids.contains(&tok) {
                 done[r] = true;
                 out[r].finish = FinishReason::Eos;

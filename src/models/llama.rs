@@ -6,7 +6,8 @@
 //! Fields are named like the HF tensors they load.
 
 use crate::models::{AttentionInputs, CausalLm, KvCache};
-use crate::nn::ops::{rms_norm, rope, softmax_last_dim, RopeTables};
+use crate::nn::attention::attention;
+use crate::nn::ops::{rms_norm, rope, swiglu, RopeTables};
 use crate::nn::linear::Linear;
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
@@ -202,18 +203,10 @@ impl Attention {
             }
             None => (k, v),
         };
-        let total = k.dim(2)?;
         // Query heads j*g..(j+1)*g share kv head j (HF repeat_kv), so group them instead of
         // copying k and v g times: (b, h, t, d) -> (b, kvh, g*t, d).
         let q = q.reshape((b, kvh, g * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, kvh, g*t, T)
-        let scores = scores.reshape((b, h, t, total))?;
-        let scores = match &inp.mask {
-            Some(m) => scores.broadcast_add(m)?, // m: (b, 1, t, T)
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, total))?;
-        let out = probs.matmul(&v)?; // (b, kvh, g*t, d)
+        let out = attention(&q, &k, &v, inp.mask.as_ref(), t, 1.0 / (d as f64).sqrt())?; // (b, kvh, g*t, d)
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
     }
@@ -236,8 +229,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&h)?)
     }
 }
 

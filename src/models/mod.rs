@@ -3,6 +3,7 @@
 
 pub mod llama;
 
+use crate::nn::attention::Mask;
 use crate::nn::Builder;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -17,7 +18,7 @@ pub struct AttentionInputs {
     pub positions: Arc<Vec<u32>>,
     /// `(b, 1, t, past + t)`: 0 where a query may attend, `f32::MIN` elsewhere (as transformers'
     /// eager attention). `None` when every key is visible (a single step without padding).
-    pub mask: Option<Tensor>,
+    pub mask: Option<Mask>,
 }
 
 impl AttentionInputs {
@@ -61,7 +62,8 @@ impl AttentionInputs {
                     }
                 }
             }
-            Some(Tensor::from_vec(m, (b, 1, t, total), device)?)
+            let tensor = Tensor::from_vec(m.clone(), (b, 1, t, total), device)?;
+            Some(Mask { tensor, data: Arc::new(m), t, total })
         };
         Ok(Self { positions: Arc::new(positions), mask })
     }

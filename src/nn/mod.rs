@@ -1,9 +1,11 @@
 //! Building blocks shared by the model files: linear layers (dense or packed), fused differentiable
 //! ops, and [`Builder`], which hands each layer its weights by Hugging Face tensor name.
 
+pub mod attention;
 pub mod linear;
 pub mod ops;
 pub mod packed;
+pub mod simd;
 pub mod team;
 
 use crate::{Error, Result};

@@ -198,6 +198,50 @@ pub fn rope_composed(x: &Tensor, tables: &RopeTables, positions: &[u32]) -> cand
 }
 
 // ---------------------------------------------------------------------------------------------
+// SwiGLU gate: silu(g) * u (Shazeer 2020), the Llama MLP's elementwise part in one pass.
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "meet-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "swiglu")?;
+        let u = f32_slice(s2, l2, "swiglu")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; g.len()];
+        let f = |ys: &mut [f32], gs: &[f32], us: &[f32]| {
+            for ((o, &a), &b) in ys.iter_mut().zip(gs).zip(us) {
+                *o = a / (1.0 + (-a).exp()) * b;
+            }
+        };
+        y.par_chunks_mut(1 << 16).zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16))).for_each(|(ys, (gs, us))| f(ys, gs, us));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        // d silu(g)/dg = s (1 + g (1 - s)) with s = sigmoid(g).
+        let s = candle_nn::ops::sigmoid(g)?;
+        let silu = (g * &s)?;
+        let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
+        Ok((Some((dy * u)?.mul(&dsilu)?), Some((dy * silu)?)))
+    }
+}
+
+/// `silu(gate) * up`, differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if use_kernel(gate) {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        candle_nn::ops::silu(gate)? * up
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Softmax over the last dimension.
 
 struct Softmax;
@@ -214,12 +258,8 @@ impl CustomOp1 for Softmax {
         y.par_chunks_mut(n * 8).zip(x.par_chunks(n * 8)).for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
                 let max = xr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
+                yr.copy_from_slice(xr);
+                let inv = 1.0 / crate::nn::simd::exp_shifted_sum(yr, max);
                 yr.iter_mut().for_each(|o| *o *= inv);
             }
         });
@@ -303,6 +343,21 @@ mod tests {
         let y0 = rope(&x0, &tables, &Arc::new(vec![0])).unwrap();
         assert!(max_diff(&x0, &y0) < 1e-7);
         assert!(rope(&x0, &tables, &Arc::new(vec![16])).is_err(), "position beyond the table");
+    }
+
+    #[test]
+    fn swiglu_kernel_matches_composed() {
+        let g = Var::from_tensor(&(rand(&[3, 10], 10) * 4.0).unwrap()).unwrap();
+        let u = Var::from_tensor(&rand(&[3, 10], 11)).unwrap();
+        let a = swiglu(&g, &u).unwrap();
+        let b = (candle_nn::ops::silu(&g).unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let probe = rand(&[3, 10], 12);
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&g, &u] {
+            assert!(max_diff(ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap()) < 1e-5);
+        }
     }
 
     #[test]

@@ -180,13 +180,16 @@ impl PackedWeight {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
         let mut y = vec![0f32; m * n];
+        // (Zeroing y costs little next to the products; it keeps the code free of uninit memory.)
         if m == 1 && self.gemv(x, &mut y) {
             return y;
         }
         // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are expanded
         // into L1 and dotted with every row of x.
         let out = SendPtr(y.as_mut_ptr());
-        Team::global().for_ranges(n, 16, &|range| {
+        let team = Team::global();
+        let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
+        team.for_chunks(n, chunk, &|range| {
             let out = &out;
             let mut buf = vec![0f32; TILE_N * k];
             let mut j = range.start;
@@ -213,7 +216,9 @@ impl PackedWeight {
             let rb = self.row_bytes();
             let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
             let out = SendPtr(y.as_mut_ptr());
-            Team::global().for_ranges(self.n, 16, &|r| {
+            let team = Team::global();
+            let chunk = (self.n / (team.threads() * 8)).next_multiple_of(16).max(16);
+            team.for_chunks(self.n, chunk, &|r| {
                 let out = &out;
                 let data = &self.data[r.start * rb..r.end * rb];
                 // Safety: AVX2/FMA/F16C were detected; each thread writes only y[r].
@@ -334,13 +339,13 @@ mod x86 {
     /// Nibbles of 16 bytes: low halves are values 0..16, high halves 16..32 (GGML order).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles_to_f32(qs: *const u8, d: __m256, m: __m256, out: *mut f32) {
-        let q = _mm_loadu_si128(qs as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        for (i, v) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].into_iter().enumerate() {
-            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            _mm256_storeu_ps(out.add(8 * i), _mm256_fmadd_ps(f, d, m));
+        // Widen bytes 0..8 and 8..16 to 32-bit lanes straight from memory, then split nibbles.
+        let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs as *const __m128i));
+        let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i));
+        let low = _mm256_set1_epi32(0x0f);
+        let parts = [_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)];
+        for (i, v) in parts.into_iter().enumerate() {
+            _mm256_storeu_ps(out.add(8 * i), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), d, m));
         }
     }
 
@@ -379,16 +384,9 @@ mod x86 {
                 for b in 0..out.len() / 32 {
                     let blk = s.add(b * bb);
                     let d = _mm256_set1_ps(load_f16(blk));
-                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let parts = [
-                        _mm256_castsi256_si128(q),
-                        _mm_srli_si128(_mm256_castsi256_si128(q), 8),
-                        _mm256_extracti128_si256(q, 1),
-                        _mm_srli_si128(_mm256_extracti128_si256(q, 1), 8),
-                    ];
-                    for (i, v) in parts.into_iter().enumerate() {
-                        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                        _mm256_storeu_ps(o.add(b * 32 + 8 * i), _mm256_mul_ps(f, d));
+                    for i in 0..4 {
+                        let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * i) as *const __m128i));
+                        _mm256_storeu_ps(o.add(b * 32 + 8 * i), _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
                     }
                 }
             }
@@ -475,36 +473,50 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Four rows of `w` against every row of `x`; three rows of `x` at a time keep 12 accumulators
-    /// plus 4 loads within the 16 ymm registers.
+    /// `R` rows of `x` (starting at row `r`) against 4 rows of `w`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const R: usize>(xp: *const f32, r: usize, k: usize, wp: *const f32, y: *mut f32, ldy: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut i = 0;
+        while i < k {
+            let mut a = [_mm256_setzero_ps(); R];
+            for (s, av) in a.iter_mut().enumerate() {
+                *av = _mm256_loadu_ps(xp.add((r + s) * k + i));
+            }
+            for t in 0..4 {
+                let wt = _mm256_loadu_ps(wp.add(t * k + i));
+                for (s, av) in a.iter().enumerate() {
+                    acc[s][t] = _mm256_fmadd_ps(*av, wt, acc[s][t]);
+                }
+            }
+            i += 8;
+        }
+        for (s, row) in acc.iter().enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                *y.add((r + s) * ldy + t) = hsum(*v);
+            }
+        }
+    }
+
+    /// Four rows of `w` against every row of `x`. Three rows of `x` at a time keep 12
+    /// accumulators plus 4 loads within the 16 ymm registers; a remainder of 1 or 2 rows is
+    /// paired up so that at least 8 FMA chains stay in flight.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_tile4(x: &[f32], m: usize, k: usize, w: &[f32], y: *mut f32, ldy: usize) {
-        let wp = w.as_ptr();
-        let xp = x.as_ptr();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut r = 0;
-        while r + 3 <= m {
-            let (x0, x1, x2) = (xp.add(r * k), xp.add((r + 1) * k), xp.add((r + 2) * k));
-            let mut acc = [[_mm256_setzero_ps(); 4]; 3];
-            let mut i = 0;
-            while i < k {
-                let a = [_mm256_loadu_ps(x0.add(i)), _mm256_loadu_ps(x1.add(i)), _mm256_loadu_ps(x2.add(i))];
-                for t in 0..4 {
-                    let wt = _mm256_loadu_ps(wp.add(t * k + i));
-                    for (s, av) in a.iter().enumerate() {
-                        acc[s][t] = _mm256_fmadd_ps(*av, wt, acc[s][t]);
-                    }
-                }
-                i += 8;
-            }
-            for (s, row) in acc.iter().enumerate() {
-                for (t, v) in row.iter().enumerate() {
-                    *y.add((r + s) * ldy + t) = hsum(*v);
-                }
-            }
+        let threes = if m % 3 == 1 && m >= 4 { m / 3 - 1 } else { m / 3 };
+        for _ in 0..threes {
+            tile::<3>(xp, r, k, wp, y, ldy);
             r += 3;
         }
-        while r < m {
-            // Two accumulators per w row hide the FMA latency when only one x row is left.
+        while m - r >= 2 {
+            tile::<2>(xp, r, k, wp, y, ldy);
+            r += 2;
+        }
+        if r < m {
+            // A single row: two accumulators per w row hide the FMA latency.
             let x0 = xp.add(r * k);
             let mut acc = [[_mm256_setzero_ps(); 4]; 2];
             let mut i = 0;
@@ -526,9 +538,9 @@ mod x86 {
             for t in 0..4 {
                 *y.add(r * ldy + t) = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
             }
-            r += 1;
         }
     }
+
 }
 
 #[cfg(test)]

@@ -15,6 +15,11 @@ const SPIN: Duration = Duration::from_micros(300);
 
 type Job = dyn Fn(usize, usize) + Sync;
 
+fn spin_limit() -> Duration {
+    static S: OnceLock<Duration> = OnceLock::new();
+    *S.get_or_init(|| std::env::var("MEET_SPIN_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(SPIN))
+}
+
 struct Shared {
     /// Bumped for every job; helpers wait for it to change.
     epoch: AtomicUsize,
@@ -50,7 +55,7 @@ fn helper(shared: Arc<Shared>, index: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() > SPIN {
+            if spins % 64 == 0 && start.elapsed() > spin_limit() {
                 let guard = shared.park.lock().unwrap_or_else(|p| p.into_inner());
                 if shared.epoch.load(Ordering::Acquire) == seen {
                     let _g = shared.wake.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
@@ -156,6 +161,22 @@ impl Team {
     }
 }
 
+impl Team {
+    /// Runs `f(range)` over `0..n` in chunks of `chunk` that threads take in turn, so a thread
+    /// that starts late (or runs slower) does less of the work.
+    pub fn for_chunks(&self, n: usize, chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        let chunk = chunk.max(1);
+        let next = AtomicUsize::new(0);
+        self.run(&|_, _| loop {
+            let a = next.fetch_add(chunk, Ordering::Relaxed);
+            if a >= n {
+                break;
+            }
+            f(a..(a + chunk).min(n));
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +191,16 @@ mod tests {
             }));
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
+    }
+
+    #[test]
+    fn chunks_cover_everything_once() {
+        let team = Team::new(2);
+        let hits: Vec<AtomicUsize> = (0..1001).map(|_| AtomicUsize::new(0)).collect();
+        team.for_chunks(1001, 16, &|r| r.for_each(|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        }));
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]
