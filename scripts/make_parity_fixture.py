@@ -80,6 +80,25 @@ for name, text in PROMPTS.items():
     })
     print(name, "tokens:", t, "argmax last:", fixture["logits"][-1]["argmax"][-1], file=sys.stderr)
 
+# Greedy generation: one prompt, and a left-padded batch of two (transformers' own padding and
+# position ids), 24 new tokens, EOS allowed to stop a row.
+def generate(texts):
+    hf_tok.padding_side = "left"
+    ids = [tok.encode(t, add_special_tokens=True).ids for t in texts]
+    width = max(len(i) for i in ids)
+    pad = hf_tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             pad_token_id=pad)
+    return {"prompts": texts, "prompt_ids": ids, "new_ids": [o[width:].tolist() for o in out],
+            "pad_token_id": pad, "eos_token_id": model.generation_config.eos_token_id}
+
+fixture["generate_single"] = generate(["The capital of France is"])
+fixture["generate_batch"] = generate(["The capital of France is", "Once upon a time, in a land far away, there lived a"])
+print("greedy:", repr(hf_tok.decode(fixture["generate_single"]["new_ids"][0])), file=sys.stderr)
+
 with open(OUT, "w") as f:
     json.dump(fixture, f, ensure_ascii=False, indent=None, separators=(",", ":"))
 print("wrote", OUT, os.path.getsize(OUT), "bytes", file=sys.stderr)

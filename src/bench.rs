@@ -40,13 +40,8 @@ pub fn bench_generate(
     reps: usize,
     device: &Device,
 ) -> Result<GenerateFigures> {
-    let params = |n: usize| SamplingParams {
-        temperature,
-        seed: 0,
-        max_new_tokens: n,
-        min_new_tokens: n,
-        ..Default::default()
-    };
+    let params =
+        |n: usize| SamplingParams { temperature, seed: 0, max_new_tokens: n, min_new_tokens: n, ..Default::default() };
     let run = |n: usize| -> Result<f64> {
         let t = Instant::now();
         let out = generate(model, tokenizer, prompts, &params(n), defaults, device, |_, _| Ok(()))?;

@@ -136,7 +136,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0, max_new_tokens: 128, min_new_tokens: 0, stop_strings: vec![] }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            max_new_tokens: 128,
+            min_new_tokens: 0,
+            stop_strings: vec![],
+        }
     }
 }
 
@@ -195,56 +203,56 @@ unsafe impl Sync for SendPtr {}
 
 /// The token for one row of logits given a uniform draw `u` in [0, 1).
 fn pick(params: &SamplingParams, logits: &[f32], u: f32) -> u32 {
-        let argmax = || {
-            let mut best = 0;
-            for (i, &v) in logits.iter().enumerate() {
-                if v > logits[best] {
-                    best = i;
-                }
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
             }
-            best as u32
-        };
-        if params.temperature == 0.0 {
-            return argmax();
         }
-        let t = params.temperature as f32;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
-        // Only top-k/top-p need an order; select before sorting so 50k-entry rows stay cheap.
-        if let Some(k) = params.top_k.filter(|&k| k < cand.len()) {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(k);
-        }
-        if params.top_p.is_some() || params.top_k.is_some() {
-            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        }
-        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<f32> = cand.iter().map(|c| c.1).collect();
-        let sum = crate::nn::simd::exp_shifted_sum(&mut probs, max);
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if let Some(top_p) = params.top_p {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let mut acc = 0f32;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= top_p as f32 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            let s: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= s);
-        }
+        best as u32
+    };
+    if params.temperature == 0.0 {
+        return argmax();
+    }
+    let t = params.temperature as f32;
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
+    // Only top-k/top-p need an order; select before sorting so 50k-entry rows stay cheap.
+    if let Some(k) = params.top_k.filter(|&k| k < cand.len()) {
+        cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        cand.truncate(k);
+    }
+    if params.top_p.is_some() || params.top_k.is_some() {
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<f32> = cand.iter().map(|c| c.1).collect();
+    let sum = crate::nn::simd::exp_shifted_sum(&mut probs, max);
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if let Some(top_p) = params.top_p {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut acc = 0f32;
+        let mut keep = probs.len();
         for (i, p) in probs.iter().enumerate() {
             acc += p;
-            if u < acc {
-                return cand[i].0;
+            if acc >= top_p as f32 {
+                keep = i + 1;
+                break;
             }
         }
-        cand[probs.len() - 1].0
+        probs.truncate(keep);
+        let s: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= s);
     }
+    let mut acc = 0f32;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return cand[i].0;
+        }
+    }
+    cand[probs.len() - 1].0
+}
 
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,7 +339,12 @@ pub fn generate(
     let mut input = Tensor::from_vec(ids, (b, longest), device)?;
     let mut out: Vec<Generation> = prompts
         .iter()
-        .map(|p| Generation { tokens: vec![], text: String::new(), finish: FinishReason::Length, prompt_tokens: p.len() })
+        .map(|p| Generation {
+            tokens: vec![],
+            text: String::new(),
+            finish: FinishReason::Length,
+            prompt_tokens: p.len(),
+        })
         .collect();
     let mut done = vec![false; b];
     for _ in 0..budget {
@@ -419,10 +432,12 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
         let logits = [0.0, 2.0, 1.0, 5.0, 4.9];
-        let mut s = Sampler::new(&SamplingParams { temperature: 1.0, top_k: Some(1), seed: 3, ..Default::default() }).unwrap();
+        let mut s =
+            Sampler::new(&SamplingParams { temperature: 1.0, top_k: Some(1), seed: 3, ..Default::default() }).unwrap();
         assert!((0..50).all(|_| s.sample(&logits) == 3));
         // p(3) ~ 0.5, p(4) ~ 0.45: top_p 0.9 keeps exactly {3, 4}.
-        let mut s = Sampler::new(&SamplingParams { temperature: 1.0, top_p: Some(0.9), seed: 4, ..Default::default() }).unwrap();
+        let mut s = Sampler::new(&SamplingParams { temperature: 1.0, top_p: Some(0.9), seed: 4, ..Default::default() })
+            .unwrap();
         let picks: Vec<u32> = (0..400).map(|_| s.sample(&logits)).collect();
         assert!(picks.iter().all(|&t| t == 3 || t == 4));
         let threes = picks.iter().filter(|&&t| t == 3).count() as f64 / 400.0;
@@ -444,8 +459,14 @@ mod tests {
         for (c, p) in counts.iter().zip([0.1173, 0.0159, 0.8668]) {
             assert!((*c as f64 / n as f64 - p).abs() < 0.01, "{counts:?}");
         }
-        let a: Vec<u32> = { let mut s = Sampler::new(&params).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(&params).unwrap(); (0..20).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(&params).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(&params).unwrap();
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
     }
 

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "meet", version, about = "Align causal language models with human preferences (MEET and baselines) on candle")]
+#[command(
+    name = "meet",
+    version,
+    about = "Align causal language models with human preferences (MEET and baselines) on candle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,7 +163,9 @@ fn run() -> anyhow::Result<ExitCode> {
                 // With stop strings the text is printed once cut, so the stop text never shows.
                 if !stopping {
                     if let Some(piece) = stream.push(tok)? {
-                        write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| meet::Error::io("<stdout>", e))?;
+                        write!(stdout, "{piece}")
+                            .and_then(|_| stdout.flush())
+                            .map_err(|e| meet::Error::io("<stdout>", e))?;
                     }
                 }
                 Ok(())
@@ -184,10 +190,21 @@ fn run() -> anyhow::Result<ExitCode> {
                 let prompts = if b == 1 {
                     vec![p.tokenizer.encode(&prompt, true)?]
                 } else {
-                    (0..b).map(|i| p.tokenizer.encode(BATCH_PROMPTS[i % BATCH_PROMPTS.len()], true)).collect::<meet::Result<Vec<_>>>()?
+                    (0..b)
+                        .map(|i| p.tokenizer.encode(BATCH_PROMPTS[i % BATCH_PROMPTS.len()], true))
+                        .collect::<meet::Result<Vec<_>>>()?
                 };
                 let temp = if b == 1 { 0.0 } else { temperature };
-                let f = meet::bench::bench_generate(p.model.as_ref(), &p.tokenizer, &p.generation, &prompts, new_tokens, temp, reps, &p.device)?;
+                let f = meet::bench::bench_generate(
+                    p.model.as_ref(),
+                    &p.tokenizer,
+                    &p.generation,
+                    &prompts,
+                    new_tokens,
+                    temp,
+                    reps,
+                    &p.device,
+                )?;
                 println!(
                     "batch {:>2} ({}): prefill {:>8.1} tok/s, decode {:>7.1} tok/s ({} prompt tokens, {} new per row, median {:.3}s)",
                     f.batch, f.sampling, f.prefill_tokens_per_s, f.decode_tokens_per_s, f.prompt_tokens, f.new_tokens, f.seconds_total_median

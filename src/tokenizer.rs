@@ -54,7 +54,8 @@ fn token_str(v: Option<&serde_json::Value>) -> Option<String> {
 
 // GPT-2-style splitting patterns of the GGUF pre-tokenizer names (llama.cpp `llama-vocab.cpp`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
@@ -131,12 +132,18 @@ impl Tokenizer {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges = merges
             .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("malformed merge '{m}'"))))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("malformed merge '{m}'")))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(format!("building BPE: {e}")))?;
+        let bpe =
+            BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(format!("building BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
         let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
@@ -148,10 +155,18 @@ impl Tokenizer {
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             "default" | "gpt-2" | "gpt2" => byte_level.into(),
             // SmolLM/StarCoder: every digit is its own pre-token.
-            "smollm" | "starcoder" | "refact" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "llama-bpe" | "llama3" => Sequence::new(vec![split(LLAMA3_PATTERN)?, ByteLevel::new(false, true, false).into()]).into(),
+            "smollm" | "starcoder" | "refact" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            "llama-bpe" | "llama3" => {
+                Sequence::new(vec![split(LLAMA3_PATTERN)?, ByteLevel::new(false, true, false).into()]).into()
+            }
             "qwen2" => Sequence::new(vec![split(QWEN2_PATTERN)?, ByteLevel::new(false, true, false).into()]).into(),
-            other => return Err(err(format!("GGUF pre-tokenizer '{other}' is not supported (smollm, gpt-2, llama-bpe, qwen2)"))),
+            other => {
+                return Err(err(format!(
+                    "GGUF pre-tokenizer '{other}' is not supported (smollm, gpt-2, llama-bpe, qwen2)"
+                )))
+            }
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -228,10 +243,8 @@ impl Tokenizer {
     /// Renders `messages` with the chat template, like transformers' `apply_chat_template(...,
     /// tokenize=False)`.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| Error::Tokenizer("this model has no chat template".into()))?;
+        let template =
+            self.chat_template.as_deref().ok_or_else(|| Error::Tokenizer("this model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         // transformers renders with jinja2 trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
@@ -256,14 +269,20 @@ impl Tokenizer {
         let json = self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         crate::io::atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
         let mut cfg = self.extra_config.clone();
-        for (k, v) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token), ("pad_token", &self.pad_token), ("unk_token", &self.unk_token)] {
+        for (k, v) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+            ("unk_token", &self.unk_token),
+        ] {
             cfg.insert(k.into(), v.clone().map_or(serde_json::Value::Null, serde_json::Value::String));
         }
         if let Some(t) = &self.chat_template {
             cfg.insert("chat_template".into(), json!(t));
         }
         cfg.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
-        let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| Error::Invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::io::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
 }

@@ -55,7 +55,8 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = Content::read(&mut f).map_err(|e| {
         let msg = e.to_string();
-        match msg.strip_prefix("unknown dtype for tensor ").and_then(|s| s.trim().parse::<u32>().ok()) {
+        let id = msg.strip_prefix("unknown dtype for tensor ").map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>());
+        match id.and_then(|s| s.parse::<u32>().ok()) {
             Some(id) => Error::format(
                 path,
                 format!(
@@ -63,7 +64,7 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
                     ggml_type_name(id)
                 ),
             ),
-            None => Error::format(path, format!("not a readable GGUF file: {msg}")),
+            None => Error::format(path, format!("not a readable GGUF file: {}", msg.lines().next().unwrap_or(""))),
         }
     })?;
     Ok((content, f))
@@ -139,7 +140,8 @@ fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
             for p in 0..2 {
                 let src = h * d + 2 * i + p;
                 let dst = h * d + p * d / 2 + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
@@ -151,7 +153,8 @@ fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
 pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
     let (content, mut file) = read_content(path)?;
     let md = &content.metadata;
-    let arch = meta_str(md, "general.architecture").ok_or_else(|| Error::format(path, "missing metadata 'general.architecture'"))?;
+    let arch = meta_str(md, "general.architecture")
+        .ok_or_else(|| Error::format(path, "missing metadata 'general.architecture'"))?;
     let model_type = match arch {
         "llama" => "llama",
         "qwen2" => "qwen2",
@@ -162,7 +165,9 @@ pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
             ))
         }
     };
-    let need = |k: &str| meta_u(md, &format!("{arch}.{k}")).ok_or_else(|| Error::format(path, format!("missing metadata '{arch}.{k}'")));
+    let need = |k: &str| {
+        meta_u(md, &format!("{arch}.{k}")).ok_or_else(|| Error::format(path, format!("missing metadata '{arch}.{k}'")))
+    };
     let hidden = need("embedding_length")? as usize;
     let heads = need("attention.head_count")? as usize;
     let kv_heads = meta_u(md, &format!("{arch}.attention.head_count_kv")).unwrap_or(heads as u64) as usize;
@@ -174,7 +179,10 @@ pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
         },
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(Error::format(path, "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style) are not supported yet"));
+        return Err(Error::format(
+            path,
+            "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style) are not supported yet",
+        ));
     }
     let head_dim = meta_u(md, &format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(hidden / heads);
     let tied = !content.tensor_infos.contains_key("output.weight");
@@ -215,7 +223,11 @@ pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
             config["rope_parameters"] = rope;
         }
     }
-    for (key, field) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id"), ("tokenizer.ggml.padding_token_id", "pad_token_id")] {
+    for (key, field) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
         if let Some(id) = meta_u(md, key) {
             config[field] = json!(id);
         }
@@ -244,11 +256,13 @@ pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
         let format = PackedFormat::from_ggml(dtype).filter(|_| pack && dims.len() == 2 && device.is_cpu());
         match format {
             Some(f) => {
-                let p = PackedWeight::from_raw(f, dims[0], dims[1], raw).map_err(|e| Error::format(path, format!("tensor '{gname}': {e}")))?;
+                let p = PackedWeight::from_raw(f, dims[0], dims[1], raw)
+                    .map_err(|e| Error::format(path, format!("tensor '{gname}': {e}")))?;
                 packed.insert(name, Arc::new(p));
             }
             None => {
-                let t = dequantize(dtype, &raw, &dims, device).map_err(|e| Error::format(path, format!("tensor '{gname}': {e}")))?;
+                let t = dequantize(dtype, &raw, &dims, device)
+                    .map_err(|e| Error::format(path, format!("tensor '{gname}': {e}")))?;
                 tensors.insert(name, t);
             }
         }

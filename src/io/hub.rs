@@ -26,15 +26,19 @@ fn offline() -> bool {
 
 /// Fetches (or finds in the cache) the files of a model repo and returns its snapshot folder.
 pub fn snapshot(model: &str) -> Result<PathBuf> {
+    snapshot_in(cache(), model, offline())
+}
+
+/// [`snapshot`] with an explicit cache and offline flag.
+pub fn snapshot_in(cache: Cache, model: &str, offline: bool) -> Result<PathBuf> {
     let (id, revision) = match model.split_once('@') {
         Some((id, rev)) => (id, rev.to_string()),
         None => (model, "main".to_string()),
     };
     let err = |msg: String| Error::ModelSource { model: model.into(), msg };
-    let cache = cache();
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision);
     let cached = cache.repo(repo.clone());
-    let api = if offline() {
+    let api = if offline {
         None
     } else {
         Some(hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| err(e.to_string()))?)

@@ -104,12 +104,18 @@ pub fn resolve(model: &str) -> Result<Source> {
         if ok && &magic == b"GGUF" {
             return Ok(Source::Gguf(p.to_path_buf()));
         }
-        return Err(Error::format(p, "not a GGUF file (no GGUF magic); pass a GGUF file, an HF model folder or a Hub repo id"));
+        return Err(Error::format(
+            p,
+            "not a GGUF file (no GGUF magic); pass a GGUF file, an HF model folder or a Hub repo id",
+        ));
     }
     if hub::looks_like_repo_id(model) {
         return Ok(Source::Folder(hub::snapshot(model)?));
     }
-    Err(Error::ModelSource { model: model.into(), msg: "no such file or folder, and not a Hugging Face repo id (org/name)".into() })
+    Err(Error::ModelSource {
+        model: model.into(),
+        msg: "no such file or folder, and not a Hugging Face repo id (org/name)".into(),
+    })
 }
 
 /// Reads config, weights, tokenizer and generation defaults from `model`.
@@ -145,7 +151,10 @@ fn read_folder(dir: &Path, device: &Device) -> Result<RawModel> {
     if index.is_file() {
         if let Some(map) = read_json(&index)?.get("weight_map").and_then(|m| m.as_object()) {
             if let Some(missing) = map.keys().find(|k| !tensors.contains_key(*k)) {
-                return Err(Error::format(&index, format!("tensor '{missing}' is listed but not found in {}", map[missing])));
+                return Err(Error::format(
+                    &index,
+                    format!("tensor '{missing}' is listed but not found in {}", map[missing]),
+                ));
             }
         }
     }
@@ -191,7 +200,9 @@ impl Pretrained {
     /// Loads `model` (folder, GGUF file or Hub id).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         if opts.trainable && opts.packing != Packing::Dense {
-            return Err(Error::Invalid("trainable weights must be dense; do not combine training with packed weights".into()));
+            return Err(Error::Invalid(
+                "trainable weights must be dense; do not combine training with packed weights".into(),
+            ));
         }
         let raw = read(model, opts)?;
         Self::from_raw(raw, opts)

@@ -20,7 +20,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| Error::parse(&index, "missing object 'weight_map'"))?;
         let mut files: Vec<String> = Vec::new();
         for (name, f) in map {
-            let f = f.as_str().ok_or_else(|| Error::parse(&index, format!("weight_map['{name}'] is not a file name")))?;
+            let f =
+                f.as_str().ok_or_else(|| Error::parse(&index, format!("weight_map['{name}'] is not a file name")))?;
             if !files.iter().any(|x| x == f) {
                 files.push(f.to_string());
             }
@@ -61,11 +62,13 @@ fn to_tensor(v: &TensorView, device: &Device) -> std::result::Result<Tensor, Str
             Tensor::from_vec(vals, shape, device)
         }
         Dtype::F16 => {
-            let vals: Vec<f32> = data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            let vals: Vec<f32> =
+                data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
             Tensor::from_vec(vals, shape, device)
         }
         Dtype::BF16 => {
-            let vals: Vec<f32> = data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            let vals: Vec<f32> =
+                data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
             Tensor::from_vec(vals, shape, device)
         }
         other => return Err(format!("unsupported tensor type {other:?} (meet reads F32, F16 and BF16)")),
@@ -85,7 +88,9 @@ pub fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let views = bufs
         .iter()
         .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::Invalid(format!("tensor '{n}': {e}")))
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Invalid(format!("tensor '{n}': {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);

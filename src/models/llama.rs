@@ -7,8 +7,8 @@
 
 use crate::models::{AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
-use crate::nn::ops::{rms_norm, rope, swiglu, RopeTables};
 use crate::nn::linear::Linear;
+use crate::nn::ops::{rms_norm, rope, swiglu, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -106,7 +106,10 @@ impl Config {
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act '{}' is not supported (only silu)", self.hidden_act));
         }
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+        if self.num_attention_heads == 0
+            || self.kv_heads() == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return Err(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -185,7 +188,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rt: &Arc<RopeTables>, inp: &AttentionInputs, cache: Option<&mut (Tensor, Tensor)>, past: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rt: &Arc<RopeTables>,
+        inp: &AttentionInputs,
+        cache: Option<&mut (Tensor, Tensor)>,
+        past: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = h / kvh;
@@ -266,7 +276,14 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rt: &Arc<RopeTables>, inp: &AttentionInputs, cache: Option<&mut (Tensor, Tensor)>, past: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rt: &Arc<RopeTables>,
+        inp: &AttentionInputs,
+        cache: Option<&mut (Tensor, Tensor)>,
+        past: usize,
+    ) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rt, inp, cache, past)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
@@ -356,7 +373,12 @@ impl CausalLm for Llama {
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
         let shape = (batch, self.cfg.kv_heads(), capacity, self.cfg.head_dim());
         let layers = (0..self.layers.len())
-            .map(|_| Ok((Tensor::zeros(shape, candle_core::DType::F32, device)?, Tensor::zeros(shape, candle_core::DType::F32, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, candle_core::DType::F32, device)?,
+                    Tensor::zeros(shape, candle_core::DType::F32, device)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache { layers, len: 0, capacity })
     }

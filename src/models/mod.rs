@@ -6,7 +6,7 @@ pub mod llama;
 use crate::nn::attention::Mask;
 use crate::nn::Builder;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -130,5 +130,15 @@ pub fn build(config: &serde_json::Value, b: &Builder, path: &Path) -> Result<Box
     }
 }
 
-/// Tensors are f32 throughout; other dtypes are converted on load.
-pub const DTYPE: DType = DType::F32;
+/// Fresh weights for `config`, by HF name, drawn from `seed` (normal with the config's
+/// `initializer_range`, norms at 1), as transformers' `_init_weights` does.
+pub fn random_weights(
+    config: &serde_json::Value,
+    seed: u64,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let varmap = candle_nn::VarMap::new();
+    build(config, &Builder::init(&varmap, seed, device), Path::new("<random init>"))?;
+    let data = varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect())
+}

@@ -167,7 +167,10 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
     let s = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
     let s = match mask {
         // (b, kvh, g, t, T) + (b, 1, 1, t, T)
-        Some(m) => s.reshape((b, kvh, rows / t, t, total))?.broadcast_add(&m.tensor.unsqueeze(1)?)?.reshape((b, kvh, rows, total))?,
+        Some(m) => s
+            .reshape((b, kvh, rows / t, t, total))?
+            .broadcast_add(&m.tensor.unsqueeze(1)?)?
+            .reshape((b, kvh, rows, total))?,
         None => s,
     };
     softmax_last_dim(&s)
@@ -175,7 +178,14 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
 
 /// `softmax(q k^T * scale + mask) v` for grouped queries `q: (b, kvh, g*t, d)` and keys/values
 /// `(b, kvh, T, d)`; returns `(b, kvh, g*t, d)`. Differentiable in q, k and v.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> candle_core::Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Mask>,
+    t: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
         let op = Attention { mask: mask.cloned(), t, scale: scale as f32 };
         q.contiguous()?.apply_op3(k, v, op)
@@ -185,7 +195,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, t: usi
 }
 
 /// [`attention`] from candle ops (any device, and the tests' reference).
-pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> candle_core::Result<Tensor> {
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Mask>,
+    t: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     probs(q, k, mask, t, scale)?.matmul(&v.contiguous()?)
 }
 
@@ -196,13 +213,15 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((((i as u64 + 7) * 2654435761) ^ (seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect();
+        let v: Vec<f32> =
+            (0..n).map(|i| ((((i as u64 + 7) * 2654435761) ^ (seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     fn causal_mask(b: usize, t: usize, past: usize) -> Mask {
         let total = past + t;
-        let data: Vec<f32> = (0..b * t * total).map(|i| if i % total > past + (i / total) % t { f32::MIN } else { 0.0 }).collect();
+        let data: Vec<f32> =
+            (0..b * t * total).map(|i| if i % total > past + (i / total) % t { f32::MIN } else { 0.0 }).collect();
         let tensor = Tensor::from_vec(data.clone(), (b, 1, t, total), &Device::Cpu).unwrap();
         Mask { tensor, data: Arc::new(data), t, total }
     }

@@ -115,7 +115,15 @@ mod tests {
         let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
         let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
         let packed = Linear { weight: LinearWeight::Packed(p), bias: None };
-        let x = Var::from_tensor(&Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev).unwrap().reshape((2, 3, 32)).unwrap().affine(0.01, -0.5).unwrap()).unwrap();
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev)
+                .unwrap()
+                .reshape((2, 3, 32))
+                .unwrap()
+                .affine(0.01, -0.5)
+                .unwrap(),
+        )
+        .unwrap();
         let a = dense.forward(&x).unwrap();
         let b = packed.forward(&x).unwrap();
         assert_eq!(a.dims(), &[2, 3, 6]);

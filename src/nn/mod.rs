@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-
 /// How a fresh parameter is filled when a model is built without a checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
@@ -86,14 +85,21 @@ impl<'a> Builder<'a> {
                     return Err(Error::format(path.as_ref(), format!("missing tensor '{}'", self.path(name))));
                 }
                 self.vb.get(shape.clone(), name).map_err(|e| {
-                    Error::format(path.as_ref(), format!("tensor '{}' (expected shape {shape:?}): {e}", self.path(name)))
+                    Error::format(
+                        path.as_ref(),
+                        format!("tensor '{}' (expected shape {shape:?}): {e}", self.path(name)),
+                    )
                 })
             }
             Origin::Init { varmap, seed } => {
                 let full = self.path(name);
                 if !self.vb.contains_tensor(name) {
                     let t = init_tensor(&shape, init, *seed, &full, self.device())?;
-                    varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?.insert(full, Var::from_tensor(&t)?);
+                    varmap
+                        .data()
+                        .lock()
+                        .map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?
+                        .insert(full, Var::from_tensor(&t)?);
                 }
                 Ok(self.vb.get(shape, name)?)
             }
@@ -116,7 +122,11 @@ impl<'a> Builder<'a> {
                 if p.dims() != (out_dim, in_dim) {
                     return Err(Error::format(
                         path.as_ref(),
-                        format!("tensor '{}' has shape {:?}, expected [{out_dim}, {in_dim}]", self.path("weight"), p.dims()),
+                        format!(
+                            "tensor '{}' has shape {:?}, expected [{out_dim}, {in_dim}]",
+                            self.path("weight"),
+                            p.dims()
+                        ),
                     ));
                 }
                 return Ok(Linear { weight: LinearWeight::Packed(p.clone()), bias });

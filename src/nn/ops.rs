@@ -6,9 +6,7 @@
 //! function falls back to a composition of differentiable candle ops. The composed forms double as
 //! the reference the tests hold the kernels to.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -137,7 +135,12 @@ impl CustomOp1 for Rope {
         let (b, t, h, d) = l.shape().dims4()?;
         let half = self.tables.half;
         if d != 2 * half || self.positions.len() != b * t {
-            candle_core::bail!("rope: x {:?} vs head_dim {} and {} positions", l.shape(), 2 * half, self.positions.len());
+            candle_core::bail!(
+                "rope: x {:?} vs head_dim {} and {} positions",
+                l.shape(),
+                2 * half,
+                self.positions.len()
+            );
         }
         let sign = if self.inverse { -1f32 } else { 1f32 };
         let mut y = vec![0f32; x.len()];
@@ -219,7 +222,9 @@ impl CustomOp2 for SwiGlu {
                 *o = a / (1.0 + (-a).exp()) * b;
             }
         };
-        y.par_chunks_mut(1 << 16).zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16))).for_each(|(ys, (gs, us))| f(ys, gs, us));
+        y.par_chunks_mut(1 << 16)
+            .zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16)))
+            .for_each(|(ys, (gs, us))| f(ys, gs, us));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -289,9 +294,8 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i as u64 + 1) * 2654435761 ^ seed * 97) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let v: Vec<f32> =
+            (0..n).map(|i| ((((i as u64 + 1) * 2654435761) ^ (seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

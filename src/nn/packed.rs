@@ -11,10 +11,10 @@
 //! Q4_0 `{d: f16, qs: [u8; 16]}`, Q4_1 `{d: f16, m: f16, qs: [u8; 16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`,
 //! exactly as in GGUF files, so rows are copied from the file as they are.
 
+use crate::nn::team::Team;
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
-use crate::nn::team::Team;
 use rayon::prelude::*;
 
 /// Storage formats with a fused dequantize-and-multiply kernel.
@@ -66,9 +66,9 @@ impl PackedFormat {
             "q4_0" => Ok(Self::Q4_0),
             "q4_1" => Ok(Self::Q4_1),
             "q8_0" => Ok(Self::Q8_0),
-            other => Err(Error::Invalid(format!(
-                "unknown weight format '{other}' (expected f16, bf16, q4_0, q4_1 or q8_0)"
-            ))),
+            other => {
+                Err(Error::Invalid(format!("unknown weight format '{other}' (expected f16, bf16, q4_0, q4_1 or q8_0)")))
+            }
         }
     }
 }
@@ -109,9 +109,7 @@ impl PackedWeight {
         for block in w.chunks_exact(bs) {
             match format {
                 PackedFormat::F16 => data.extend_from_slice(&f16::from_f32(block[0]).to_le_bytes()),
-                PackedFormat::Bf16 => {
-                    data.extend_from_slice(&bf16::from_f32(block[0]).to_le_bytes())
-                }
+                PackedFormat::Bf16 => data.extend_from_slice(&bf16::from_f32(block[0]).to_le_bytes()),
                 PackedFormat::Q8_0 => {
                     let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
                     let d = amax / 127.0;
@@ -246,9 +244,7 @@ fn has_avx2() -> bool {
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -294,11 +290,8 @@ fn dequantize_row_scalar(format: PackedFormat, src: &[u8], out: &mut [f32]) {
         PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
             for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(bb)) {
                 let d = f16_at(b, 0);
-                let (m, qs) = if format == PackedFormat::Q4_1 {
-                    (f16_at(b, 2), &b[4..20])
-                } else {
-                    (-8.0 * d, &b[2..18])
-                };
+                let (m, qs) =
+                    if format == PackedFormat::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
                 for (j, &q) in qs.iter().enumerate() {
                     o[j] = ((q & 0x0f) as f32).mul_add(d, m);
                     o[j + 16] = ((q >> 4) as f32).mul_add(d, m);
@@ -327,6 +320,8 @@ unsafe fn dot_tile(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, y: *mu
 }
 
 #[cfg(target_arch = "x86_64")]
+// Several register arrays are indexed in lockstep; index loops read clearer than zipped iterators.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::PackedFormat;
     use std::arch::x86_64::*;
@@ -343,7 +338,8 @@ mod x86 {
         let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs as *const __m128i));
         let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i));
         let low = _mm256_set1_epi32(0x0f);
-        let parts = [_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)];
+        let parts =
+            [_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)];
         for (i, v) in parts.into_iter().enumerate() {
             _mm256_storeu_ps(out.add(8 * i), _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), d, m));
         }
@@ -407,7 +403,6 @@ mod x86 {
             }
         }
     }
-
 
     /// Fused dequantize-and-dot of one x row against `y.len()` rows of Q4_0/Q4_1/Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -540,7 +535,6 @@ mod x86 {
             }
         }
     }
-
 }
 
 #[cfg(test)]
@@ -606,8 +600,7 @@ mod tests {
                 let y = p.matmul_t(&x, m);
                 for r in 0..m {
                     for j in 0..n {
-                        let want: f64 =
-                            (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                        let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
                         let got = y[r * n + j] as f64;
                         assert!((got - want).abs() < 1e-4, "{f:?} m={m} n={n} ({r},{j}): {got} vs {want}");
                     }
@@ -630,15 +623,26 @@ mod perf_probe {
     #[test]
     #[ignore]
     fn probe() {
-        for &(m, n, k) in &[(1usize, 1536usize, 576usize), (1, 576, 1536), (16, 1536, 576), (16, 576, 1536), (16, 49152, 576)] {
+        for &(m, n, k) in
+            &[(1usize, 1536usize, 576usize), (1, 576, 1536), (16, 1536, 576), (16, 576, 1536), (16, 49152, 576)]
+        {
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 100) as f32 / 100.0).collect();
             let p = PackedWeight::quantize(PackedFormat::Q4_1, n, k, &w).unwrap();
             let reps = if n > 10000 { 5 } else { 50 };
             let _ = p.matmul_t(&x, m);
             let mut s = f64::MAX;
-            for _ in 0..reps { let t = std::time::Instant::now(); std::hint::black_box(p.matmul_t(&x, m)); s = s.min(t.elapsed().as_secs_f64()); }
-            println!("m={m} n={n} k={k}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9, p.nbytes() as f64 / s / 1e9);
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                std::hint::black_box(p.matmul_t(&x, m));
+                s = s.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "m={m} n={n} k={k}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s",
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9,
+                p.nbytes() as f64 / s / 1e9
+            );
         }
     }
 }
@@ -656,16 +660,29 @@ mod perf_probe2 {
         let mut y = vec![0f32; 16 * n];
         for _ in 0..3 {
             let t = std::time::Instant::now();
-            for j in 0..n { p.dequantize_row(j, &mut buf[(j % 4) * k..(j % 4 + 1) * k]); }
+            for j in 0..n {
+                p.dequantize_row(j, &mut buf[(j % 4) * k..(j % 4 + 1) * k]);
+            }
             let a = t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
-            for j in (0..n).step_by(4) { unsafe { dot_tile(&x, 1, k, &buf, 4, y.as_mut_ptr().add(j), n) } }
+            for j in (0..n).step_by(4) {
+                unsafe { dot_tile(&x, 1, k, &buf, 4, y.as_mut_ptr().add(j), n) }
+            }
             let b = t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
-            for j in (0..n).step_by(4) { unsafe { dot_tile(&x, 16, k, &buf, 4, y.as_mut_ptr().add(j), n) } }
+            for j in (0..n).step_by(4) {
+                unsafe { dot_tile(&x, 16, k, &buf, 4, y.as_mut_ptr().add(j), n) }
+            }
             let c = t.elapsed().as_secs_f64();
-            println!("dequant {:.3} ms ({:.2} ns/w), dot m=1 {:.3} ms ({:.2} ns/w), dot m=16 {:.3} ms ({:.1} GFLOP/s)", a*1e3, a*1e9/(n*k) as f64, b*1e3, b*1e9/(n*k) as f64, c*1e3, 32.0*(n*k) as f64/c/1e9);
+            println!(
+                "dequant {:.3} ms ({:.2} ns/w), dot m=1 {:.3} ms ({:.2} ns/w), dot m=16 {:.3} ms ({:.1} GFLOP/s)",
+                a * 1e3,
+                a * 1e9 / (n * k) as f64,
+                b * 1e3,
+                b * 1e9 / (n * k) as f64,
+                c * 1e3,
+                32.0 * (n * k) as f64 / c / 1e9
+            );
         }
     }
 }
-

@@ -17,7 +17,9 @@ type Job = dyn Fn(usize, usize) + Sync;
 
 fn spin_limit() -> Duration {
     static S: OnceLock<Duration> = OnceLock::new();
-    *S.get_or_init(|| std::env::var("MEET_SPIN_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(SPIN))
+    *S.get_or_init(|| {
+        std::env::var("MEET_SPIN_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(SPIN)
+    })
 }
 
 struct Shared {
@@ -55,10 +57,11 @@ fn helper(shared: Arc<Shared>, index: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() > spin_limit() {
+            if spins.is_multiple_of(64) && start.elapsed() > spin_limit() {
                 let guard = shared.park.lock().unwrap_or_else(|p| p.into_inner());
                 if shared.epoch.load(Ordering::Acquire) == seen {
-                    let _g = shared.wake.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
+                    let _g =
+                        shared.wake.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
                 }
             } else {
                 std::hint::spin_loop();
@@ -124,9 +127,7 @@ impl Team {
             return;
         }
         // Safety: the reference outlives its use: we wait below until no helper holds it.
-        let job: &'static Job = unsafe {
-            std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(f)
-        };
+        let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(f) };
         unsafe { *self.shared.job.get() = Some(job) };
         self.shared.pending.store(n - 1, Ordering::Release);
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
@@ -186,9 +187,11 @@ mod tests {
         let team = Team::new(3);
         for n in [0, 1, 5, 64, 1000] {
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            team.for_ranges(n, 4, &|r| r.for_each(|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            }));
+            team.for_ranges(n, 4, &|r| {
+                r.for_each(|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                })
+            });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
     }
@@ -197,9 +200,11 @@ mod tests {
     fn chunks_cover_everything_once() {
         let team = Team::new(2);
         let hits: Vec<AtomicUsize> = (0..1001).map(|_| AtomicUsize::new(0)).collect();
-        team.for_chunks(1001, 16, &|r| r.for_each(|i| {
-            hits[i].fetch_add(1, Ordering::Relaxed);
-        }));
+        team.for_chunks(1001, 16, &|r| {
+            r.for_each(|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            })
+        });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 

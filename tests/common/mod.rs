@@ -1,0 +1,84 @@
+//! Shared helpers: a tiny random Llama with a byte-level tokenizer, and the real model's path.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use meet::generate::GenerationDefaults;
+use meet::io::RawModel;
+use meet::tokenizer::Tokenizer;
+use serde_json::json;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The SmolLM2 GGUF that `scripts/fetch-model.sh` downloads.
+pub fn smollm2() -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-model.sh first", p.display());
+    p.to_string_lossy().into_owned()
+}
+
+/// A 2-layer Llama config with GQA (4 query heads, 2 kv heads), vocab 300.
+pub fn tiny_config(max_positions: usize) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "initializer_range": 0.2,
+        "bos_token_id": 257,
+        "eos_token_id": 258,
+    })
+}
+
+/// Byte-level BPE without merges: one token per byte (ids 0..256), plus ChatML specials.
+pub fn tiny_tokenizer() -> Tokenizer {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), json!(i))).collect();
+    let special = |id: usize, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(256, "<|endoftext|>"), special(257, "<|im_start|>"), special(258, "<|im_end|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    Tokenizer {
+        inner: tokenizers::Tokenizer::from_str(&tj.to_string()).expect("tiny tokenizer"),
+        chat_template: Some(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+        ),
+        bos_token: Some("<|im_start|>".into()),
+        eos_token: Some("<|im_end|>".into()),
+        pad_token: Some("<|endoftext|>".into()),
+        unk_token: None,
+        extra_config: Default::default(),
+    }
+}
+
+/// A tiny random model as it would be read from a source.
+pub fn tiny_raw(seed: u64, max_positions: usize) -> RawModel {
+    let config = tiny_config(max_positions);
+    let tensors = meet::models::random_weights(&config, seed, &Device::Cpu).unwrap();
+    let tokenizer = tiny_tokenizer();
+    let mut generation = GenerationDefaults::from_config(&config, &tokenizer);
+    generation.pad_token_id = Some(256);
+    RawModel { config, tensors, packed: Default::default(), tokenizer, generation, origin: PathBuf::from("<tiny>") }
+}
+
+/// Largest absolute difference between two tensors.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
