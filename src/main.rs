@@ -69,9 +69,10 @@ impl ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The prompt text.
-    #[arg(long)]
-    prompt: String,
+    /// The prompt text. Repeat the flag for a left-padded batch: the completions are then printed
+    /// as JSON lines (`prompt`, `text`, `finish_reason`, `completion_tokens`) instead of streamed.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
     chat: bool,
@@ -146,7 +147,11 @@ fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => {
             let p = a.model.load()?;
-            let ids = prompt_ids(&p.tokenizer, &a.prompt, a.chat, a.system.as_deref())?;
+            let ids = a
+                .prompt
+                .iter()
+                .map(|t| prompt_ids(&p.tokenizer, t, a.chat, a.system.as_deref()))
+                .collect::<meet::Result<Vec<_>>>()?;
             let params = SamplingParams {
                 temperature: a.temperature,
                 top_k: a.top_k,
@@ -158,23 +163,33 @@ fn run() -> anyhow::Result<ExitCode> {
             };
             let mut stream = TextStream::new(&p.tokenizer);
             let mut stdout = std::io::stdout().lock();
-            let stopping = !params.stop_strings.is_empty();
-            let out = generate(p.model.as_ref(), &p.tokenizer, &[ids], &params, &p.generation, &p.device, |_, tok| {
-                // With stop strings the text is printed once cut, so the stop text never shows.
-                if !stopping {
+            // One prompt without stop strings streams; otherwise text is printed once final (a
+            // stop string must never show).
+            let streaming = ids.len() == 1 && params.stop_strings.is_empty();
+            let out = generate(p.model.as_ref(), &p.tokenizer, &ids, &params, &p.generation, &p.device, |_, tok| {
+                if streaming {
                     if let Some(piece) = stream.push(tok)? {
-                        write!(stdout, "{piece}")
-                            .and_then(|_| stdout.flush())
-                            .map_err(|e| meet::Error::io("<stdout>", e))?;
+                        write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| meet::Error::io("<stdout>", e))?;
                     }
                 }
                 Ok(())
             })?;
-            if stopping {
-                write!(stdout, "{}", out[0].text)?;
+            if ids.len() == 1 {
+                if !streaming {
+                    write!(stdout, "{}", out[0].text)?;
+                }
+                writeln!(stdout)?;
+            } else {
+                for (prompt, g) in a.prompt.iter().zip(&out) {
+                    let line = serde_json::json!({
+                        "prompt": prompt,
+                        "text": g.text,
+                        "finish_reason": format!("{:?}", g.finish).to_lowercase(),
+                        "completion_tokens": g.tokens.len(),
+                    });
+                    writeln!(stdout, "{line}")?;
+                }
             }
-            writeln!(stdout)?;
-            tracing::info!(finish = ?out[0].finish, tokens = out[0].tokens.len(), "done");
         }
         Command::Convert { model, out } => {
             let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
