@@ -169,7 +169,9 @@ fn run() -> anyhow::Result<ExitCode> {
             let out = generate(p.model.as_ref(), &p.tokenizer, &ids, &params, &p.generation, &p.device, |_, tok| {
                 if streaming {
                     if let Some(piece) = stream.push(tok)? {
-                        write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| meet::Error::io("<stdout>", e))?;
+                        write!(stdout, "{piece}")
+                            .and_then(|_| stdout.flush())
+                            .map_err(|e| meet::Error::io("<stdout>", e))?;
                     }
                 }
                 Ok(())

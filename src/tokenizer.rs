@@ -208,7 +208,8 @@ impl Tokenizer {
         let mut extra = serde_json::Map::new();
         extra.insert("add_bos_token".into(), json!(add_bos));
         extra.insert("clean_up_tokenization_spaces".into(), json!(false));
-        extra.insert("model_max_length".into(), json!(meta_u64(md, "llama.context_length").unwrap_or(2048)));
+        let arch = meta_str(md, "general.architecture").unwrap_or("llama");
+        extra.insert("model_max_length".into(), json!(meta_u64(md, &format!("{arch}.context_length")).unwrap_or(2048)));
         Ok(Self {
             inner,
             chat_template: meta_str(md, "tokenizer.chat_template").map(String::from),

@@ -228,3 +228,26 @@ fn gguf_errors_name_the_file_and_the_problem() {
     let e = err(&cut);
     assert!(e.contains("cut.gguf") && e.contains("GGUF"), "{e}");
 }
+
+#[test]
+fn hf_folders_match_transformers_for_llama3_rope_biases_and_qwen2() {
+    // Tiny random models saved by transformers (scripts/make_tiny_fixtures.py) with its logits.
+    for name in ["tiny-llama3", "tiny-qwen2"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected_logits.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = expected["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<f32> = expected["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+            .collect();
+        let p = load(&dir).unwrap();
+        let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let got = p.model.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: max |logit - transformers| = {worst}");
+    }
+}

@@ -238,7 +238,10 @@ pub fn read(path: &Path, pack: bool, device: &Device) -> Result<GgufModel> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for gname in names {
-        let Some(name) = hf_name(gname) else { continue };
+        let Some(name) = hf_name(gname) else {
+            tracing::warn!("{}: skipping GGUF tensor '{gname}', which meet does not use", path.display());
+            continue;
+        };
         let qt = content
             .tensor(&mut file, gname, &Device::Cpu)
             .map_err(|e| Error::format(path, format!("tensor '{gname}': {e}")))?;

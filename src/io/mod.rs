@@ -212,6 +212,7 @@ impl Pretrained {
     pub fn from_raw(raw: RawModel, opts: &LoadOptions) -> Result<Self> {
         let RawModel { config, tensors, packed, tokenizer, generation, origin } = raw;
         let cfg_path = if origin.is_dir() { origin.join("config.json") } else { origin.clone() };
+        let mut names: Vec<String> = tensors.keys().chain(packed.keys()).cloned().collect();
         let (vb, varmap) = if opts.trainable {
             let varmap = VarMap::new();
             {
@@ -224,8 +225,20 @@ impl Pretrained {
         } else {
             (VarBuilder::from_tensors(tensors, DType::F32, &opts.device), None)
         };
-        let builder = Builder::loaded(vb, packed, origin);
+        let builder = Builder::loaded(vb, packed, origin.clone());
         let model = models::build(&config, &builder, &cfg_path)?;
+        // As transformers does, report weights the architecture does not use rather than fail.
+        let used = builder.used();
+        names.retain(|n| !used.contains(n));
+        if !names.is_empty() {
+            names.sort();
+            tracing::warn!(
+                "{}: {} tensors are not used by the model: {}",
+                origin.display(),
+                names.len(),
+                names.join(", ")
+            );
+        }
         Ok(Self { model, tokenizer, config, generation, varmap, device: opts.device.clone() })
     }
 }

@@ -101,6 +101,11 @@ impl Config {
         self.attention_bias.unwrap_or(self.model_type == "qwen2")
     }
 
+    /// Llama's `attention_bias` covers o_proj too (modeling_llama.py); Qwen2's o_proj has none.
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias == Some(true)
+    }
+
     /// Checks what the model cannot run.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.hidden_act != "silu" {
@@ -181,7 +186,7 @@ impl Attention {
             q_proj: b.pp("q_proj").linear(cfg.hidden_size, h * d, bias, std)?,
             k_proj: b.pp("k_proj").linear(cfg.hidden_size, kvh * d, bias, std)?,
             v_proj: b.pp("v_proj").linear(cfg.hidden_size, kvh * d, bias, std)?,
-            o_proj: b.pp("o_proj").linear(h * d, cfg.hidden_size, false, std)?,
+            o_proj: b.pp("o_proj").linear(h * d, cfg.hidden_size, cfg.o_bias(), std)?,
             heads: h,
             kv_heads: kvh,
             head_dim: d,

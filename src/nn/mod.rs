@@ -30,8 +30,13 @@ pub enum Init {
 
 #[derive(Clone)]
 enum Origin {
-    /// Weights loaded from a file; a missing tensor is an error naming the file.
-    Loaded { path: Arc<PathBuf>, packed: Arc<HashMap<String, Arc<PackedWeight>>> },
+    /// Weights loaded from a file; a missing tensor is an error naming the file. `used` collects
+    /// the names the model asked for, so that leftovers can be reported.
+    Loaded {
+        path: Arc<PathBuf>,
+        packed: Arc<HashMap<String, Arc<PackedWeight>>>,
+        used: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    },
     /// Fresh parameters drawn from a seeded RNG (tiny test models).
     Init { varmap: VarMap, seed: u64 },
 }
@@ -47,7 +52,24 @@ pub struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// Weights from `vb` (tensors or a pre-filled `VarMap`) and `packed`, loaded from `path`.
     pub fn loaded(vb: VarBuilder<'a>, packed: HashMap<String, Arc<PackedWeight>>, path: PathBuf) -> Self {
-        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed) } }
+        let used = Default::default();
+        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used } }
+    }
+
+    /// Names of the loaded tensors the model has asked for so far.
+    pub fn used(&self) -> std::collections::HashSet<String> {
+        match &self.origin {
+            Origin::Loaded { used, .. } => used.lock().map(|u| u.clone()).unwrap_or_default(),
+            Origin::Init { .. } => Default::default(),
+        }
+    }
+
+    fn mark_used(&self, full: String) {
+        if let Origin::Loaded { used, .. } = &self.origin {
+            if let Ok(mut u) = used.lock() {
+                u.insert(full);
+            }
+        }
     }
 
     /// Fresh trainable parameters in `varmap`, drawn deterministically from `seed`.
@@ -81,6 +103,7 @@ impl<'a> Builder<'a> {
         let shape = shape.into();
         match &self.origin {
             Origin::Loaded { path, .. } => {
+                self.mark_used(self.path(name));
                 if !self.vb.contains_tensor(name) {
                     return Err(Error::format(path.as_ref(), format!("missing tensor '{}'", self.path(name))));
                 }
@@ -117,8 +140,9 @@ impl<'a> Builder<'a> {
     /// A linear layer `in_dim -> out_dim`: `weight` packed when the loader packed it, else dense.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Linear> {
         let bias = if bias { Some(self.get(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        if let Origin::Loaded { packed, path } = &self.origin {
+        if let Origin::Loaded { packed, path, .. } = &self.origin {
             if let Some(p) = packed.get(&self.path("weight")) {
+                self.mark_used(self.path("weight"));
                 if p.dims() != (out_dim, in_dim) {
                     return Err(Error::format(
                         path.as_ref(),
