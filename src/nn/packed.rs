@@ -446,56 +446,79 @@ mod x86 {
     /// Fused dequantize-and-dot of one x row against `y.len()` rows of Q4_0/Q4_1/Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv(format: PackedFormat, rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
-        let nb = x.len() / 32;
-        let bb = format.block_bytes();
-        let xp = x.as_ptr();
+        match format {
+            PackedFormat::Q8_0 => gemv_blocks::<Q8>(rows, rb, x, xsum, y),
+            PackedFormat::Q4_0 => gemv_blocks::<Q40>(rows, rb, x, xsum, y),
+            PackedFormat::Q4_1 => gemv_blocks::<Q41>(rows, rb, x, xsum, y),
+            _ => unreachable!("gemv is only dispatched for block formats"),
+        }
+    }
+
+    const Q8: u8 = 0;
+    const Q40: u8 = 1;
+    const Q41: u8 = 2;
+
+    /// One block: `(dot(x, q) as 8 partial sums, d, m)` with `w = d q + m`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block<const F: u8>(blk: *const u8, xb: *const f32) -> (__m256, __m256, f32) {
+        // d (and, for Q4_1, m) as f16 at the block start.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
+        let d = _mm256_broadcastss_ps(dm);
+        if F == Q8 {
+            let q = blk.add(2);
+            let mut t = _mm256_setzero_ps();
+            for i in 0..4 {
+                let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * i) as *const __m128i));
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(v), t);
+            }
+            return (t, d, 0.0);
+        }
+        let (q, m) = if F == Q41 {
+            (blk.add(4), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+        } else {
+            (blk.add(2), -8.0 * _mm_cvtss_f32(dm))
+        };
+        // Bytes 0..8 and 8..16; low nibbles are values 0..16, high ones 16..32.
         let low = _mm256_set1_epi32(0x0f);
+        let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+        let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i));
+        let f =
+            [_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)];
+        let mut t = _mm256_mul_ps(_mm256_loadu_ps(xb), _mm256_cvtepi32_ps(f[0]));
+        for (i, fi) in f.iter().enumerate().skip(1) {
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(*fi), t);
+        }
+        (t, d, m)
+    }
+
+    /// Two blocks per step into two accumulators (named, so they stay in registers), two scalar
+    /// chains for the `m * sum(x)` terms.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn gemv_blocks<const F: u8>(rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+        let nb = x.len() / 32;
+        let bb = rb / nb;
+        let xp = x.as_ptr();
         for (j, out) in y.iter_mut().enumerate() {
             let row = rows.as_ptr().add(j * rb);
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let mut mterm = 0f32;
-            for b in 0..nb {
-                let blk = row.add(b * bb);
-                let xb = xp.add(b * 32);
-                // d (and m) as f16 at the block start.
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
-                let d = _mm256_broadcastss_ps(dm);
-                let t = match format {
-                    PackedFormat::Q8_0 => {
-                        let q = blk.add(2);
-                        let mut t = _mm256_setzero_ps();
-                        for i in 0..4 {
-                            let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * i) as *const __m128i));
-                            t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(v), t);
-                        }
-                        t
-                    }
-                    _ => {
-                        let (q, m) = if format == PackedFormat::Q4_1 {
-                            (blk.add(4), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-                        } else {
-                            (blk.add(2), -8.0 * _mm_cvtss_f32(dm))
-                        };
-                        mterm = m.mul_add(*xsum.get_unchecked(b), mterm);
-                        // Bytes 0..8 and 8..16; low nibbles are values 0..16, high 16..32.
-                        let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
-                        let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i));
-                        let f = [
-                            _mm256_and_si256(v0, low),
-                            _mm256_and_si256(v1, low),
-                            _mm256_srli_epi32(v0, 4),
-                            _mm256_srli_epi32(v1, 4),
-                        ];
-                        let mut t = _mm256_mul_ps(_mm256_loadu_ps(xb), _mm256_cvtepi32_ps(f[0]));
-                        for (i, fi) in f.iter().enumerate().skip(1) {
-                            t = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8 * i)), _mm256_cvtepi32_ps(*fi), t);
-                        }
-                        t
-                    }
-                };
-                acc[b & 1] = _mm256_fmadd_ps(t, d, acc[b & 1]);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut m0, mut m1) = (0f32, 0f32);
+            let mut b = 0;
+            while b + 2 <= nb {
+                let (t, d, m) = block::<F>(row.add(b * bb), xp.add(b * 32));
+                acc0 = _mm256_fmadd_ps(t, d, acc0);
+                m0 = m.mul_add(*xsum.get_unchecked(b), m0);
+                let (t, d, m) = block::<F>(row.add((b + 1) * bb), xp.add((b + 1) * 32));
+                acc1 = _mm256_fmadd_ps(t, d, acc1);
+                m1 = m.mul_add(*xsum.get_unchecked(b + 1), m1);
+                b += 2;
             }
-            *out = hsum(_mm256_add_ps(acc[0], acc[1])) + mterm;
+            if b < nb {
+                let (t, d, m) = block::<F>(row.add(b * bb), xp.add(b * 32));
+                acc0 = _mm256_fmadd_ps(t, d, acc0);
+                m0 = m.mul_add(*xsum.get_unchecked(b), m0);
+            }
+            *out = hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1);
         }
     }
 
