@@ -203,26 +203,21 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let g = h / kvh;
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?;
         let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?;
         let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?;
-        let q = rope(&q, rt, &inp.positions)?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
-        let k = rope(&k, rt, &inp.positions)?.transpose(1, 2)?.contiguous()?; // (b, kvh, t, d)
-        let v = v.transpose(1, 2)?.contiguous()?; // (b, kvh, t, d)
+        let q = rope(&q, rt, &inp.positions)?; // (b, t, h, d)
+        let k = rope(&k, rt, &inp.positions)?; // (b, t, kvh, d)
         let (k, v) = match cache {
             Some((kc, vc)) => {
-                kc.slice_set(&k, 2, past)?;
-                vc.slice_set(&v, 2, past)?;
-                (kc.narrow(2, 0, past + t)?, vc.narrow(2, 0, past + t)?) // (b, kvh, T, d)
+                kc.slice_set(&k, 1, past)?;
+                vc.slice_set(&v.contiguous()?, 1, past)?;
+                (kc.narrow(1, 0, past + t)?, vc.narrow(1, 0, past + t)?) // (b, T, kvh, d)
             }
             None => (k, v),
         };
-        // Query heads j*g..(j+1)*g share kv head j (HF repeat_kv), so group them instead of
-        // copying k and v g times: (b, h, t, d) -> (b, kvh, g*t, d).
-        let q = q.reshape((b, kvh, g * t, d))?;
-        let out = attention(&q, &k, &v, inp.mask.as_ref(), t, 1.0 / (d as f64).sqrt())?; // (b, kvh, g*t, d)
-        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let out = attention(&q, &k, &v, inp.mask.as_ref(), 1.0 / (d as f64).sqrt())?; // (b, t, h, d)
+        let out = out.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -376,7 +371,7 @@ impl CausalLm for Llama {
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
-        let shape = (batch, self.cfg.kv_heads(), capacity, self.cfg.head_dim());
+        let shape = (batch, capacity, self.cfg.kv_heads(), self.cfg.head_dim());
         let layers = (0..self.layers.len())
             .map(|_| {
                 Ok((

@@ -69,7 +69,7 @@ impl AttentionInputs {
     }
 }
 
-/// Per-layer key/value tensors `(b, kv_heads, capacity, head_dim)`, filled up to `len`.
+/// Per-layer key/value tensors `(b, capacity, kv_heads, head_dim)`, filled up to `len`.
 pub struct KvCache {
     pub layers: Vec<(Tensor, Tensor)>,
     pub len: usize,

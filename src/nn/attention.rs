@@ -1,11 +1,13 @@
 //! Scaled dot-product attention with grouped queries, as one op with a backward pass.
 //!
-//! Queries come grouped by the key/value head they share (`(b, kv_heads, g * t, d)`, where the
-//! `g` query heads of a group are stacked), so keys and values are never copied `g` times (HF's
-//! `repeat_kv`). On CPU the forward pass is one kernel (scores, mask, softmax and weighted sum per
-//! query row, rows spread over the team); candle's batched matmul would run `b * kv_heads` tiny
-//! gemms per product, which dominated decoding time. The backward pass recomputes the
-//! probabilities with candle ops. Other devices use the composed form throughout.
+//! Layouts are the projections' own: queries and output `(b, t, heads, d)`, keys and values
+//! `(b, T, kv_heads, d)` (any strides with a contiguous last dim, e.g. views of a KV cache), so no
+//! transposes are copied. Query head `j * g + i` uses kv head `j` (HF's `repeat_kv`) without the
+//! keys and values ever being repeated. On CPU the forward pass is one kernel (scores, mask,
+//! softmax and weighted sum for blocks of query rows that share a kv head, spread over the team);
+//! candle's batched matmul would run `b * kv_heads` tiny gemms per product, which dominated
+//! decoding time. The backward pass recomputes the probabilities with candle ops in a grouped
+//! layout. Other devices use the composed form throughout.
 
 use crate::nn::ops::softmax_last_dim;
 use crate::nn::simd::exp_shifted_sum;
@@ -26,8 +28,6 @@ pub struct Mask {
 
 struct Attention {
     mask: Option<Mask>,
-    /// Query steps per head (`t`), so row `r` of a group is step `r % t`.
-    t: usize,
     scale: f32,
 }
 
@@ -63,18 +63,20 @@ impl CustomOp3 for Attention {
         let (qd, qst, qo) = strided(qs, ql, "q")?;
         let (kd, kst, ko) = strided(ks, kl, "k")?;
         let (vd, vst, vo) = strided(vs, vl, "v")?;
-        let (b, kvh, rows, d) = (qd[0], qd[1], qd[2], qd[3]);
-        let total = kd[2];
-        if kd != [b, kvh, total, d] || vd != kd {
+        let (b, t, h, d) = (qd[0], qd[1], qd[2], qd[3]);
+        let (total, kvh) = (kd[1], kd[2]);
+        if kd != [b, total, kvh, d] || vd != kd || kvh == 0 || h % kvh != 0 {
             candle_core::bail!("attention: q {qd:?}, k {kd:?}, v {vd:?} do not match");
         }
         if let Some(m) = &self.mask {
-            if m.t != self.t || m.total != total || m.data.len() != b * m.t * total {
-                candle_core::bail!("attention: mask ({}, {}) does not fit t={} and {total} keys", m.t, m.total, self.t);
+            if m.t != t || m.total != total || m.data.len() != b * t * total {
+                candle_core::bail!("attention: mask ({}, {}) does not fit t={t} and {total} keys", m.t, m.total);
             }
         }
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else { unreachable!() };
-        let mut out = vec![0f32; b * kvh * rows * d];
+        let g = h / kvh;
+        let rows = g * t; // query rows per (batch, kv head): row r is head j*g + r/t at step r%t
+        let mut out = vec![0f32; b * t * h * d];
         let dst = SendPtr(out.as_mut_ptr());
         // Work units are blocks of up to RB query rows of one (batch, kv head): each key and
         // value row is loaded once per block, not once per query row.
@@ -87,11 +89,16 @@ impl CustomOp3 for Attention {
                 let (bh, r0) = (unit / blocks, (unit % blocks) * RB);
                 let nr = RB.min(rows - r0);
                 let (bi, hi) = (bh / kvh, bh % kvh);
-                let qrow = |r: usize| &q[qo + bi * qst[0] + hi * qst[1] + (r0 + r) * qst[2]..][..d];
-                let kbase = ko + bi * kst[0] + hi * kst[1];
-                let vbase = vo + bi * vst[0] + hi * vst[1];
+                // (step, head) of row r0 + r.
+                let at = |r: usize| ((r0 + r) % t, hi * g + (r0 + r) / t);
+                let qrow = |r: usize| {
+                    let (ti, head) = at(r);
+                    &q[qo + bi * qst[0] + ti * qst[1] + head * qst[2]..][..d]
+                };
+                let kbase = ko + bi * kst[0] + hi * kst[2];
+                let vbase = vo + bi * vst[0] + hi * vst[2];
                 for j in 0..total {
-                    let kj = &k[kbase + j * kst[2]..][..d];
+                    let kj = &k[kbase + j * kst[1]..][..d];
                     for r in 0..nr {
                         p[r * total + j] = dot(qrow(r), kj) * self.scale;
                     }
@@ -99,22 +106,22 @@ impl CustomOp3 for Attention {
                 for r in 0..nr {
                     let pr = &mut p[r * total..(r + 1) * total];
                     if let Some(m) = &self.mask {
-                        let mrow = &m.data[(bi * self.t + (r0 + r) % self.t) * total..][..total];
+                        let mrow = &m.data[(bi * t + at(r).0) * total..][..total];
                         pr.iter_mut().zip(mrow).for_each(|(x, mv)| *x += mv);
                     }
                     let max = pr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let inv = 1.0 / exp_shifted_sum(pr, max);
                     pr.iter_mut().for_each(|x| *x *= inv);
                 }
-                // Safety: rows r0..r0+nr of this (batch, head) belong to this thread alone.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((bh * rows + r0) * d), nr * d) };
-                o.fill(0.0);
-                for j in 0..total {
-                    let vj = &v[vbase + j * vst[2]..][..d];
-                    for r in 0..nr {
+                for r in 0..nr {
+                    let (ti, head) = at(r);
+                    // Safety: output row (bi, ti, head) belongs to this unit alone.
+                    let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((bi * t + ti) * h + head) * d), d) };
+                    o.fill(0.0);
+                    for j in 0..total {
                         let w = p[r * total + j];
                         if w != 0.0 {
-                            for (oi, vi) in o[r * d..(r + 1) * d].iter_mut().zip(vj) {
+                            for (oi, vi) in o.iter_mut().zip(&v[vbase + j * vst[1]..][..d]) {
                                 *oi += w * vi;
                             }
                         }
@@ -122,7 +129,7 @@ impl CustomOp3 for Attention {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, kvh, rows, d))))
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
     }
 
     fn bwd(
@@ -133,16 +140,19 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // p = softmax(s), s = q k^T * scale + mask; o = p v.
+        // In the grouped layout: p = softmax(s), s = q k^T * scale + mask; o = p v.
         // dv = p^T do; dp = do v^T; ds = p * (dp - rowsum(dp * p)); dq = ds k * scale;
         // dk = ds^T q * scale. Rows of a group share k and v, so the group sums come for free.
-        let p = probs(q, k, self.mask.as_ref(), self.t, self.scale as f64)?;
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let dv = p.t()?.matmul(dout)?;
-        let dp = dout.matmul(&v.t()?)?;
+        let kvh = k.dim(2)?;
+        let (qg, kg, vg) = (grouped_q(q, kvh)?, grouped_kv(k)?, grouped_kv(v)?);
+        let dog = grouped_q(dout, kvh)?;
+        let p = probs(&qg, &kg, self.mask.as_ref(), q.dim(1)?, self.scale as f64)?;
+        let dv = p.t()?.matmul(&dog)?;
+        let dp = dog.matmul(&vg.t()?)?;
         let ds = ((&dp - (&dp * &p)?.sum_keepdim(D::Minus1)?.broadcast_as(dp.shape())?)? * &p)?;
-        let dq = (ds.matmul(&k)? * self.scale as f64)?;
-        let dk = (ds.t()?.matmul(&q.contiguous()?)? * self.scale as f64)?;
+        let dq = ungrouped_q(&(ds.matmul(&kg)? * self.scale as f64)?, q.dim(2)?)?;
+        let dk = (ds.t()?.matmul(&qg)? * self.scale as f64)?.transpose(1, 2)?.contiguous()?;
+        let dv = dv.transpose(1, 2)?.contiguous()?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -160,11 +170,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Attention probabilities `(b, kvh, g*t, T)` from differentiable candle ops.
+/// `(b, t, h, d)` -> `(b, kvh, g*t, d)`: the query heads of each kv head stacked.
+fn grouped_q(q: &Tensor, kvh: usize) -> candle_core::Result<Tensor> {
+    let (b, t, h, d) = q.dims4()?;
+    q.transpose(1, 2)?.contiguous()?.reshape((b, kvh, h / kvh * t, d))
+}
+
+/// `(b, kvh, g*t, d)` -> `(b, t, h, d)`.
+fn ungrouped_q(x: &Tensor, h: usize) -> candle_core::Result<Tensor> {
+    let (b, _, rows, d) = x.dims4()?;
+    let t = rows * x.dim(1)? / h;
+    x.reshape((b, h, t, d))?.transpose(1, 2)?.contiguous()
+}
+
+/// `(b, T, kvh, d)` -> `(b, kvh, T, d)`.
+fn grouped_kv(k: &Tensor) -> candle_core::Result<Tensor> {
+    k.transpose(1, 2)?.contiguous()
+}
+
+/// Attention probabilities `(b, kvh, g*t, T)` in the grouped layout, from differentiable ops.
 fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> candle_core::Result<Tensor> {
     let (b, kvh, rows, _) = q.dims4()?;
     let total = k.dim(2)?;
-    let s = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    let s = (q.matmul(&k.t()?)? * scale)?;
     let s = match mask {
         // (b, kvh, g, t, T) + (b, 1, 1, t, T)
         Some(m) => s
@@ -176,40 +204,28 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
     softmax_last_dim(&s)
 }
 
-/// `softmax(q k^T * scale + mask) v` for grouped queries `q: (b, kvh, g*t, d)` and keys/values
-/// `(b, kvh, T, d)`; returns `(b, kvh, g*t, d)`. Differentiable in q, k and v.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Mask>,
-    t: usize,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
+/// `softmax(q k^T * scale + mask) v` for queries `(b, t, h, d)` and keys/values `(b, T, kvh, d)`
+/// (`h` a multiple of `kvh`); returns `(b, t, h, d)`. Differentiable in q, k and v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        let op = Attention { mask: mask.cloned(), t, scale: scale as f32 };
-        q.contiguous()?.apply_op3(k, v, op)
+        let op = Attention { mask: mask.cloned(), scale: scale as f32 };
+        q.apply_op3(k, v, op)
     } else {
-        attention_composed(q, k, v, mask, t, scale)
+        attention_composed(q, k, v, mask, scale)
     }
 }
 
 /// [`attention`] from candle ops (any device, and the tests' reference).
-pub fn attention_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Mask>,
-    t: usize,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    probs(q, k, mask, t, scale)?.matmul(&v.contiguous()?)
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
+    let kvh = k.dim(2)?;
+    let p = probs(&grouped_q(q, kvh)?, &grouped_kv(k)?, mask, q.dim(1)?, scale)?;
+    ungrouped_q(&p.matmul(&grouped_kv(v)?)?, q.dim(2)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -235,22 +251,38 @@ mod tests {
         // b=2, kv heads 2, groups of 3 query heads, t=4 new steps after 2 cached, d=8.
         let (b, kvh, g, t, past, d) = (2, 2, 3, 4, 2, 8);
         let mask = causal_mask(b, t, past);
-        let q = Var::from_tensor(&rand(&[b, kvh, g * t, d], 1)).unwrap();
+        let q = Var::from_tensor(&rand(&[b, t, kvh * g, d], 1)).unwrap();
         // Keys as a strided view of a larger cache, as during generation.
-        let cache = rand(&[b, kvh, 10, d], 2);
-        let k = Var::from_tensor(&cache.narrow(2, 0, past + t).unwrap().contiguous().unwrap()).unwrap();
-        let v = Var::from_tensor(&rand(&[b, kvh, past + t, d], 3)).unwrap();
-        let a = attention(&q, &k, &v, Some(&mask), t, 0.35).unwrap();
-        let c = attention_composed(&q, &k, &v, Some(&mask), t, 0.35).unwrap();
+        let cache = rand(&[b, 10, kvh, d], 2);
+        let k = Var::from_tensor(&cache.narrow(1, 0, past + t).unwrap().contiguous().unwrap()).unwrap();
+        let v = Var::from_tensor(&rand(&[b, past + t, kvh, d], 3)).unwrap();
+        let a = attention(&q, &k, &v, Some(&mask), 0.35).unwrap();
+        let c = attention_composed(&q, &k, &v, Some(&mask), 0.35).unwrap();
+        assert_eq!(a.dims(), &[b, t, kvh * g, d]);
         assert!(max_diff(&a, &c) < 1e-6);
-        let strided = attention(&q, &cache.narrow(2, 0, past + t).unwrap(), &v, Some(&mask), t, 0.35).unwrap();
+        let strided = attention(&q, &cache.narrow(1, 0, past + t).unwrap(), &v, Some(&mask), 0.35).unwrap();
         assert!(max_diff(&a, &strided) < 1e-6);
-        let probe = rand(&[b, kvh, g * t, d], 4);
+        let probe = rand(&[b, t, kvh * g, d], 4);
         let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (c * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
             let (x, y) = (ga.get(var.as_tensor()).unwrap(), gc.get(var.as_tensor()).unwrap());
+            assert_eq!(x.dims(), var.dims(), "d{name} shape");
             assert!(max_diff(x, y) < 1e-5, "d{name}");
         }
+    }
+
+    #[test]
+    fn heads_use_their_own_kv_group() {
+        // With kv head 1's values all zero, the query heads of group 1 must output zeros.
+        let (b, t, kvh, g, d) = (1, 3, 2, 2, 4);
+        let q = rand(&[b, t, kvh * g, d], 5);
+        let k = rand(&[b, t, kvh, d], 6);
+        let v = Tensor::cat(&[rand(&[b, t, 1, d], 7), Tensor::zeros((b, t, 1, d), DType::F32, &Device::Cpu).unwrap()], 2).unwrap();
+        let o = attention(&q, &k, &v, Some(&causal_mask(b, t, 0)), 0.5).unwrap();
+        let group1 = o.narrow(2, g, g).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let group0 = o.narrow(2, 0, g).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(group1, 0.0);
+        assert!(group0 > 0.0);
     }
 }
