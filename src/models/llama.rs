@@ -173,6 +173,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v in one product when their weights are frozen and packed (inference only).
+    qkv: Option<Linear>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -182,10 +184,14 @@ impl Attention {
     fn new(cfg: &Config, b: &Builder) -> Result<Self> {
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let (bias, std) = (cfg.qkv_bias(), cfg.initializer_range);
+        let q_proj = b.pp("q_proj").linear(cfg.hidden_size, h * d, bias, std)?;
+        let k_proj = b.pp("k_proj").linear(cfg.hidden_size, kvh * d, bias, std)?;
+        let v_proj = b.pp("v_proj").linear(cfg.hidden_size, kvh * d, bias, std)?;
         Ok(Self {
-            q_proj: b.pp("q_proj").linear(cfg.hidden_size, h * d, bias, std)?,
-            k_proj: b.pp("k_proj").linear(cfg.hidden_size, kvh * d, bias, std)?,
-            v_proj: b.pp("v_proj").linear(cfg.hidden_size, kvh * d, bias, std)?,
+            qkv: Linear::fuse_packed(&[&q_proj, &k_proj, &v_proj]),
+            q_proj,
+            k_proj,
+            v_proj,
             o_proj: b.pp("o_proj").linear(h * d, cfg.hidden_size, cfg.o_bias(), std)?,
             heads: h,
             kv_heads: kvh,
@@ -203,9 +209,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(x)?; // (b, t, (h + 2 kvh) d)
+                (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
+            }
+            None => (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?),
+        };
+        let q = q.reshape((b, t, h, d))?;
+        let k = k.reshape((b, t, kvh, d))?;
+        let v = v.reshape((b, t, kvh, d))?;
         let q = rope(&q, rt, &inp.positions)?; // (b, t, h, d)
         let k = rope(&k, rt, &inp.positions)?; // (b, t, kvh, d)
         let (k, v) = match cache {
@@ -226,20 +239,32 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up in one product when frozen and packed (inference only).
+    gate_up: Option<Linear>,
 }
 
 impl Mlp {
     fn new(cfg: &Config, b: &Builder) -> Result<Self> {
         let (hs, is, bias, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range);
+        let gate_proj = b.pp("gate_proj").linear(hs, is, bias, std)?;
+        let up_proj = b.pp("up_proj").linear(hs, is, bias, std)?;
         Ok(Self {
-            gate_proj: b.pp("gate_proj").linear(hs, is, bias, std)?,
-            up_proj: b.pp("up_proj").linear(hs, is, bias, std)?,
+            gate_up: Linear::fuse_packed(&[&gate_proj, &up_proj]),
+            gate_proj,
+            up_proj,
             down_proj: b.pp("down_proj").linear(is, hs, bias, std)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let h = match &self.gate_up {
+            Some(gu) => {
+                let y = gu.forward(x)?;
+                let is = y.dim(candle_core::D::Minus1)? / 2;
+                swiglu(&y.narrow(candle_core::D::Minus1, 0, is)?, &y.narrow(candle_core::D::Minus1, is, is)?)?
+            }
+            None => swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?,
+        };
         Ok(self.down_proj.forward(&h)?)
     }
 }

@@ -216,7 +216,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale:
 }
 
 /// [`attention`] from candle ops (any device, and the tests' reference).
-pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Mask>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let kvh = k.dim(2)?;
     let p = probs(&grouped_q(q, kvh)?, &grouped_kv(k)?, mask, q.dim(1)?, scale)?;
     ungrouped_q(&p.matmul(&grouped_kv(v)?)?, q.dim(2)?)
@@ -278,7 +284,9 @@ mod tests {
         let (b, t, kvh, g, d) = (1, 3, 2, 2, 4);
         let q = rand(&[b, t, kvh * g, d], 5);
         let k = rand(&[b, t, kvh, d], 6);
-        let v = Tensor::cat(&[rand(&[b, t, 1, d], 7), Tensor::zeros((b, t, 1, d), DType::F32, &Device::Cpu).unwrap()], 2).unwrap();
+        let v =
+            Tensor::cat(&[rand(&[b, t, 1, d], 7), Tensor::zeros((b, t, 1, d), DType::F32, &Device::Cpu).unwrap()], 2)
+                .unwrap();
         let o = attention(&q, &k, &v, Some(&causal_mask(b, t, 0)), 0.5).unwrap();
         let group1 = o.narrow(2, g, g).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         let group0 = o.narrow(2, 0, g).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();

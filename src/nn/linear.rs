@@ -27,6 +27,21 @@ impl Linear {
         Self { weight: LinearWeight::Dense(weight), bias }
     }
 
+    /// One layer computing `layers` side by side (outputs concatenated), when all of them are
+    /// packed in one format without biases. Products that share an input then cost one pass over
+    /// it and one synchronisation of the kernel threads instead of several.
+    pub fn fuse_packed(layers: &[&Linear]) -> Option<Linear> {
+        let parts = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (LinearWeight::Packed(p), None) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let fused = PackedWeight::concat_rows(&parts)?;
+        Some(Linear { weight: LinearWeight::Packed(Arc::new(fused)), bias: None })
+    }
+
     /// `(out, in)` features.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match &self.weight {

@@ -141,6 +141,17 @@ impl PackedWeight {
         Self::from_raw(format, n, k, data)
     }
 
+    /// Stacks the rows of matrices with the same format and input width (e.g. q, k and v
+    /// projections), so one product replaces several; `None` if they differ.
+    pub fn concat_rows(parts: &[&PackedWeight]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
+            return None;
+        }
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Some(Self { format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k, data })
+    }
+
     /// Storage format.
     pub fn format(&self) -> PackedFormat {
         self.format
