@@ -11,7 +11,7 @@ use crate::nn::linear::Linear;
 use crate::nn::ops::{rms_norm, rope, swiglu, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -168,13 +168,16 @@ impl Config {
     }
 }
 
+/// The q, k, v projections: separate (trainable), or stacked into one product when their
+/// weights are frozen and packed (inference), which saves a pass over the input and a barrier.
+enum Qkv {
+    Separate { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused(Linear),
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
-    /// q, k and v in one product when their weights are frozen and packed (inference only).
-    qkv: Option<Linear>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -187,11 +190,12 @@ impl Attention {
         let q_proj = b.pp("q_proj").linear(cfg.hidden_size, h * d, bias, std)?;
         let k_proj = b.pp("k_proj").linear(cfg.hidden_size, kvh * d, bias, std)?;
         let v_proj = b.pp("v_proj").linear(cfg.hidden_size, kvh * d, bias, std)?;
+        let qkv = match Linear::fuse_packed(&[&q_proj, &k_proj, &v_proj]) {
+            Some(fused) => Qkv::Fused(fused),
+            None => Qkv::Separate { q_proj, k_proj, v_proj },
+        };
         Ok(Self {
-            qkv: Linear::fuse_packed(&[&q_proj, &k_proj, &v_proj]),
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv,
             o_proj: b.pp("o_proj").linear(h * d, cfg.hidden_size, cfg.o_bias(), std)?,
             heads: h,
             kv_heads: kvh,
@@ -210,11 +214,11 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = match &self.qkv {
-            Some(qkv) => {
+            Qkv::Fused(qkv) => {
                 let y = qkv.forward(x)?; // (b, t, (h + 2 kvh) d)
                 (y.narrow(2, 0, h * d)?, y.narrow(2, h * d, kvh * d)?, y.narrow(2, (h + kvh) * d, kvh * d)?)
             }
-            None => (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?),
+            Qkv::Separate { q_proj, k_proj, v_proj } => (q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?),
         };
         let q = q.reshape((b, t, h, d))?;
         let k = k.reshape((b, t, kvh, d))?;
@@ -235,12 +239,15 @@ impl Attention {
     }
 }
 
+/// gate and up projections: separate, or stacked into one product as [`Qkv`].
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
+}
+
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
-    /// gate and up in one product when frozen and packed (inference only).
-    gate_up: Option<Linear>,
 }
 
 impl Mlp {
@@ -248,22 +255,21 @@ impl Mlp {
         let (hs, is, bias, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range);
         let gate_proj = b.pp("gate_proj").linear(hs, is, bias, std)?;
         let up_proj = b.pp("up_proj").linear(hs, is, bias, std)?;
-        Ok(Self {
-            gate_up: Linear::fuse_packed(&[&gate_proj, &up_proj]),
-            gate_proj,
-            up_proj,
-            down_proj: b.pp("down_proj").linear(is, hs, bias, std)?,
-        })
+        let gate_up = match Linear::fuse_packed(&[&gate_proj, &up_proj]) {
+            Some(fused) => GateUp::Fused(fused),
+            None => GateUp::Separate { gate_proj, up_proj },
+        };
+        Ok(Self { gate_up, down_proj: b.pp("down_proj").linear(is, hs, bias, std)? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.gate_up {
-            Some(gu) => {
-                let y = gu.forward(x)?;
-                let is = y.dim(candle_core::D::Minus1)? / 2;
-                swiglu(&y.narrow(candle_core::D::Minus1, 0, is)?, &y.narrow(candle_core::D::Minus1, is, is)?)?
+            GateUp::Fused(gu) => {
+                let y = gu.forward(x)?; // (.., 2 * intermediate)
+                let is = y.dim(D::Minus1)? / 2;
+                swiglu(&y.narrow(D::Minus1, 0, is)?, &y.narrow(D::Minus1, is, is)?)?
             }
-            None => swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?,
+            GateUp::Separate { gate_proj, up_proj } => swiglu(&gate_proj.forward(x)?, &up_proj.forward(x)?)?,
         };
         Ok(self.down_proj.forward(&h)?)
     }
