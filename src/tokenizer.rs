@@ -1,7 +1,7 @@
 //! Tokenizer and chat template: HF `tokenizer.json` + `tokenizer_config.json`, or the
 //! `tokenizer.ggml.*` metadata of a GGUF file rebuilt into the same `tokenizers::Tokenizer`.
 
-use crate::io::gguf::meta_str;
+use crate::io::gguf::{meta_str, meta_u};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use serde::Serialize;
@@ -180,15 +180,7 @@ impl Tokenizer {
         let (specials, plain): (Vec<AddedToken>, Vec<AddedToken>) = added.into_iter().partition(|t| t.special);
         inner.add_special_tokens(specials).map_err(|e| err(format!("special tokens: {e}")))?;
         inner.add_tokens(plain).map_err(|e| err(format!("added tokens: {e}")))?;
-        let tok_at = |key: &str| -> Option<String> {
-            let id = match md.get(key)? {
-                Value::U32(v) => *v as usize,
-                Value::I32(v) => *v as usize,
-                Value::U64(v) => *v as usize,
-                _ => return None,
-            };
-            tokens.get(id).cloned()
-        };
+        let tok_at = |key: &str| meta_u(md, key).and_then(|id| tokens.get(id as usize).cloned());
         let bos = tok_at("tokenizer.ggml.bos_token_id");
         let add_bos = matches!(md.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
         if add_bos {
@@ -209,7 +201,7 @@ impl Tokenizer {
         extra.insert("add_bos_token".into(), json!(add_bos));
         extra.insert("clean_up_tokenization_spaces".into(), json!(false));
         let arch = meta_str(md, "general.architecture").unwrap_or("llama");
-        extra.insert("model_max_length".into(), json!(meta_u64(md, &format!("{arch}.context_length")).unwrap_or(2048)));
+        extra.insert("model_max_length".into(), json!(meta_u(md, &format!("{arch}.context_length")).unwrap_or(2048)));
         Ok(Self {
             inner,
             chat_template: meta_str(md, "tokenizer.chat_template").map(String::from),
@@ -285,13 +277,5 @@ impl Tokenizer {
         let text =
             serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::io::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())
-    }
-}
-
-fn meta_u64(md: &HashMap<String, Value>, key: &str) -> Option<u64> {
-    match md.get(key)? {
-        Value::U32(v) => Some(*v as u64),
-        Value::U64(v) => Some(*v),
-        _ => None,
     }
 }

@@ -70,7 +70,8 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
     Ok((content, f))
 }
 
-fn meta_u(md: &HashMap<String, Value>, key: &str) -> Option<u64> {
+/// Unsigned integer metadata (any integer width).
+pub fn meta_u(md: &HashMap<String, Value>, key: &str) -> Option<u64> {
     match md.get(key)? {
         Value::U8(v) => Some(*v as u64),
         Value::U16(v) => Some(*v as u64),

@@ -21,15 +21,10 @@ use std::sync::Arc;
 pub struct RopeScaling {
     #[serde(alias = "type", default = "default_rope_type")]
     pub rope_type: String,
-    #[serde(default)]
     pub rope_theta: Option<f64>,
-    #[serde(default)]
     pub factor: Option<f64>,
-    #[serde(default)]
     pub low_freq_factor: Option<f64>,
-    #[serde(default)]
     pub high_freq_factor: Option<f64>,
-    #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
 }
 
@@ -43,23 +38,17 @@ pub struct Config {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default)]
     pub rope_theta: Option<f64>,
-    #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
-    #[serde(default)]
     pub rope_parameters: Option<RopeScaling>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default)]
     pub attention_bias: Option<bool>,
     #[serde(default)]
     pub mlp_bias: bool,

@@ -129,14 +129,6 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Whether the tensor `name` exists (always true for fresh models, which create it).
-    pub fn contains(&self, name: &str) -> bool {
-        match &self.origin {
-            Origin::Loaded { packed, .. } => self.vb.contains_tensor(name) || packed.contains_key(&self.path(name)),
-            Origin::Init { .. } => true,
-        }
-    }
-
     /// A linear layer `in_dim -> out_dim`: `weight` packed when the loader packed it, else dense.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Linear> {
         let bias = if bias { Some(self.get(out_dim, "bias", Init::Const(0.0))?) } else { None };
