@@ -10,7 +10,7 @@
 //! layout. Other devices use the composed form throughout.
 
 use crate::nn::ops::softmax_last_dim;
-use crate::nn::simd::exp_shifted_sum;
+use crate::nn::simd::{axpy, dot, exp_shifted_sum};
 use crate::nn::team::Team;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use std::sync::Arc;
@@ -121,9 +121,7 @@ impl CustomOp3 for Attention {
                     for j in 0..total {
                         let w = p[r * total + j];
                         if w != 0.0 {
-                            for (oi, vi) in o.iter_mut().zip(&v[vbase + j * vst[1]..][..d]) {
-                                *oi += w * vi;
-                            }
+                            axpy(w, &v[vbase + j * vst[1]..][..d], o);
                         }
                     }
                 }
@@ -155,19 +153,6 @@ impl CustomOp3 for Attention {
         let dv = dv.transpose(1, 2)?.contiguous()?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent lanes let the compiler vectorise without reassociating a single sum.
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `(b, t, h, d)` -> `(b, kvh, g*t, d)`: the query heads of each kv head stacked.

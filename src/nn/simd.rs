@@ -7,8 +7,8 @@
 /// as `expf` underflows there.
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // Safety: the features were just detected.
+    if has_avx2() {
+        // Safety: the features were detected.
         return unsafe { x86::exp_shifted_sum(x, shift) };
     }
     let mut sum = 0f32;
@@ -17,6 +17,38 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
         sum += *v;
     }
     sum
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `sum(a[i] * b[i])` over equal-length slices.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the features were detected.
+        return unsafe { x86::dot(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y[i] += alpha * x[i]`.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the features were detected.
+        return unsafe { x86::axpy(alpha, x, y) };
+    }
+    y.iter_mut().zip(x).for_each(|(yi, xi)| *yi += alpha * xi);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -48,6 +80,45 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
+        let mut sum: f32 = lanes.iter().sum();
+        for j in i..n {
+            sum += *pa.add(j) * *pb.add(j);
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        for j in i..n {
+            *py.add(j) += alpha * *px.add(j);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn exp256(x: __m256) -> __m256 {
         let lo = _mm256_set1_ps(-87.336_55);
         let underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
@@ -73,6 +144,21 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_and_axpy_match_scalar_loops() {
+        for n in [0, 5, 8, 16, 64, 67] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n={n}");
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {
