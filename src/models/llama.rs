@@ -8,10 +8,10 @@
 use crate::models::{AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
 use crate::nn::linear::Linear;
-use crate::nn::ops::{rms_norm, rope, swiglu, RopeTables};
+use crate::nn::ops::{rms_norm, rope, swiglu, swiglu_packed, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -253,11 +253,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.gate_up {
-            GateUp::Fused(gu) => {
-                let y = gu.forward(x)?; // (.., 2 * intermediate)
-                let is = y.dim(D::Minus1)? / 2;
-                swiglu(&y.narrow(D::Minus1, 0, is)?, &y.narrow(D::Minus1, is, is)?)?
-            }
+            GateUp::Fused(gu) => swiglu_packed(&gu.forward(x)?)?, // (.., 2 * intermediate) -> (.., intermediate)
             GateUp::Separate { gate_proj, up_proj } => swiglu(&gate_proj.forward(x)?, &up_proj.forward(x)?)?,
         };
         Ok(self.down_proj.forward(&h)?)

@@ -6,6 +6,7 @@
 //! function falls back to a composition of differentiable candle ops. The composed forms double as
 //! the reference the tests hold the kernels to.
 
+use crate::nn::simd::silu_mul;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -217,23 +218,53 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; g.len()];
-        let f = |ys: &mut [f32], gs: &[f32], us: &[f32]| {
-            for ((o, &a), &b) in ys.iter_mut().zip(gs).zip(us) {
-                *o = a / (1.0 + (-a).exp()) * b;
-            }
-        };
-        y.par_chunks_mut(1 << 16)
-            .zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16)))
-            .for_each(|(ys, (gs, us))| f(ys, gs, us));
+        silu_mul(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        // d silu(g)/dg = s (1 + g (1 - s)) with s = sigmoid(g).
-        let s = candle_nn::ops::sigmoid(g)?;
-        let silu = (g * &s)?;
-        let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
-        Ok((Some((dy * u)?.mul(&dsilu)?), Some((dy * silu)?)))
+        let (dg, du) = swiglu_grads(g, u, dy)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// Gradients of `silu(g) * u`: d silu(g)/dg = s (1 + g (1 - s)) with s = sigmoid(g).
+fn swiglu_grads(g: &Tensor, u: &Tensor, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let s = candle_nn::ops::sigmoid(g)?;
+    let silu = (g * &s)?;
+    let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
+    Ok(((dy * u)?.mul(&dsilu)?, (dy * silu)?))
+}
+
+/// SwiGLU over one tensor holding gate and up side by side (`[.., 2n]` -> `[.., n]`), the output
+/// of a fused gate/up product, without copying the halves apart.
+struct SwiGluPacked;
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "meet-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "swiglu")?;
+        let mut dims = l.shape().dims().to_vec();
+        let two_n = dims.pop().unwrap_or(0);
+        if two_n % 2 != 0 {
+            candle_core::bail!("swiglu: last dimension {two_n} of {:?} is not even", l.shape());
+        }
+        let n = two_n / 2;
+        dims.push(n);
+        let mut y = vec![0f32; x.len() / 2];
+        for (row, out) in x.chunks_exact(two_n).zip(y.chunks_exact_mut(n.max(1))) {
+            silu_mul(&row[..n], &row[n..], out);
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let n = x.dim(D::Minus1)? / 2;
+        let (dg, du) = swiglu_grads(&x.narrow(D::Minus1, 0, n)?, &x.narrow(D::Minus1, n, n)?, dy)?;
+        Ok(Some(Tensor::cat(&[dg, du], D::Minus1)?))
     }
 }
 
@@ -243,6 +274,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
         candle_nn::ops::silu(gate)? * up
+    }
+}
+
+/// [`swiglu`] of the two halves of the last dimension of `gate_up`.
+pub fn swiglu_packed(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    if use_kernel(gate_up) {
+        gate_up.contiguous()?.apply_op1(SwiGluPacked)
+    } else {
+        let n = gate_up.dim(D::Minus1)? / 2;
+        swiglu(&gate_up.narrow(D::Minus1, 0, n)?, &gate_up.narrow(D::Minus1, n, n)?)
     }
 }
 
@@ -357,11 +398,18 @@ mod tests {
         let b = (candle_nn::ops::silu(&g).unwrap() * u.as_tensor()).unwrap();
         assert!(max_diff(&a, &b) < 1e-6);
         let probe = rand(&[3, 10], 12);
-        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga = (&a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&g, &u] {
             assert!(max_diff(ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap()) < 1e-5);
         }
+        // The packed form over [gate | up] gives the same values and gradients.
+        let gu = Var::from_tensor(&Tensor::cat(&[g.as_tensor(), u.as_tensor()], 1).unwrap()).unwrap();
+        let c = swiglu_packed(&gu).unwrap();
+        assert!(max_diff(&a, &c) < 1e-6);
+        let gc = (c * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = Tensor::cat(&[gb.get(g.as_tensor()).unwrap(), gb.get(u.as_tensor()).unwrap()], 1).unwrap();
+        assert!(max_diff(gc.get(gu.as_tensor()).unwrap(), &want) < 1e-5);
     }
 
     #[test]
