@@ -1,4 +1,4 @@
-//! Differentiable fused ops for the decoder: RMSNorm, rotary embeddings and softmax.
+//! Differentiable fused ops for the decoder: RMSNorm, rotary embeddings, SwiGLU and softmax.
 //!
 //! candle-nn's fused versions of these (`ops::rms_norm`, `rotary_emb::rope`,
 //! `ops::softmax_last_dim`) have no backward pass, so gradients through them silently vanish. Here
@@ -7,8 +7,8 @@
 //! the reference the tests hold the kernels to.
 
 use crate::nn::simd::silu_mul;
+use crate::nn::team::Team;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
@@ -19,6 +19,28 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> 
         (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
         _ => candle_core::bail!("{op}: only f32 is supported on CPU, got {:?}", s.dtype()),
     }
+}
+
+/// Applies `f(out_row, in_row)` to rows of width `w`: on the calling thread when the tensor is
+/// small (a decoding step), over the kernel team otherwise.
+fn for_rows(y: &mut [f32], x: &[f32], w: usize, f: &(dyn Fn(&mut [f32], &[f32]) + Sync)) {
+    let w = w.max(1);
+    if x.len() < 1 << 16 {
+        y.chunks_exact_mut(w).zip(x.chunks_exact(w)).for_each(|(yr, xr)| f(yr, xr));
+        return;
+    }
+    struct Out(*mut f32);
+    // Safety: each row of y is written by one thread only.
+    unsafe impl Sync for Out {}
+    let out = Out(y.as_mut_ptr());
+    Team::global().for_chunks(x.len() / w, 16, &|rows| {
+        let out = &out;
+        for r in rows {
+            // Safety: row r lies inside y and no other thread touches it.
+            let yr = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * w), w) };
+            f(yr, &x[r * w..(r + 1) * w]);
+        }
+    });
 }
 
 fn use_kernel(x: &Tensor) -> bool {
@@ -43,13 +65,11 @@ impl CustomOp2 for RmsNorm {
         let h = w.len();
         let mut y = vec![0f32; x.len()];
         let eps = self.eps;
-        y.par_chunks_mut(h * 16).zip(x.par_chunks(h * 16)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                let r = 1.0 / (ms + eps).sqrt();
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = v * r * g;
-                }
+        for_rows(&mut y, x, h, &|yr, xr| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v * r * g;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -249,7 +269,7 @@ impl CustomOp1 for SwiGluPacked {
         let x = f32_slice(s, l, "swiglu")?;
         let mut dims = l.shape().dims().to_vec();
         let two_n = dims.pop().unwrap_or(0);
-        if two_n % 2 != 0 {
+        if !two_n.is_multiple_of(2) {
             candle_core::bail!("swiglu: last dimension {two_n} of {:?} is not even", l.shape());
         }
         let n = two_n / 2;
@@ -301,13 +321,11 @@ impl CustomOp1 for Softmax {
         let x = f32_slice(s, l, "softmax")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * 8).zip(x.par_chunks(n * 8)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
-                let max = xr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                yr.copy_from_slice(xr);
-                let inv = 1.0 / crate::nn::simd::exp_shifted_sum(yr, max);
-                yr.iter_mut().for_each(|o| *o *= inv);
-            }
+        for_rows(&mut y, x, n, &|yr, xr| {
+            let max = xr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            yr.copy_from_slice(xr);
+            let inv = 1.0 / crate::nn::simd::exp_shifted_sum(yr, max);
+            yr.iter_mut().for_each(|o| *o *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
