@@ -446,8 +446,9 @@ mod x86 {
             PackedFormat::Q4_1 => {
                 for b in 0..out.len() / 32 {
                     let blk = s.add(b * bb);
-                    let d = _mm256_set1_ps(load_f16(blk));
-                    let m = _mm256_set1_ps(load_f16(blk.add(2)));
+                    // d and m are adjacent f16s: one load, one conversion.
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(blk as *const i32)));
+                    let (d, m) = (_mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)));
                     nibbles_to_f32(blk.add(4), d, m, o.add(b * 32));
                 }
             }
