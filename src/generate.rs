@@ -183,7 +183,7 @@ impl Sampler {
     pub fn sample_rows(&mut self, rows: &[Vec<f32>], active: &[bool]) -> Vec<Option<u32>> {
         let us: Vec<Option<f32>> = active.iter().map(|&a| a.then(|| self.rng.gen())).collect();
         let mut out = vec![None; rows.len()];
-        let dst = SendPtr(out.as_mut_ptr());
+        let dst = crate::nn::team::SharedMut(out.as_mut_ptr());
         crate::nn::team::Team::global().for_ranges(rows.len(), 1, &|range| {
             let dst = &dst;
             for r in range {
@@ -196,10 +196,6 @@ impl Sampler {
         out
     }
 }
-
-struct SendPtr(*mut Option<u32>);
-// Safety: threads write disjoint elements.
-unsafe impl Sync for SendPtr {}
 
 /// The token for one row of logits given a uniform draw `u` in [0, 1).
 fn pick(params: &SamplingParams, logits: &[f32], u: f32) -> u32 {

@@ -11,7 +11,7 @@
 
 use crate::nn::ops::softmax_last_dim;
 use crate::nn::simd::{axpy, dot, exp_shifted_sum};
-use crate::nn::team::Team;
+use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use std::sync::Arc;
 
@@ -41,10 +41,6 @@ fn strided(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<(Vec<u
     }
     Ok((l.dims().to_vec(), l.stride().to_vec(), l.start_offset()))
 }
-
-struct SendPtr(*mut f32);
-// Safety: threads write disjoint rows of the output.
-unsafe impl Sync for SendPtr {}
 
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
@@ -77,7 +73,7 @@ impl CustomOp3 for Attention {
         let g = h / kvh;
         let rows = g * t; // query rows per (batch, kv head): row r is head j*g + r/t at step r%t
         let mut out = vec![0f32; b * t * h * d];
-        let dst = SendPtr(out.as_mut_ptr());
+        let dst = SharedMut(out.as_mut_ptr());
         // Work units are blocks of up to RB query rows of one (batch, kv head): each key and
         // value row is loaded once per block, not once per query row.
         const RB: usize = 8;

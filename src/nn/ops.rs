@@ -7,7 +7,7 @@
 //! the reference the tests hold the kernels to.
 
 use crate::nn::simd::silu_mul;
-use crate::nn::team::Team;
+use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use std::sync::Arc;
 
@@ -29,10 +29,7 @@ fn for_rows(y: &mut [f32], x: &[f32], w: usize, f: &(dyn Fn(&mut [f32], &[f32]) 
         y.chunks_exact_mut(w).zip(x.chunks_exact(w)).for_each(|(yr, xr)| f(yr, xr));
         return;
     }
-    struct Out(*mut f32);
-    // Safety: each row of y is written by one thread only.
-    unsafe impl Sync for Out {}
-    let out = Out(y.as_mut_ptr());
+    let out = SharedMut(y.as_mut_ptr());
     Team::global().for_chunks(x.len() / w, 16, &|rows| {
         let out = &out;
         for r in rows {

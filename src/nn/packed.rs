@@ -11,7 +11,7 @@
 //! Q4_0 `{d: f16, qs: [u8; 16]}`, Q4_1 `{d: f16, m: f16, qs: [u8; 16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`,
 //! exactly as in GGUF files, so rows are copied from the file as they are.
 
-use crate::nn::team::Team;
+use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
@@ -197,7 +197,7 @@ impl PackedWeight {
         // into L1 and dotted with every row of x.
         let x = AlignedBuf::from_slice(x);
         let x = x.as_ref();
-        let out = SendPtr(y.as_mut_ptr());
+        let out = SharedMut(y.as_mut_ptr());
         let team = Team::global();
         let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
         team.for_chunks(n, chunk, &|range| {
@@ -229,7 +229,7 @@ impl PackedWeight {
             let x = AlignedBuf::from_slice(x);
             let x = x.as_ref();
             let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-            let out = SendPtr(y.as_mut_ptr());
+            let out = SharedMut(y.as_mut_ptr());
             let team = Team::global();
             let chunk = (self.n / (team.threads() * 8)).next_multiple_of(16).max(16);
             team.for_chunks(self.n, chunk, &|r| {
@@ -283,11 +283,6 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len) }
     }
 }
-
-struct SendPtr(*mut f32);
-// Safety: used only to write disjoint column ranges from rayon tasks.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

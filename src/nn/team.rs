@@ -39,6 +39,13 @@ struct Shared {
 // (release), and read by helpers after they observe the bump (acquire).
 unsafe impl Sync for Shared {}
 
+/// A raw pointer to an output that team threads write in disjoint parts (rows, column ranges).
+pub struct SharedMut<T>(pub *mut T);
+
+// Safety: every user writes only elements no other thread touches, and the output outlives the
+// `run` call that spreads the writes.
+unsafe impl<T> Sync for SharedMut<T> {}
+
 /// A fixed team of `threads - 1` helpers plus the calling thread.
 pub struct Team {
     shared: Arc<Shared>,
