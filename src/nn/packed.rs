@@ -11,6 +11,7 @@
 //! Q4_0 `{d: f16, qs: [u8; 16]}`, Q4_1 `{d: f16, m: f16, qs: [u8; 16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`,
 //! exactly as in GGUF files, so rows are copied from the file as they are.
 
+use crate::nn::simd::has_avx2;
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -282,18 +283,6 @@ impl AlignedBuf {
         // Safety: as above, uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len) }
     }
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Expands one row of `format` blocks into f32.

@@ -19,11 +19,15 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
-fn has_avx2() -> bool {
+/// Whether the CPU has AVX2, FMA and F16C (every x86 core since Haswell / Zen), which all the
+/// vector kernels here and in `packed` are compiled for.
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -55,8 +59,8 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     debug_assert!(g.len() == u.len() && u.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // Safety: the features were just detected.
+    if has_avx2() {
+        // Safety: the features were detected.
         return unsafe { x86::silu_mul(g, u, out) };
     }
     for ((o, &a), &b) in out.iter_mut().zip(g).zip(u) {
