@@ -189,63 +189,67 @@ impl PackedWeight {
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
-        let mut y = vec![0f32; m * n];
-        // (Zeroing y costs little next to the products; it keeps the code free of uninit memory.)
-        if m == 1 && self.gemv(x, &mut y) {
-            return y;
-        }
-        // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are expanded
-        // into L1 and dotted with every row of x.
-        let x = AlignedBuf::from_slice(x);
-        let x = x.as_ref();
+        // y is not zeroed first (it is 3 MB for a batch of 16 through the LM head): the kernels
+        // write every element through `out`, and only then does y get its length.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let out = SharedMut(y.as_mut_ptr());
-        let team = Team::global();
-        let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
-        team.for_chunks(n, chunk, &|range| {
-            let out = &out;
-            let mut buf = AlignedBuf::zeros(TILE_N * k);
-            let buf = buf.as_mut();
-            let mut j = range.start;
-            while j < range.end {
-                let rows = TILE_N.min(range.end - j);
-                for t in 0..rows {
-                    self.dequantize_row(j + t, &mut buf[t * k..(t + 1) * k]);
+        if m == 1 && self.has_gemv() {
+            self.gemv(x, &out);
+        } else {
+            // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are
+            // expanded into L1 and dotted with every row of x.
+            let x = AlignedBuf::from_slice(x);
+            let x = x.as_ref();
+            let team = Team::global();
+            let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
+            team.for_chunks(n, chunk, &|range| {
+                let out = &out;
+                let mut buf = AlignedBuf::zeros(TILE_N * k);
+                let buf = buf.as_mut();
+                let mut j = range.start;
+                while j < range.end {
+                    let rows = TILE_N.min(range.end - j);
+                    for t in 0..rows {
+                        self.dequantize_row(j + t, &mut buf[t * k..(t + 1) * k]);
+                    }
+                    // Safety: this thread alone writes columns j..j+rows of every row of y.
+                    unsafe { dot_tile(x, m, k, &buf[..rows * k], rows, out.0.add(j), n) };
+                    j += rows;
                 }
-                // Safety: this thread alone writes columns `range` of y, which outlives the run.
-                unsafe { dot_tile(x, m, k, &buf[..rows * k], rows, out.0.add(j), n) };
-                j += rows;
-            }
-        });
+            });
+        }
+        // Safety: the column ranges cover 0..n for every one of the m rows, all written above.
+        unsafe { y.set_len(m * n) };
         y
     }
 }
 
 impl PackedWeight {
+    fn has_gemv(&self) -> bool {
+        cfg!(target_arch = "x86_64")
+            && has_avx2()
+            && matches!(self.format, PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q8_0)
+    }
+
     /// One row of x against every row of w without expanding w: per block,
-    /// `d * dot(x, q) + m * sum(x)`. Returns false where there is no fused kernel.
-    fn gemv(&self, x: &[f32], y: &mut [f32]) -> bool {
+    /// `d * dot(x, q) + m * sum(x)`. Writes all `n` outputs; only called when [`Self::has_gemv`].
+    fn gemv(&self, x: &[f32], out: &SharedMut<f32>) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() && matches!(self.format, PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q8_0) {
+        {
             let rb = self.row_bytes();
             let x = AlignedBuf::from_slice(x);
             let x = x.as_ref();
             let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-            let out = SharedMut(y.as_mut_ptr());
             let team = Team::global();
             let chunk = (self.n / (team.threads() * 8)).next_multiple_of(16).max(16);
             team.for_chunks(self.n, chunk, &|r| {
-                let out = &out;
                 let data = &self.data[r.start * rb..r.end * rb];
-                // Safety: AVX2/FMA/F16C were detected; each thread writes only y[r].
-                unsafe {
-                    let yr = std::slice::from_raw_parts_mut(out.0.add(r.start), r.len());
-                    x86::gemv(self.format, data, rb, x, &xsum, yr)
-                };
+                // Safety: features detected (has_gemv); this thread alone writes outputs r.
+                unsafe { x86::gemv(self.format, data, rb, x, &xsum, out.0.add(r.start), r.len()) };
             });
-            return true;
         }
-        let _ = (x, y);
-        false
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (x, out);
     }
 }
 
@@ -441,11 +445,19 @@ mod x86 {
 
     /// Fused dequantize-and-dot of one x row against `y.len()` rows of Q4_0/Q4_1/Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn gemv(format: PackedFormat, rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn gemv(
+        format: PackedFormat,
+        rows: &[u8],
+        rb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        y: *mut f32,
+        n: usize,
+    ) {
         match format {
-            PackedFormat::Q8_0 => gemv_blocks::<Q8>(rows, rb, x, xsum, y),
-            PackedFormat::Q4_0 => gemv_blocks::<Q40>(rows, rb, x, xsum, y),
-            PackedFormat::Q4_1 => gemv_blocks::<Q41>(rows, rb, x, xsum, y),
+            PackedFormat::Q8_0 => gemv_blocks::<Q8>(rows, rb, x, xsum, y, n),
+            PackedFormat::Q4_0 => gemv_blocks::<Q40>(rows, rb, x, xsum, y, n),
+            PackedFormat::Q4_1 => gemv_blocks::<Q41>(rows, rb, x, xsum, y, n),
             _ => unreachable!("gemv is only dispatched for block formats"),
         }
     }
@@ -491,11 +503,11 @@ mod x86 {
     /// Two blocks per step into two accumulators (named, so they stay in registers), two scalar
     /// chains for the `m * sum(x)` terms.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn gemv_blocks<const F: u8>(rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+    unsafe fn gemv_blocks<const F: u8>(rows: &[u8], rb: usize, x: &[f32], xsum: &[f32], y: *mut f32, n: usize) {
         let nb = x.len() / 32;
         let bb = rb / nb;
         let xp = x.as_ptr();
-        for (j, out) in y.iter_mut().enumerate() {
+        for j in 0..n {
             let row = rows.as_ptr().add(j * rb);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let (mut m0, mut m1) = (0f32, 0f32);
@@ -514,7 +526,7 @@ mod x86 {
                 acc0 = _mm256_fmadd_ps(t, d, acc0);
                 m0 = m.mul_add(*xsum.get_unchecked(b), m0);
             }
-            *out = hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1);
+            *y.add(j) = hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1);
         }
     }
 
