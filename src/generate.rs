@@ -212,6 +212,24 @@ fn pick(params: &SamplingParams, logits: &[f32], u: f32) -> u32 {
         return argmax();
     }
     let t = params.temperature as f32;
+    if params.top_k.is_none() && params.top_p.is_none() {
+        // Plain temperature: no candidate list, one pass of exp and a scan of the mass.
+        let mut w: Vec<f32> = logits.iter().map(|&v| v / t).collect();
+        let max = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let target = u * crate::nn::simd::exp_shifted_sum(&mut w, max);
+        let mut acc = 0f32;
+        let mut last = 0;
+        for (i, &p) in w.iter().enumerate() {
+            if p > 0.0 {
+                acc += p;
+                last = i;
+                if target < acc {
+                    return i as u32;
+                }
+            }
+        }
+        return last as u32;
+    }
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v / t)).collect();
     // Only top-k/top-p need an order; select before sorting so 50k-entry rows stay cheap.
     if let Some(k) = params.top_k.filter(|&k| k < cand.len()) {
