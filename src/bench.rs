@@ -75,3 +75,114 @@ pub fn peak_rss_mib() -> Option<f64> {
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// Figures of `meet bench train`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainFigures {
+    pub mode: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub trainable_params: usize,
+    pub lr: f64,
+    pub sec_per_step_median: f64,
+    pub fwd_median: f64,
+    pub bwd_median: f64,
+    pub opt_median: f64,
+    pub tokens_per_s_median: f64,
+    pub losses: Vec<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// The Python reference's training benchmark (`bench_train.py`): forward, backward and AdamW on
+/// the fixed batch in `batch_file` (`{"input_ids": [[..], ..]}`, loss on every token), `warmup`
+/// untimed steps then `steps` timed ones. Modes: `full` (lr 1e-5), `lora` (r 64, alpha 128, all
+/// seven projections, lr 1e-4), `prompt` (20 virtual tokens, lr 1e-3); AdamW without weight decay
+/// or clipping, as the reference.
+pub fn bench_train(
+    model: &str,
+    mode: &str,
+    batch_file: &std::path::Path,
+    steps: usize,
+    warmup: usize,
+) -> Result<TrainFigures> {
+    use crate::peft::lora::{LoraConfig, TARGETABLE};
+    use crate::peft::prompt::PromptConfig;
+    use crate::run::{build, DataSection, ModelSection, RunConfig};
+    use crate::train::{train, RunDir, TrainConfig};
+    use crate::Error;
+
+    let v = crate::io::read_json(batch_file)?;
+    let rows: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone())
+        .map_err(|e| Error::parse(batch_file, format!("'input_ids' must be rows of token ids: {e}")))?;
+    let (lora, prompt, lr) = match mode {
+        "full" => (None, None, 1e-5),
+        "lora" => (
+            Some(LoraConfig {
+                r: 64,
+                alpha: 128.0,
+                dropout: 0.0,
+                target_modules: TARGETABLE.iter().map(|s| s.to_string()).collect(),
+                use_rslora: false,
+            }),
+            None,
+            1e-4,
+        ),
+        "prompt" => (None, Some(PromptConfig { n: 20, ..Default::default() }), 1e-3),
+        other => return Err(Error::Invalid(format!("unknown bench mode '{other}' (full, lora, prompt)"))),
+    };
+    let dir = std::env::temp_dir().join(format!("meet-bench-train-{}", std::process::id()));
+    let cfg = RunConfig {
+        model: ModelSection {
+            source: model.into(),
+            train_weights: mode == "full",
+            controls: vec!["default".into()],
+            init_adapters: None,
+        },
+        lora,
+        prompt,
+        data: DataSection { train: batch_file.into(), max_length: 4096 },
+        train: TrainConfig {
+            max_steps: Some(warmup + steps),
+            batch_size: rows.len(),
+            lr,
+            max_grad_norm: None,
+            shuffle: false,
+            save_every: Some(0),
+            ..Default::default()
+        },
+        output_dir: dir.clone(),
+    };
+    let mut built = build(&cfg)?;
+    let examples: Vec<crate::data::Example> =
+        rows.iter().map(|r| crate::data::Example { ids: r.clone(), start: 0, control: None }).collect();
+    let objective = crate::objectives::lm::LanguageModeling { pad_id: 0 };
+    let logs = train(
+        &built.policy,
+        &objective,
+        &examples,
+        &mut built.optimizer,
+        &cfg.train,
+        &RunDir { dir: dir.clone(), config_hash: String::new() },
+        false,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let logs = logs?;
+    let timed = &logs[warmup.min(logs.len())..];
+    let med = |f: &dyn Fn(&crate::train::StepLog) -> f64| median(timed.iter().map(f).collect());
+    let total = med(&|l| l.fwd_s + l.bwd_s + l.opt_s);
+    let tokens: usize = rows.iter().map(|r| r.len()).sum();
+    Ok(TrainFigures {
+        mode: mode.into(),
+        batch: rows.len(),
+        seq: rows.first().map_or(0, |r| r.len()),
+        trainable_params: built.optimizer.num_params(),
+        lr,
+        sec_per_step_median: total,
+        fwd_median: med(&|l| l.fwd_s),
+        bwd_median: med(&|l| l.bwd_s),
+        opt_median: med(&|l| l.opt_s),
+        tokens_per_s_median: tokens as f64 / total,
+        losses: logs.iter().map(|l| l.loss).collect(),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

@@ -35,6 +35,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train as a TOML run configuration says (full fine-tuning, LoRA, soft prompts).
+    Train {
+        /// The run configuration (see the README).
+        config: PathBuf,
+        /// Continue from the newest checkpoint in the output folder.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Merge a LoRA adapter into its base model and write an HF folder.
+    Merge {
+        /// Base model: HF folder, GGUF file or Hub repo id.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// PEFT LoRA adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -116,6 +136,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
     },
+    /// Forward, backward and AdamW on the Python reference's fixed batch; ends with one JSON line.
+    Train {
+        /// Model: HF folder, GGUF file or Hub repo id (dense f32 weights are used).
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// full, lora (r 64, alpha 128, all projections) or prompt (20 virtual tokens).
+        #[arg(long, default_value = "full")]
+        mode: String,
+        /// Token ids `{"input_ids": [[...], ...]}` (the reference's `data/lm_batch_4x128.json`).
+        #[arg(long, default_value = "../shared/reference/data/lm_batch_4x128.json")]
+        batch: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
 }
 
 /// Sixteen varied prompts for batched runs (different lengths exercise left padding).
@@ -196,6 +232,41 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Convert { model, out } => {
             let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
             eprintln!("wrote {} ({n} tensors)", out.display());
+        }
+        Command::Train { config, resume } => {
+            let cfg = meet::run::RunConfig::from_file(&config)?;
+            let logs = meet::run::run(&cfg, resume).with_context(|| format!("training with {}", config.display()))?;
+            if let Some(last) = logs.last() {
+                eprintln!(
+                    "done: step {} loss {:.4}; outputs in {}",
+                    last.step,
+                    last.loss,
+                    cfg.output_dir.join("final").display()
+                );
+            }
+        }
+        Command::Merge { model, adapter, out } => {
+            let (cfg, tensors) = meet::peft::folder::read_lora(&adapter)?;
+            let adapters = meet::peft::lora::Adapters::new(vec![("default".into(), cfg)], 0)?;
+            let opts = LoadOptions { lora: Some(adapters.clone()), ..Default::default() };
+            // Building the model creates the adapter's tensors; then the saved values go in.
+            Pretrained::load(&model, &opts)?;
+            adapters.load_weights(0, &tensors).with_context(|| format!("loading {}", adapter.display()))?;
+            let raw = meet::run::merge_lora(&model, &adapters, 0)?;
+            meet::io::save_hf_folder(&raw, &out)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Bench { what: BenchCommand::Train { model, mode, batch, steps, warmup } } => {
+            let f = meet::bench::bench_train(&model, &mode, &batch, steps, warmup)?;
+            println!(
+                "train {}: {:.3} s/step (fwd {:.3}, bwd {:.3}, opt {:.3}), {:.1} tok/s, losses {:?}, peak RSS {:.0} MiB",
+                f.mode, f.sec_per_step_median, f.fwd_median, f.bwd_median, f.opt_median, f.tokens_per_s_median,
+                f.losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>(), f.peak_rss_mib.unwrap_or(0.0)
+            );
+            println!(
+                "{}",
+                serde_json::json!({"bench": "train", "model": model, "threads": rayon::current_num_threads(), "result": f})
+            );
         }
         Command::Bench { what: BenchCommand::Generate { model, prompt, new_tokens, batches, reps, temperature } } => {
             if new_tokens < 2 {

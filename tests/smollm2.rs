@@ -156,3 +156,16 @@ fn convert_writes_an_hf_folder_that_loads_back_identically() {
     assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
     assert_eq!(tc["eos_token"], "<|im_end|>");
 }
+
+#[test]
+fn full_fine_tuning_losses_match_the_python_reference() {
+    // ../shared/reference: bench_train.py full on its fixed 4x128 batch (copied to the fixtures),
+    // AdamW lr 1e-5, no weight decay, f32: losses 2.7766, 2.6664, 2.5649, 2.4714.
+    let batch = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lm_batch_4x128.json");
+    let f = meet::bench::bench_train(&smollm2(), "full", &batch, 4, 0).unwrap();
+    let want = [2.7766, 2.6664, 2.5649, 2.4714];
+    assert_eq!(f.losses.len(), 4);
+    for (i, (got, want)) in f.losses.iter().zip(want).enumerate() {
+        assert!((got - want).abs() < 2e-3, "step {i}: loss {got} vs reference {want}");
+    }
+}

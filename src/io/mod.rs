@@ -9,6 +9,7 @@ use crate::generate::GenerationDefaults;
 use crate::models::{self, CausalLm};
 use crate::nn::packed::{PackedFormat, PackedWeight};
 use crate::nn::Builder;
+use crate::peft::lora::Adapters;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -63,11 +64,13 @@ pub struct LoadOptions {
     /// Make every dense weight a `Var` in a `VarMap` (for training).
     pub trainable: bool,
     pub packing: Packing,
+    /// LoRA adapters to wrap the targeted layers with.
+    pub lora: Option<Arc<Adapters>>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, trainable: false, packing: Packing::Dense }
+        Self { device: Device::Cpu, trainable: false, packing: Packing::Dense, lora: None }
     }
 }
 
@@ -193,6 +196,8 @@ pub struct Pretrained {
     pub generation: GenerationDefaults,
     /// The trainable parameters (when loaded with `trainable`), by HF name.
     pub varmap: Option<VarMap>,
+    /// The LoRA adapters wrapping the model, if any.
+    pub lora: Option<Arc<Adapters>>,
     pub device: Device,
 }
 
@@ -225,7 +230,7 @@ impl Pretrained {
         } else {
             (VarBuilder::from_tensors(tensors, DType::F32, &opts.device), None)
         };
-        let builder = Builder::loaded(vb, packed, origin.clone());
+        let builder = Builder::loaded(vb, packed, origin.clone()).with_lora(opts.lora.clone());
         let model = models::build(&config, &builder, &cfg_path)?;
         // As transformers does, report weights the architecture does not use rather than fail.
         let used = builder.used();
@@ -239,7 +244,7 @@ impl Pretrained {
                 names.join(", ")
             );
         }
-        Ok(Self { model, tokenizer, config, generation, varmap, device: opts.device.clone() })
+        Ok(Self { model, tokenizer, config, generation, varmap, lora: opts.lora.clone(), device: opts.device.clone() })
     }
 }
 

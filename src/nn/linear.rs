@@ -1,8 +1,15 @@
 //! `y = x W^T + b`, with `W` either a dense f32 tensor (trainable when it is a `Var`) or a frozen
-//! [`PackedWeight`] multiplied by a fused kernel.
+//! [`PackedWeight`] multiplied by a fused kernel; plus the LoRA adapters wrapping the layer.
+//!
+//! Dense products on the CPU are one custom op whose backward computes the weight gradient only
+//! when the weight is a `Var`: candle's own matmul backward computes and keeps `xᵀ dy` for every
+//! frozen weight too (a third of the backward pass in LoRA and prompt tuning), and goes through
+//! transposed copies.
 
+use crate::nn::gemm::sgemm;
 use crate::nn::packed::PackedWeight;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use crate::peft::lora::LoraLayer;
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 /// Where a linear layer's weight lives.
@@ -19,12 +26,14 @@ pub enum LinearWeight {
 pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
+    /// LoRA adapters on this layer, if any target it.
+    pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Dense(weight), bias }
+        Self { weight: LinearWeight::Dense(weight), bias, lora: None }
     }
 
     /// One layer computing `layers` side by side (outputs concatenated), when all of them are
@@ -33,13 +42,13 @@ impl Linear {
     pub fn fuse_packed(layers: &[&Linear]) -> Option<Linear> {
         let parts = layers
             .iter()
-            .map(|l| match (&l.weight, &l.bias) {
-                (LinearWeight::Packed(p), None) => Some(p.as_ref()),
+            .map(|l| match (&l.weight, &l.bias, &l.lora) {
+                (LinearWeight::Packed(p), None, None) => Some(p.as_ref()),
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
         let fused = PackedWeight::concat_rows(&parts)?;
-        Some(Linear { weight: LinearWeight::Packed(Arc::new(fused)), bias: None })
+        Some(Linear { weight: LinearWeight::Packed(Arc::new(fused)), bias: None, lora: None })
     }
 
     /// `(out, in)` features.
@@ -58,9 +67,21 @@ impl Linear {
         }
     }
 
-    /// Applies the layer to `x: [..., in]`.
+    /// Applies the layer (and its routed LoRA adapters) to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.lora {
+            Some(l) => l.apply(x, y).map_err(|e| candle_core::Error::Msg(e.to_string())),
+            None => Ok(y),
+        }
+    }
+
+    /// The layer without its adapters.
+    pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Dense(w) if x.device().is_cpu() => {
+                x.contiguous()?.apply_op2(w, MatMulT { weight_grad: w.is_variable() })?
+            }
             LinearWeight::Dense(w) => {
                 let (out, inp) = w.dims2()?;
                 let mut dims = x.dims().to_vec();
@@ -79,6 +100,78 @@ impl Linear {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `x Wᵀ` for a dense `W` on the CPU, with a backward that writes `dx = dy W` and (only for a
+/// trainable `W`) `dW = dyᵀ x` straight in `W`'s layout, with no transposed copies.
+struct MatMulT {
+    weight_grad: bool,
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("linear: needs an f32 CPU tensor"),
+    }
+}
+
+impl CustomOp2 for MatMulT {
+    fn name(&self) -> &'static str {
+        "meet-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => (&x[a..b], &w[c..d]),
+            _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
+        };
+        let (n, k) = l2.shape().dims2()?;
+        let mut dims = l1.shape().dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear: input {:?} does not end in {k}", l1.shape());
+        }
+        dims.pop();
+        let m: usize = dims.iter().product();
+        dims.push(n);
+        let mut y = vec![0f32; m * n];
+        sgemm(m, n, k, x, false, w, true, &mut y, false);
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let mut dims = dy.dims().to_vec();
+        dims.pop();
+        let m: usize = dims.iter().product();
+        dims.push(k);
+        let mut dx = vec![0f32; m * k];
+        let mut dw = if self.weight_grad { vec![0f32; n * k] } else { Vec::new() };
+        with_f32(dy, |g| {
+            with_f32(w, |wv| sgemm(m, k, n, g, false, wv, false, &mut dx, false))?;
+            if self.weight_grad {
+                with_f32(x, |xv| sgemm(n, k, m, g, true, xv, false, &mut dw, false))?;
+            }
+            Ok::<(), candle_core::Error>(())
+        })??;
+        let dx = Tensor::from_vec(dx, dims, dy.device())?;
+        let dw = if self.weight_grad { Some(Tensor::from_vec(dw, (n, k), dy.device())?) } else { None };
+        Ok((Some(dx), dw))
     }
 }
 
@@ -129,7 +222,7 @@ mod tests {
         let w: Vec<f32> = (0..6 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
         let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
-        let packed = Linear { weight: LinearWeight::Packed(p), bias: None };
+        let packed = Linear { weight: LinearWeight::Packed(p), bias: None, lora: None };
         let x = Var::from_tensor(
             &Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev)
                 .unwrap()

@@ -2,12 +2,14 @@
 //! ops, and [`Builder`], which hands each layer its weights by Hugging Face tensor name.
 
 pub mod attention;
+pub mod gemm;
 pub mod linear;
 pub mod ops;
 pub mod packed;
 pub mod simd;
 pub mod team;
 
+use crate::peft::lora::{Adapters, LoraLayer};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -47,13 +49,14 @@ enum Origin {
 pub struct Builder<'a> {
     vb: VarBuilder<'a>,
     origin: Origin,
+    lora: Option<Arc<Adapters>>,
 }
 
 impl<'a> Builder<'a> {
     /// Weights from `vb` (tensors or a pre-filled `VarMap`) and `packed`, loaded from `path`.
     pub fn loaded(vb: VarBuilder<'a>, packed: HashMap<String, Arc<PackedWeight>>, path: PathBuf) -> Self {
         let used = Default::default();
-        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used } }
+        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used }, lora: None }
     }
 
     /// Names of the loaded tensors the model has asked for so far.
@@ -75,12 +78,18 @@ impl<'a> Builder<'a> {
     /// Fresh trainable parameters in `varmap`, drawn deterministically from `seed`.
     pub fn init(varmap: &VarMap, seed: u64, device: &Device) -> Self {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
-        Self { vb, origin: Origin::Init { varmap: varmap.clone(), seed } }
+        Self { vb, origin: Origin::Init { varmap: varmap.clone(), seed }, lora: None }
+    }
+
+    /// Wraps the linear layers that `adapters` target with LoRA.
+    pub fn with_lora(mut self, adapters: Option<Arc<Adapters>>) -> Self {
+        self.lora = adapters;
+        self
     }
 
     /// The builder for a sub-module.
     pub fn pp(&self, s: impl ToString) -> Self {
-        Self { vb: self.vb.pp(s), origin: self.origin.clone() }
+        Self { vb: self.vb.pp(s), origin: self.origin.clone(), lora: self.lora.clone() }
     }
 
     /// The device weights live on.
@@ -145,10 +154,20 @@ impl<'a> Builder<'a> {
                         ),
                     ));
                 }
-                return Ok(Linear { weight: LinearWeight::Packed(p.clone()), bias });
+                let lora = self.lora_layer(in_dim, out_dim)?;
+                return Ok(Linear { weight: LinearWeight::Packed(p.clone()), bias, lora });
             }
         }
-        Ok(Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias))
+        let mut l = Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias);
+        l.lora = self.lora_layer(in_dim, out_dim)?;
+        Ok(l)
+    }
+
+    fn lora_layer(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraLayer>> {
+        match &self.lora {
+            Some(a) => LoraLayer::new(a, &self.vb.prefix(), in_dim, out_dim, self.device()),
+            None => Ok(None),
+        }
     }
 }
 
@@ -198,7 +217,7 @@ impl Embedding {
 
     /// The output projection that shares this table (tied embeddings).
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None }
+        Linear { weight: self.weight.clone(), bias: None, lora: None }
     }
 }
 

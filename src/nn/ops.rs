@@ -6,7 +6,7 @@
 //! function falls back to a composition of differentiable candle ops. The composed forms double as
 //! the reference the tests hold the kernels to.
 
-use crate::nn::simd::silu_mul;
+use crate::nn::simd::{silu_mul, silu_mul_grads};
 use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use std::sync::Arc;
@@ -38,6 +38,26 @@ fn for_rows(y: &mut [f32], x: &[f32], w: usize, f: &(dyn Fn(&mut [f32], &[f32]) 
             f(yr, &x[r * w..(r + 1) * w]);
         }
     });
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first), without copying them out.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("expected an f32 CPU tensor, got {:?} on {:?}", t.dtype(), t.device().location()),
+    }
+}
+
+/// Runs `f(range)` over `n` items in parts on the kernel team when `work` (elements touched) is
+/// large, else on the calling thread.
+fn split(n: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    if work < 1 << 16 {
+        f(0..n)
+    } else {
+        Team::global().for_ranges(n, 1, f)
+    }
 }
 
 fn use_kernel(x: &Tensor) -> bool {
@@ -75,14 +95,44 @@ impl CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         // With r = 1/sqrt(mean(x^2)+eps), xh = x*r and g = dy*w:
         //   dx = r * (g - xh * mean(g*xh)),  dw = sum over rows of dy*xh.
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
-        let xh = x.broadcast_mul(&r)?;
-        let g = dy.broadcast_mul(w)?;
-        let proj = (&g * &xh)?.mean_keepdim(D::Minus1)?;
-        let dx = (g - xh.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
         let h = w.dim(0)?;
-        let dw = (dy * xh)?.reshape(((), h))?.sum(0)?;
-        Ok((Some(dx), Some(dw)))
+        let rows = x.elem_count() / h.max(1);
+        let threads = Team::global().threads();
+        let mut dx = vec![0f32; x.elem_count()];
+        let partial = std::sync::Mutex::new(vec![0f32; h]);
+        let eps = self.eps;
+        let out = SharedMut(dx.as_mut_ptr());
+        with_f32(x, |xv| {
+            with_f32(w, |wv| {
+                with_f32(dy, |dyv| {
+                    let f = |range: std::ops::Range<usize>| {
+                        let out = &out;
+                        let mut dw = vec![0f32; h];
+                        for r in range {
+                            let (xr, gr) = (&xv[r * h..(r + 1) * h], &dyv[r * h..(r + 1) * h]);
+                            let inv = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
+                            let proj = (0..h).map(|i| gr[i] * wv[i] * xr[i]).sum::<f32>() * inv / h as f32;
+                            // Safety: row r of dx is written by this part only.
+                            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * h), h) };
+                            for i in 0..h {
+                                let xh = xr[i] * inv;
+                                o[i] = inv * (gr[i] * wv[i] - xh * proj);
+                                dw[i] += gr[i] * xh;
+                            }
+                        }
+                        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
+                        p.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+                    };
+                    if rows * h < 1 << 16 || threads < 2 {
+                        f(0..rows)
+                    } else {
+                        Team::global().for_ranges(rows, rows.div_ceil(threads), &f)
+                    }
+                })
+            })
+        })???;
+        let dw = partial.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, h, w.device())?)))
     }
 }
 
@@ -240,17 +290,28 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = swiglu_grads(g, u, dy)?;
-        Ok((Some(dg), Some(du)))
+        let n = g.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let (pg, pu) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
+        with_f32(g, |gv| {
+            with_f32(u, |uv| {
+                with_f32(dy, |dv| {
+                    split(n, n, &|r| {
+                        let (pg, pu) = (&pg, &pu);
+                        // Safety: parts are disjoint ranges of dg and du.
+                        let (a, b) = unsafe {
+                            (
+                                std::slice::from_raw_parts_mut(pg.0.add(r.start), r.len()),
+                                std::slice::from_raw_parts_mut(pu.0.add(r.start), r.len()),
+                            )
+                        };
+                        silu_mul_grads(&gv[r.clone()], &uv[r.clone()], &dv[r], a, b);
+                    })
+                })
+            })
+        })???;
+        Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
     }
-}
-
-/// Gradients of `silu(g) * u`: d silu(g)/dg = s (1 + g (1 - s)) with s = sigmoid(g).
-fn swiglu_grads(g: &Tensor, u: &Tensor, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
-    let s = candle_nn::ops::sigmoid(g)?;
-    let silu = (g * &s)?;
-    let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
-    Ok(((dy * u)?.mul(&dsilu)?, (dy * silu)?))
 }
 
 /// SwiGLU over one tensor holding gate and up side by side (`[.., 2n]` -> `[.., n]`), the output
@@ -280,8 +341,24 @@ impl CustomOp1 for SwiGluPacked {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         let n = x.dim(D::Minus1)? / 2;
-        let (dg, du) = swiglu_grads(&x.narrow(D::Minus1, 0, n)?, &x.narrow(D::Minus1, n, n)?, dy)?;
-        Ok(Some(Tensor::cat(&[dg, du], D::Minus1)?))
+        let rows = x.elem_count() / (2 * n).max(1);
+        let mut dx = vec![0f32; x.elem_count()];
+        let p = SharedMut(dx.as_mut_ptr());
+        with_f32(x, |xv| {
+            with_f32(dy, |dv| {
+                split(rows, rows * n, &|range| {
+                    let p = &p;
+                    for r in range {
+                        // Safety: row r of dx is written by this part only.
+                        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * 2 * n), 2 * n) };
+                        let (a, b) = o.split_at_mut(n);
+                        let xr = &xv[r * 2 * n..(r + 1) * 2 * n];
+                        silu_mul_grads(&xr[..n], &xr[n..], &dv[r * n..(r + 1) * n], a, b);
+                    }
+                })
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 

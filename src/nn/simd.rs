@@ -68,6 +68,21 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// SwiGLU's gradients: with `s = sigmoid(g)`, `dg = dy u s (1 + g (1 - s))`, `du = dy g s`.
+pub fn silu_mul_grads(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    debug_assert!(g.len() == u.len() && u.len() == dy.len() && dy.len() == dg.len() && dg.len() == du.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the features were detected.
+        return unsafe { x86::silu_mul_grads(g, u, dy, dg, du) };
+    }
+    for i in 0..g.len() {
+        let s = 1.0 / (1.0 + (-g[i]).exp());
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        du[i] = dy[i] * g[i] * s;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -132,6 +147,28 @@ mod x86 {
         }
         for j in i..n {
             *py.add(j) += alpha * *px.add(j);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul_grads(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let n = g.len();
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(g.as_ptr().add(i));
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+            let d = _mm256_loadu_ps(dy.as_ptr().add(i));
+            let uu = _mm256_loadu_ps(u.as_ptr().add(i));
+            let ds = _mm256_mul_ps(s, _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one));
+            _mm256_storeu_ps(dg.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_mul_ps(d, uu), ds));
+            _mm256_storeu_ps(du.as_mut_ptr().add(i), _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
+            i += 8;
+        }
+        for j in i..n {
+            let s = 1.0 / (1.0 + (-g[j]).exp());
+            dg[j] = dy[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
+            du[j] = dy[j] * g[j] * s;
         }
     }
 

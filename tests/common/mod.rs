@@ -82,3 +82,34 @@ pub fn tiny_raw(seed: u64, max_positions: usize) -> RawModel {
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
+
+/// Checks autograd against central finite differences for every `(name, var)`, at each tensor's
+/// largest-gradient coordinate (so a wrong backward pass cannot hide in noise).
+pub fn check_finite_differences(vars: &[(String, candle_core::Var)], loss: &dyn Fn() -> Tensor) {
+    let grads = loss().backward().unwrap();
+    let h = 1e-2f32;
+    for (name, var) in vars {
+        let shape = var.shape().clone();
+        let w0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let i = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        assert!(g[i] != 0.0, "{name}: gradient is zero everywhere");
+        let at = |delta: f32| {
+            let mut w = w0.clone();
+            w[i] += delta;
+            var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            loss().to_scalar::<f32>().unwrap()
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        var.set(&Tensor::from_vec(w0, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+        // f32 central differences: rounding ~ eps * loss / h ~ 4e-5.
+        let tol = 2e-4 + 1e-2 * g[i].abs();
+        assert!((numeric - g[i]).abs() <= tol, "{name}[{i}]: finite difference {numeric} vs autograd {}", g[i]);
+    }
+}

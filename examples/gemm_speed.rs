@@ -1,0 +1,40 @@
+//! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens) through `meet::nn::gemm`.
+//!     cargo run --release --example gemm_speed
+use meet::nn::gemm::sgemm;
+use std::time::Instant;
+
+fn main() {
+    let rows = 512;
+    for (name, n, k) in [
+        ("q/o 576x576", 576, 576),
+        ("k/v 192x576", 192, 576),
+        ("gate/up 1536x576", 1536, 576),
+        ("down 576x1536", 576, 1536),
+        ("lm_head 49152x576", 49152, 576),
+    ] {
+        let x = vec![0.5f32; rows * k];
+        let w = vec![0.25f32; n * k];
+        let dy = vec![0.1f32; rows * n];
+        let mut y = vec![0f32; rows * n];
+        let mut dx = vec![0f32; rows * k];
+        let mut dw = vec![0f32; n * k];
+        let reps = if n > 10000 { 3 } else { 20 };
+        let flop = 2.0 * (rows * n * k) as f64 * reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            sgemm(rows, n, k, &x, false, &w, true, &mut y, false);
+        }
+        let f = flop / t.elapsed().as_secs_f64() / 1e9;
+        let t = Instant::now();
+        for _ in 0..reps {
+            sgemm(rows, k, n, &dy, false, &w, false, &mut dx, false);
+        }
+        let d = flop / t.elapsed().as_secs_f64() / 1e9;
+        let t = Instant::now();
+        for _ in 0..reps {
+            sgemm(n, k, rows, &dy, true, &x, false, &mut dw, false);
+        }
+        let g = flop / t.elapsed().as_secs_f64() / 1e9;
+        println!("{name:>20}: fwd {f:6.1}  dx {d:6.1}  dW {g:6.1} GFLOP/s");
+    }
+}

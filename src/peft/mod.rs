@@ -1,0 +1,6 @@
+//! Parameter-efficient tuning: LoRA adapters ([`lora`]) and soft prompts ([`prompt`]), saved and
+//! loaded as PEFT adapter folders ([`folder`]).
+
+pub mod folder;
+pub mod lora;
+pub mod prompt;

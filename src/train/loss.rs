@@ -1,0 +1,158 @@
+//! Token log-probabilities as one fused op, and the losses built on them: masked cross-entropy
+//! (loss on response tokens only) and per-sequence log-probabilities for preference losses.
+//!
+//! `log p(y) = x_y - logsumexp(x)` per row, without materialising `log_softmax` over the
+//! vocabulary (49k columns for SmolLM2): the forward keeps one `logsumexp` per row, the backward
+//! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
+
+use crate::nn::simd::exp_shifted_sum;
+use crate::nn::team::{SharedMut, Team};
+use crate::{Error, Result};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+struct TokenLogps {
+    targets: Arc<Vec<u32>>,
+    /// logsumexp of every row, kept by the forward for the backward.
+    lse: Mutex<Vec<f32>>,
+}
+
+fn row_lse(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    scratch.clear();
+    scratch.extend_from_slice(row);
+    max + exp_shifted_sum(scratch, max).ln()
+}
+
+impl CustomOp1 for TokenLogps {
+    fn name(&self) -> &'static str {
+        "meet-token-logps"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("token_logps: needs contiguous f32 logits"),
+        };
+        let (n, v) = l.shape().dims2()?;
+        if self.targets.len() != n {
+            candle_core::bail!("token_logps: {} targets for {n} rows", self.targets.len());
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("token_logps: target {t} is outside the vocabulary of {v}");
+        }
+        let mut lse = vec![0f32; n];
+        let mut out = vec![0f32; n];
+        let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+        Team::global().for_chunks(n, 1, &|rows| {
+            let (po, pl) = (&po, &pl);
+            let mut scratch = Vec::with_capacity(v);
+            for r in rows {
+                let row = &x[r * v..(r + 1) * v];
+                let z = row_lse(row, &mut scratch);
+                // Safety: row r is written by this thread only.
+                unsafe {
+                    *pl.0.add(r) = z;
+                    *po.0.add(r) = row[self.targets[r] as usize] - z;
+                }
+            }
+        });
+        *self.lse.lock().unwrap_or_else(|p| p.into_inner()) = lse;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = x.dims2()?;
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = dy.to_vec1::<f32>()?;
+        let lse = self.lse.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut dx = vec![0f32; n * v];
+        let p = SharedMut(dx.as_mut_ptr());
+        Team::global().for_chunks(n, 1, &|rows| {
+            let p = &p;
+            for r in rows {
+                // Safety: row r is written by this thread only.
+                let d = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * v), v) };
+                if g[r] == 0.0 {
+                    continue; // already zero
+                }
+                d.copy_from_slice(&x[r * v..(r + 1) * v]);
+                exp_shifted_sum(d, lse[r]);
+                let s = -g[r];
+                d.iter_mut().for_each(|e| *e *= s);
+                d[self.targets[r] as usize] += g[r];
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, (n, v), dy.device())?))
+    }
+}
+
+/// `log p(target_i | row_i)` for logits `(n, v)` and `n` targets, differentiable in the logits.
+pub fn token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        return Err(Error::Invalid(format!("{} targets for {n} rows of logits", targets.len())));
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(Error::Invalid(format!("target token {t} is outside the vocabulary of {v}")));
+    }
+    if !logits.device().is_cpu() {
+        // Composed fallback (the same numbers, materialising log_softmax).
+        let lsm = candle_nn::ops::log_softmax(logits, 1)?;
+        let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+        return Ok(lsm.gather(&idx, 1)?.squeeze(1)?);
+    }
+    let op = TokenLogps { targets: Arc::new(targets.to_vec()), lse: Mutex::new(Vec::new()) };
+    Ok(logits.contiguous()?.apply_op1(op)?)
+}
+
+/// Which positions of a `(b, t)` batch predict a label: `labels[r][j + 1]` is the target of
+/// position `j` (labels are shifted inside, as transformers does). Entries below 0 (−100) are
+/// ignored. Returns the flat position indices and their targets.
+pub fn shifted_targets(labels: &[i64], b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+    let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+    for r in 0..b {
+        for j in 0..t.saturating_sub(1) {
+            let y = labels[r * t + j + 1];
+            if y >= 0 {
+                pos.push((r * t + j) as u32);
+                tgt.push(y as u32);
+            }
+        }
+    }
+    (pos, tgt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn logps_and_gradient_match_log_softmax() {
+        // Reference: torch.log_softmax(x, -1).gather(1, y) and its autograd.
+        let dev = Device::Cpu;
+        let x: Vec<f32> = (0..3 * 70).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let x = Var::from_vec(x, (3, 70), &dev).unwrap();
+        let y = [4u32, 69, 0];
+        let fused = token_logps(x.as_tensor(), &y).unwrap();
+        let lsm = candle_nn::ops::log_softmax(x.as_tensor(), 1).unwrap();
+        let want =
+            lsm.gather(&Tensor::new(&y[..], &dev).unwrap().unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
+        let d = (&fused - &want).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{d}");
+        let w = Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
+        let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let g2 = (want * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn targets_are_shifted_and_masked() {
+        // Row 0: labels [-100, 7, 8] -> positions 0, 1 predict 7, 8. Row 1: [-100, -100, 9].
+        let (pos, tgt) = shifted_targets(&[-100, 7, 8, -100, -100, 9], 2, 3);
+        assert_eq!(pos, vec![0, 1, 4]);
+        assert_eq!(tgt, vec![7, 8, 9]);
+    }
+}

@@ -1,0 +1,325 @@
+//! The training loop: seeded data order, micro-batches with gradient accumulation, global
+//! gradient clipping, AdamW with a learning-rate schedule per parameter group, metrics (JSON
+//! lines), a progress bar, and atomic checkpoints that `resume` continues bit-exactly.
+//! It reads top to bottom like nanoGPT's `train.py`; what is optimised comes from an
+//! [`Objective`].
+
+pub mod checkpoint;
+pub mod loss;
+pub mod optim;
+
+use crate::data::Example;
+use crate::objectives::Objective;
+use crate::policy::Policy;
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use checkpoint::TrainerState;
+use optim::{clip_scale, lr_at, AdamW, AdamWConfig, Schedule};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Loop hyper-parameters (HF `TrainingArguments` names where one exists).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Passes over the data (ignored when `max_steps` is set).
+    pub epochs: usize,
+    /// Optimizer steps to run; overrides `epochs`.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate of the model's weights (group 0).
+    pub lr: f64,
+    /// Peak learning rate of the controls (soft prompts, adapters; group 1); `lr` when unset.
+    pub control_lr: Option<f64>,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (HF default 1.0); `None` or 0 = no clipping.
+    pub max_grad_norm: Option<f64>,
+    pub adamw: AdamWConfig,
+    /// Seeds data order, fresh adapters/prompts and dropout.
+    pub seed: u64,
+    /// Shuffle the data each epoch (seeded).
+    pub shuffle: bool,
+    /// Write a checkpoint every this many steps and at the end; unset: at the end only; 0: never.
+    pub save_every: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 1e-5,
+            control_lr: None,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            adamw: AdamWConfig::default(),
+            seed: 0,
+            shuffle: true,
+            save_every: None,
+        }
+    }
+}
+
+/// One optimizer step's figures (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    /// Seconds in forward, backward and optimizer.
+    pub fwd_s: f64,
+    pub bwd_s: f64,
+    pub opt_s: f64,
+}
+
+impl TrainConfig {
+    /// Optimizer steps in a run over `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        let per_step = self.batch_size * self.grad_accum;
+        self.max_steps.unwrap_or(self.epochs * n.div_ceil(per_step.max(1)))
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return Err(Error::Invalid("train: batch_size and grad_accum must be at least 1".into()));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Invalid(format!("train: lr {} must be a non-negative number", self.lr)));
+        }
+        Ok(())
+    }
+}
+
+/// Order of the examples in `epoch`: a seeded shuffle, so a resumed run sees the same order.
+fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ (epoch as u64).wrapping_mul(0x9E3779B97F4A7C15),
+        ));
+    }
+    order
+}
+
+fn add_grads(into: &mut GradStore, from: GradStore, opt: &AdamW) -> Result<()> {
+    for p in &opt.params {
+        let t = p.var.as_tensor();
+        if let Some(g) = from.get(t) {
+            let sum = match into.get(t) {
+                Some(old) => (old + g)?,
+                None => g.clone(),
+            };
+            into.insert(t, sum);
+        }
+    }
+    Ok(())
+}
+
+/// A fingerprint of a configuration's JSON (FNV-1a), stored in checkpoints.
+pub fn config_hash(config: &impl Serialize) -> String {
+    let s = serde_json::to_string(config).unwrap_or_default();
+    format!("{:016x}", s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)))
+}
+
+/// Where a run writes: `checkpoint-{step}/` folders and `metrics.jsonl`.
+pub struct RunDir {
+    pub dir: PathBuf,
+    /// Checkpoint/resume fingerprint of the run's configuration.
+    pub config_hash: String,
+}
+
+/// Progress: a bar on a terminal, plain lines otherwise.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { every: usize },
+}
+
+impl Progress {
+    fn new(total: usize, done: usize) -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            let style =
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_position(done as u64);
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines { every: (total / 20).max(1) }
+        }
+    }
+
+    fn update(&self, log: &StepLog, total: usize, eta_s: f64) {
+        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
+        match self {
+            Progress::Bar(b) => {
+                b.set_message(msg);
+                b.set_position(log.step as u64);
+            }
+            Progress::Lines { every } => {
+                if log.step.is_multiple_of(*every) || log.step == total || log.step == 1 {
+                    eprintln!("step {}/{total}  {msg}  eta {:.0}s", log.step, eta_s);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(b) = self {
+            b.finish();
+        }
+    }
+}
+
+/// Trains `opt`'s parameters on `examples` under `objective`. With `resume`, continues from the
+/// newest checkpoint in `run.dir` (a fresh start when there is none). Returns the step logs of
+/// this invocation.
+pub fn train(
+    policy: &Policy,
+    objective: &dyn Objective,
+    examples: &[Example],
+    opt: &mut AdamW,
+    cfg: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+) -> Result<Vec<StepLog>> {
+    cfg.check()?;
+    if examples.is_empty() {
+        return Err(Error::Invalid("no training examples".into()));
+    }
+    let n = examples.len();
+    let total = cfg.total_steps(n);
+    let lrs_base = [cfg.lr, cfg.control_lr.unwrap_or(cfg.lr)];
+    let params = opt.params.iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect();
+    let mut state = TrainerState {
+        step: 0,
+        epoch: 0,
+        position: 0,
+        adam_step: 0,
+        seed: cfg.seed,
+        config_hash: run.config_hash.clone(),
+        params,
+    };
+    let metrics_path = run.dir.join("metrics.jsonl");
+    std::fs::create_dir_all(&run.dir).map_err(|e| Error::io(&run.dir, e))?;
+    if resume {
+        if let Some(ckpt) = checkpoint::latest(&run.dir)? {
+            state = checkpoint::load(&ckpt, opt, &run.config_hash)?;
+            tracing::info!("resuming from {} (step {})", ckpt.display(), state.step);
+        }
+    }
+    // Keep the metrics of the steps the checkpoint covers; later lines belong to a lost run.
+    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= state.step && resume))
+        .map(String::from)
+        .collect();
+    let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    crate::io::atomic_write(&metrics_path, text.as_bytes())?;
+    let mut metrics =
+        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+
+    let progress = Progress::new(total, state.step);
+    let started = Instant::now();
+    let first_step = state.step;
+    let mut logs = Vec::new();
+    let mut order = epoch_order(n, cfg.seed, state.epoch, cfg.shuffle);
+    while state.step < total {
+        if state.position >= n {
+            state.epoch += 1;
+            state.position = 0;
+            order = epoch_order(n, cfg.seed, state.epoch, cfg.shuffle);
+        }
+        let take = (cfg.batch_size * cfg.grad_accum).min(n - state.position);
+        let step_examples: Vec<&Example> =
+            order[state.position..state.position + take].iter().map(|&i| &examples[i]).collect();
+        let units = objective.units(&step_examples).max(1) as f64;
+        let lrs: Vec<f64> =
+            lrs_base.iter().map(|&b| lr_at(b, cfg.schedule, state.step, cfg.warmup_steps, total)).collect();
+        if let Some(l) = &policy.pretrained.lora {
+            l.set_training_step(Some(state.step as u64));
+        }
+
+        let t0 = Instant::now();
+        let (mut fwd_s, mut bwd_s, mut loss) = (0.0, 0.0, 0.0);
+        let mut grads: Option<GradStore> = None;
+        for mb in step_examples.chunks(cfg.batch_size) {
+            let a = Instant::now();
+            let out = objective.loss(policy, mb)?;
+            let scaled = out.sum.affine(1.0 / units, 0.0)?;
+            loss += scaled.to_scalar::<f32>()? as f64;
+            let b = Instant::now();
+            let g = scaled.backward()?;
+            match grads.as_mut() {
+                Some(acc) => add_grads(acc, g, opt)?,
+                None => grads = Some(g),
+            }
+            fwd_s += (b - a).as_secs_f64();
+            bwd_s += b.elapsed().as_secs_f64();
+        }
+        let grads = grads.ok_or_else(|| Error::Invalid("empty step".into()))?;
+        let c = Instant::now();
+        let grad_norm = opt.grad_norm(&grads)?;
+        if !grad_norm.is_finite() || !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "step {}: loss {loss} / gradient norm {grad_norm} is not finite; lower the learning rate",
+                state.step + 1
+            )));
+        }
+        opt.step(&grads, &lrs, clip_scale(grad_norm, cfg.max_grad_norm))?;
+        drop(grads);
+        let opt_s = c.elapsed().as_secs_f64();
+        state.step += 1;
+        state.position += take;
+        state.adam_step = opt.step;
+
+        let tokens: usize = step_examples.iter().map(|e| e.ids.len()).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        let log = StepLog {
+            step: state.step,
+            epoch: state.epoch,
+            loss,
+            lr: lrs[0],
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            fwd_s,
+            bwd_s,
+            opt_s,
+        };
+        let line = serde_json::to_string(&log).map_err(|e| Error::Invalid(e.to_string()))?;
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        let per_step = started.elapsed().as_secs_f64() / (state.step - first_step) as f64;
+        progress.update(&log, total, per_step * (total - state.step) as f64);
+        logs.push(log);
+        let save = match cfg.save_every {
+            Some(0) => false,
+            Some(k) => state.step.is_multiple_of(k) || state.step == total,
+            None => state.step == total,
+        };
+        if save {
+            checkpoint::save(&run.dir, opt, &state)?;
+        }
+    }
+    if let Some(l) = &policy.pretrained.lora {
+        l.set_training_step(None);
+    }
+    progress.finish();
+    Ok(logs)
+}
