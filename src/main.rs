@@ -265,7 +265,7 @@ fn run() -> anyhow::Result<ExitCode> {
             );
             println!(
                 "{}",
-                serde_json::json!({"bench": "train", "model": model, "threads": rayon::current_num_threads(), "result": f})
+                serde_json::json!({"bench": "train", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
         Command::Bench { what: BenchCommand::Generate { model, prompt, new_tokens, batches, reps, temperature } } => {
@@ -303,7 +303,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 "bench": "generate",
                 "model": model.model,
                 "weights": model.weights,
-                "threads": rayon::current_num_threads(),
+                "threads": meet::nn::team::Team::global().threads(),
                 "results": results,
                 "peak_rss_mib": meet::bench::peak_rss_mib(),
             });
@@ -314,12 +314,17 @@ fn run() -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    // candle asks for its thread count on every matmul and, unless RAYON_NUM_THREADS is set,
-    // re-reads /proc/cpuinfo each time; settle it once, before any thread starts.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // The kernel team (src/nn/team.rs) runs every heavy op on all cores. candle's own elementwise
+    // ops would otherwise spread over rayon too, whose idle workers spin on the same cores and
+    // delay the team's helpers (measured: a LoRA run 25% slower). So rayon gets one thread, the
+    // team the cores; both settled before any thread starts (candle re-reads /proc/cpuinfo on
+    // every matmul unless RAYON_NUM_THREADS is set).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if std::env::var_os("MEET_THREADS").is_none() {
+        let n = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(cores);
+        std::env::set_var("MEET_THREADS", n.max(1).to_string());
     }
+    std::env::set_var("RAYON_NUM_THREADS", "1");
     // Run on a pool worker so parallel kernels use the calling thread plus the others, instead of
     // a blocked main thread beside busy-waiting workers.
     match rayon::scope(|_| run()) {

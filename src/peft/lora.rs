@@ -301,14 +301,10 @@ impl LoraLayer {
             Some(m) => x.mul(&m)?,
             None => x.clone(),
         };
-        let (_, in_dim) = a.dims2()?;
-        let mut dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let h = x.reshape((rows, in_dim))?.matmul(&a.t()?)?; // (rows, r)
-        let y = h.matmul(&b.t()?)?.affine(*scale, 0.0)?; // (rows, out)
-        if let Some(last) = dims.last_mut() {
-            *last = b.dims()[0];
-        }
+        // Both products through the layer kernel, whose backward writes dA and dB directly.
+        let h = crate::nn::linear::Linear::new(a.clone(), None).forward_base(&x)?; // (.., r)
+        let y = crate::nn::linear::Linear::new(b.clone(), None).forward_base(&h)?.affine(*scale, 0.0)?; // (.., out)
+        let dims = y.dims().to_vec();
         Ok(Some(y.reshape(dims)?))
     }
 

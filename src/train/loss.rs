@@ -5,6 +5,7 @@
 //! vocabulary (49k columns for SmolLM2): the forward keeps one `logsumexp` per row, the backward
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
+use crate::nn::ops::with_f32;
 use crate::nn::simd::exp_shifted_sum;
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
@@ -63,26 +64,27 @@ impl CustomOp1 for TokenLogps {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = x.dims2()?;
-        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let g = dy.to_vec1::<f32>()?;
         let lse = self.lse.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut dx = vec![0f32; n * v];
         let p = SharedMut(dx.as_mut_ptr());
-        Team::global().for_chunks(n, 1, &|rows| {
-            let p = &p;
-            for r in rows {
-                // Safety: row r is written by this thread only.
-                let d = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * v), v) };
-                if g[r] == 0.0 {
-                    continue; // already zero
+        with_f32(x, |x| {
+            Team::global().for_chunks(n, 1, &|rows| {
+                let p = &p;
+                for r in rows {
+                    // Safety: row r is written by this thread only.
+                    let d = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * v), v) };
+                    if g[r] == 0.0 {
+                        continue; // already zero
+                    }
+                    d.copy_from_slice(&x[r * v..(r + 1) * v]);
+                    exp_shifted_sum(d, lse[r]);
+                    let s = -g[r];
+                    d.iter_mut().for_each(|e| *e *= s);
+                    d[self.targets[r] as usize] += g[r];
                 }
-                d.copy_from_slice(&x[r * v..(r + 1) * v]);
-                exp_shifted_sum(d, lse[r]);
-                let s = -g[r];
-                d.iter_mut().for_each(|e| *e *= s);
-                d[self.targets[r] as usize] += g[r];
-            }
-        });
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, (n, v), dy.device())?))
     }
 }

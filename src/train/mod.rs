@@ -14,7 +14,7 @@ use crate::policy::Policy;
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use checkpoint::TrainerState;
-use optim::{clip_scale, lr_at, AdamW, AdamWConfig, Schedule};
+use optim::{lr_at, AdamW, AdamWConfig, Schedule};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -275,14 +275,15 @@ pub fn train(
         }
         let grads = grads.ok_or_else(|| Error::Invalid("empty step".into()))?;
         let c = Instant::now();
-        let grad_norm = opt.grad_norm(&grads)?;
-        if !grad_norm.is_finite() || !loss.is_finite() {
+        if !loss.is_finite() {
             return Err(Error::Invalid(format!(
-                "step {}: loss {loss} / gradient norm {grad_norm} is not finite; lower the learning rate",
+                "step {}: loss {loss} is not finite; lower the learning rate",
                 state.step + 1
             )));
         }
-        opt.step(&grads, &lrs, clip_scale(grad_norm, cfg.max_grad_norm))?;
+        let grad_norm = opt
+            .step(&grads, &lrs, cfg.max_grad_norm)
+            .map_err(|e| Error::Invalid(format!("step {}: {e}", state.step + 1)))?;
         drop(grads);
         let opt_s = c.elapsed().as_secs_f64();
         state.step += 1;

@@ -5,12 +5,14 @@
 //! candle-nn's AdamW builds a dozen temporary tensors per parameter and step; here the moments are
 //! plain buffers and one kernel reads the gradient once and writes parameter and moments once.
 
+use crate::nn::grad::{self, GradBuf};
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Var};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
+use std::sync::Arc;
 
 /// AdamW hyper-parameters (torch's names and defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,6 +38,14 @@ pub struct Param {
     pub group: usize,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
+    /// Where dense products write this parameter's gradient (see [`crate::nn::grad`]).
+    buf: Arc<GradBuf>,
+}
+
+impl Drop for Param {
+    fn drop(&mut self) {
+        grad::unregister(self.var.as_tensor());
+    }
 }
 
 /// AdamW over named parameters in learning-rate groups.
@@ -47,6 +57,7 @@ pub struct AdamW {
 }
 
 struct Update<'a> {
+    g: &'a [f32],
     m: RefCell<&'a mut [f32]>,
     v: RefCell<&'a mut [f32]>,
     lr: f32,
@@ -59,16 +70,17 @@ struct Update<'a> {
     grad_scale: f32,
 }
 
-impl InplaceOp2 for Update<'_> {
+impl InplaceOp1 for Update<'_> {
     fn name(&self) -> &'static str {
         "meet-adamw"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
-        let (p, g) = match (dst, gs, dst_l.contiguous_offsets(), gl.contiguous_offsets()) {
-            (CpuStorage::F32(p), CpuStorage::F32(g), Some((a, b)), Some((c, d))) => (&mut p[a..b], &g[c..d]),
-            _ => candle_core::bail!("adamw: parameters and gradients must be contiguous f32"),
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout) -> candle_core::Result<()> {
+        let p = match (dst, dst_l.contiguous_offsets()) {
+            (CpuStorage::F32(p), Some((a, b))) => &mut p[a..b],
+            _ => candle_core::bail!("adamw: parameters must be contiguous f32"),
         };
+        let g = self.g;
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
         let n = p.len();
@@ -109,18 +121,6 @@ impl InplaceOp2 for Update<'_> {
     }
 }
 
-/// `Σ g²` over a contiguous f32 tensor, in f64.
-fn sum_squares(t: &Tensor) -> Result<f64> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-            Ok(v[a..b].chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum())
-        }
-        _ => Ok(t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?),
-    }
-}
-
 impl AdamW {
     /// An optimizer over `params` `(name, var, group)` with zeroed moments.
     pub fn new(params: Vec<(String, Var, usize)>, config: AdamWConfig) -> Self {
@@ -128,7 +128,8 @@ impl AdamW {
             .into_iter()
             .map(|(name, var, group)| {
                 let n = var.elem_count();
-                Param { name, var, group, m: vec![0.0; n], v: vec![0.0; n] }
+                let buf = grad::register(var.as_tensor());
+                Param { name, var, group, m: vec![0.0; n], v: vec![0.0; n], buf }
             })
             .collect();
         Self { params, config, step: 0 }
@@ -139,45 +140,81 @@ impl AdamW {
         self.params.iter().map(|p| p.m.len()).sum()
     }
 
-    /// The global L2 norm of the gradients in `grads` (missing gradients count as zero).
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut s = 0f64;
+    /// Adds candle's gradients (`grads`, from `backward`) to the buffers the dense products wrote,
+    /// clips the global L2 norm to `max_norm`, updates every parameter that has a gradient with
+    /// learning rate `lrs[group]`, and clears the buffers. Returns the norm before clipping; a
+    /// non-finite norm is an error and nothing is updated. A parameter without a gradient is
+    /// skipped, as torch skips parameters whose `.grad` is None.
+    pub fn step(&mut self, grads: &GradStore, lrs: &[f64], max_norm: Option<f64>) -> Result<f64> {
+        let mut have = Vec::with_capacity(self.params.len());
+        let mut sq = 0f64;
         for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                s += sum_squares(g)?;
+            let extra = grads.get(p.var.as_tensor());
+            let mut written = p.buf.with(|_| ()).is_some();
+            if let Some(g) = extra {
+                let g = g.contiguous()?;
+                let (s, l) = g.storage_and_layout();
+                let gv = match (&*s, l.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+                    _ => return Err(Error::Invalid(format!("gradient of '{}' is not an f32 CPU tensor", p.name))),
+                };
+                p.buf.update(|dst, acc| {
+                    if acc {
+                        dst.iter_mut().zip(gv).for_each(|(d, x)| *d += x);
+                    } else {
+                        dst.copy_from_slice(gv);
+                    }
+                });
+                written = true;
             }
+            if written {
+                sq += p
+                    .buf
+                    .with(|v| {
+                        v.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>()
+                    })
+                    .unwrap_or(0.0);
+            }
+            have.push(written);
         }
-        Ok(s.sqrt())
-    }
-
-    /// One update with learning rate `lrs[group]` per group; gradients are multiplied by
-    /// `grad_scale` first (clipping). A parameter without a gradient is skipped, as torch skips
-    /// parameters whose `.grad` is None.
-    pub fn step(&mut self, grads: &GradStore, lrs: &[f64], grad_scale: f64) -> Result<()> {
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            self.params.iter().for_each(|p| p.buf.clear());
+            return Err(Error::Invalid(format!("gradient norm {norm} is not finite; lower the learning rate")));
+        }
+        let grad_scale = clip_scale(norm, max_norm);
         self.step += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+        for (p, &has) in self.params.iter_mut().zip(&have) {
+            if !has {
+                continue;
+            }
             let lr =
                 *lrs.get(p.group).ok_or_else(|| Error::Invalid(format!("no learning rate for group {}", p.group)))?;
-            let g = g.contiguous()?;
-            let op = Update {
-                m: RefCell::new(&mut p.m),
-                v: RefCell::new(&mut p.v),
-                lr: lr as f32,
-                decay: c.weight_decay as f32,
-                beta1: c.beta1 as f32,
-                beta2: c.beta2 as f32,
-                eps: c.eps as f32,
-                step_size: (lr / bc1) as f32,
-                bc2_sqrt: bc2.sqrt() as f32,
-                grad_scale: grad_scale as f32,
-            };
-            p.var.as_tensor().inplace_op2(&g, &op)?;
+            let (var, buf) = (p.var.clone(), p.buf.clone());
+            let (m, v) = (&mut p.m, &mut p.v);
+            buf.with(|g| {
+                let op = Update {
+                    g,
+                    m: RefCell::new(m),
+                    v: RefCell::new(v),
+                    lr: lr as f32,
+                    decay: c.weight_decay as f32,
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    eps: c.eps as f32,
+                    step_size: (lr / bc1) as f32,
+                    bc2_sqrt: bc2.sqrt() as f32,
+                    grad_scale: grad_scale as f32,
+                };
+                var.as_tensor().inplace_op1(&op)
+            })
+            .transpose()?;
+            buf.clear();
         }
-        Ok(())
+        Ok(norm)
     }
 }
 
@@ -216,7 +253,7 @@ pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn adamw_matches_torch() {
@@ -231,7 +268,7 @@ mod tests {
         for (k, g) in [[0.5, -1.0, 2.0], [-0.3, 0.2, 1.0]].iter().enumerate() {
             let gt = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &dev).unwrap();
             let loss = (p.as_tensor() * &gt).unwrap().sum_all().unwrap();
-            opt.step(&loss.backward().unwrap(), &[0.1], 1.0).unwrap();
+            opt.step(&loss.backward().unwrap(), &[0.1], None).unwrap();
             let t = (k + 1) as i32;
             for i in 0..3 {
                 want[i] *= 1.0 - 0.1 * 0.01;

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Races `meet bench train` against the Python reference (../shared/reference/bench_train.py: its
+# fixed 4x128 batch of SmolLM2, f32, AdamW; full fine-tuning, LoRA r 64 on all projections, prompt
+# tuning with 20 virtual tokens), alternating the two programs ROUNDS times per mode on this
+# machine, and prints medians, ratios and peak memory. Needs the reference venv (its setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REF=${REF:-$(cd ../shared/reference && pwd)}
+REF_HOME=${REF_HOME:-$HOME/.cache/meet-reference}
+ROUNDS=${ROUNDS:-1}
+STEPS=${STEPS:-4}
+MODES=${MODES:-full lora prompt}
+OUT=runs/bench-train-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+./scripts/fetch-model.sh >/dev/null
+cargo build --release --quiet
+for r in $(seq "$ROUNDS"); do
+  for mode in $MODES; do
+    echo "round $r/$ROUNDS $mode (loadavg $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE REF_HOME="$REF_HOME" "$REF_HOME/venv/bin/python" \
+        "$REF/bench_train.py" "$mode" --steps "$STEPS" --warmup 1 2>/dev/null | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
+    ./target/release/meet bench train --mode "$mode" --steps "$STEPS" --warmup 1 \
+        --batch "$REF/data/lm_batch_4x128.json" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+  done
+done
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+out = sys.argv[1]
+ref = [json.loads(l) for l in open(f"{out}/reference.jsonl")]
+ours = [json.loads(l)["result"] for l in open(f"{out}/meet.jsonl")]
+med = statistics.median
+print(f"{'mode':8} {'meet tok/s':>10} {'ref tok/s':>10} {'ratio':>6} {'meet s/step (fwd/bwd/opt)':>28} "
+      f"{'ref s/step (fwd/bwd/opt)':>26} {'meet MiB':>9} {'ref MiB':>8}")
+for mode in dict.fromkeys(o["mode"] for o in ours):
+    o = [x for x in ours if x["mode"] == mode]
+    r = [x for x in ref if x["bench"] == f"train_{mode}"]
+    mt, rt = med(x["tokens_per_s_median"] for x in o), med(x["tokens_per_s_median"] for x in r)
+    ms = "%.2f (%.2f/%.2f/%.2f)" % tuple(med(x[k] for x in o) for k in ["sec_per_step_median", "fwd_median", "bwd_median", "opt_median"])
+    rs = "%.2f (%.2f/%.2f/%.2f)" % (med(x["sec_per_step"]["median"] for x in r), *(med(x[k] for x in r) for k in ["fwd_median", "bwd_median", "opt_median"]))
+    print(f"{mode:8} {mt:10.1f} {rt:10.1f} {mt / rt:5.2f}x {ms:>28} {rs:>26} "
+          f"{med(x['peak_rss_mib'] for x in o):9.0f} {med(x['peak_rss_mib_self'] for x in r):8.0f}")
+print(f"rounds: {len(ours)}; raw results in {out}")
+PY
