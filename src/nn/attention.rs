@@ -10,11 +10,12 @@
 //! accumulates the key and value gradients of one (batch, kv head) per work unit. Other devices
 //! use the composed form throughout.
 
+use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::ops::{softmax_last_dim, with_f32};
 use crate::nn::simd::{axpy, dot, exp_shifted_sum};
 use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// An additive attention mask: 0 where a query may attend, `f32::MIN` elsewhere.
 #[derive(Debug, Clone)]
@@ -30,7 +31,13 @@ pub struct Mask {
 struct Attention {
     mask: Option<Mask>,
     scale: f32,
+    /// Probabilities `(b, h, t, T)` kept by a long forward pass for the backward pass.
+    probs: Mutex<Option<Vec<f32>>>,
 }
+
+/// From this many query steps on, attention runs as per-head matrix products (training,
+/// prefill); shorter calls (decoding) use the row kernel.
+const GEMM_MIN_T: usize = 16;
 
 fn strided(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<(Vec<usize>, Vec<usize>, usize)> {
     match s {
@@ -72,6 +79,55 @@ impl CustomOp3 for Attention {
         }
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else { unreachable!() };
         let g = h / kvh;
+        if t >= GEMM_MIN_T {
+            let mut out = vec![0f32; b * t * h * d];
+            let mut probs = vec![0f32; b * h * t * total];
+            let (po, pp) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+            Team::global().for_chunks(b * h, 1, &|units| {
+                let (po, pp) = (&po, &pp);
+                for unit in units {
+                    let (bi, head) = (unit / h, unit % h);
+                    let hi = head / g;
+                    // Safety: each unit writes its own (bi, head) block of probs and output rows;
+                    // the views stay inside q, k, v (checked dims and strides).
+                    unsafe {
+                        let p = pp.0.add(unit * t * total);
+                        let qv =
+                            View { ptr: q.as_ptr().add(qo + bi * qst[0] + head * qst[2]), rs: qst[1] as isize, cs: 1 };
+                        let kt =
+                            View { ptr: k.as_ptr().add(ko + bi * kst[0] + hi * kst[2]), rs: 1, cs: kst[1] as isize };
+                        sgemm_view(t, total, d, qv, kt, p, total as isize, false, self.scale);
+                        let p = std::slice::from_raw_parts_mut(p, t * total);
+                        for (ti, row) in p.chunks_exact_mut(total).enumerate() {
+                            if let Some(m) = &self.mask {
+                                row.iter_mut()
+                                    .zip(&m.data[(bi * t + ti) * total..][..total])
+                                    .for_each(|(x, mv)| *x += mv);
+                            }
+                            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                            let inv = 1.0 / exp_shifted_sum(row, max);
+                            row.iter_mut().for_each(|x| *x *= inv);
+                        }
+                        let pv = View { ptr: p.as_ptr(), rs: total as isize, cs: 1 };
+                        let vv =
+                            View { ptr: v.as_ptr().add(vo + bi * vst[0] + hi * vst[2]), rs: vst[1] as isize, cs: 1 };
+                        sgemm_view(
+                            t,
+                            d,
+                            total,
+                            pv,
+                            vv,
+                            po.0.add((bi * t * h + head) * d),
+                            (h * d) as isize,
+                            false,
+                            1.0,
+                        );
+                    }
+                }
+            });
+            *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+            return Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))));
+        }
         let rows = g * t; // query rows per (batch, kv head): row r is head j*g + r/t at step r%t
         let mut out = vec![0f32; b * t * h * d];
         let dst = SharedMut(out.as_mut_ptr());
@@ -143,6 +199,9 @@ impl CustomOp3 for Attention {
         let (b, t, h, d) = q.dims4()?;
         let (total, kvh) = (k.dim(1)?, k.dim(2)?);
         let g = h / kvh;
+        if let Some(probs) = self.probs.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return self.bwd_gemm(q, k, v, dout, probs);
+        }
         let mut dq = vec![0f32; b * t * h * d];
         let mut dk = vec![0f32; b * total * kvh * d];
         let mut dv = vec![0f32; b * total * kvh * d];
@@ -221,6 +280,80 @@ impl CustomOp3 for Attention {
     }
 }
 
+impl Attention {
+    /// The backward pass with the forward's probabilities, as matrix products per head:
+    /// `dP = dO Vᵀ`, `dV += Pᵀ dO`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = s dS K`, `dK += s dSᵀ Q`.
+    /// One work unit per (batch, kv head) owns that head's key and value gradients.
+    fn bwd_gemm(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+        probs: &[f32],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h, d) = q.dims4()?;
+        let (total, kvh) = (k.dim(1)?, k.dim(2)?);
+        let g = h / kvh;
+        if probs.len() != b * h * t * total {
+            candle_core::bail!("attention backward: saved probabilities do not match the inputs");
+        }
+        let mut dq = vec![0f32; b * t * h * d];
+        let mut dk = vec![0f32; b * total * kvh * d];
+        let mut dv = vec![0f32; b * total * kvh * d];
+        let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        let scale = self.scale;
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(dout, |dout| {
+                        Team::global().for_chunks(b * kvh, 1, &|units| {
+                            let (pq, pk, pv) = (&pq, &pk, &pv);
+                            let mut ds = vec![0f32; t * total];
+                            for unit in units {
+                                let (bi, hi) = (unit / kvh, unit % kvh);
+                                let kvo = (bi * total * kvh + hi) * d;
+                                let (krs, hrs) = ((kvh * d) as isize, (h * d) as isize);
+                                for head in hi * g..(hi + 1) * g {
+                                    let p = &probs[(bi * h + head) * t * total..][..t * total];
+                                    let ho = (bi * t * h + head) * d;
+                                    // Safety: views stay inside the contiguous q, k, v, dout;
+                                    // this unit alone writes dk/dv of (bi, hi) and dq of its heads.
+                                    unsafe {
+                                        let dov = View { ptr: dout.as_ptr().add(ho), rs: hrs, cs: 1 };
+                                        let vt = View { ptr: v.as_ptr().add(kvo), rs: 1, cs: krs };
+                                        sgemm_view(t, total, d, dov, vt, ds.as_mut_ptr(), total as isize, false, 1.0);
+                                        let pt = View { ptr: p.as_ptr(), rs: 1, cs: total as isize };
+                                        sgemm_view(total, d, t, pt, dov, pv.0.add(kvo), krs, true, 1.0);
+                                    }
+                                    for (dsr, pr) in ds.chunks_exact_mut(total).zip(p.chunks_exact(total)) {
+                                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                        dsr.iter_mut().zip(pr).for_each(|(x, &pj)| *x = pj * (*x - dot));
+                                    }
+                                    unsafe {
+                                        let dsv = View { ptr: ds.as_ptr(), rs: total as isize, cs: 1 };
+                                        let kv = View { ptr: k.as_ptr().add(kvo), rs: krs, cs: 1 };
+                                        sgemm_view(t, d, total, dsv, kv, pq.0.add(ho), hrs, false, scale);
+                                        let dst = View { ptr: ds.as_ptr(), rs: 1, cs: total as isize };
+                                        let qv = View { ptr: q.as_ptr().add(ho), rs: hrs, cs: 1 };
+                                        sgemm_view(total, d, t, dst, qv, pk.0.add(kvo), krs, true, scale);
+                                    }
+                                }
+                            }
+                        })
+                    })
+                })
+            })
+        })????;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, t, h, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, total, kvh, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, total, kvh, d), dev)?),
+        ))
+    }
+}
+
 /// `(b, t, h, d)` -> `(b, kvh, g*t, d)`: the query heads of each kv head stacked.
 fn grouped_q(q: &Tensor, kvh: usize) -> candle_core::Result<Tensor> {
     let (b, t, h, d) = q.dims4()?;
@@ -259,7 +392,7 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
 /// (`h` a multiple of `kvh`); returns `(b, t, h, d)`. Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        let op = Attention { mask: mask.cloned(), scale: scale as f32 };
+        let op = Attention { mask: mask.cloned(), scale: scale as f32, probs: Mutex::new(None) };
         q.apply_op3(k, v, op)
     } else {
         attention_composed(q, k, v, mask, scale)
@@ -305,12 +438,19 @@ mod tests {
 
     #[test]
     fn kernel_matches_composed_forward_and_backward() {
-        // b=2, kv heads 2, groups of 3 query heads, t=4 new steps after 2 cached, d=8.
-        let (b, kvh, g, t, past, d) = (2, 2, 3, 4, 2, 8);
+        // b=2, kv heads 2, groups of 3 query heads, t new steps after 2 cached, d=8: t=4 runs
+        // the row kernel and the recomputing backward, t=20 the per-head products.
+        for t in [4, GEMM_MIN_T + 4] {
+            check_against_composed(t);
+        }
+    }
+
+    fn check_against_composed(t: usize) {
+        let (b, kvh, g, past, d) = (2, 2, 3, 2, 8);
         let mask = causal_mask(b, t, past);
         let q = Var::from_tensor(&rand(&[b, t, kvh * g, d], 1)).unwrap();
         // Keys as a strided view of a larger cache, as during generation.
-        let cache = rand(&[b, 10, kvh, d], 2);
+        let cache = rand(&[b, past + t + 4, kvh, d], 2);
         let k = Var::from_tensor(&cache.narrow(1, 0, past + t).unwrap().contiguous().unwrap()).unwrap();
         let v = Var::from_tensor(&rand(&[b, past + t, kvh, d], 3)).unwrap();
         let a = attention(&q, &k, &v, Some(&mask), 0.35).unwrap();

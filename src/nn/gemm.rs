@@ -98,6 +98,55 @@ unsafe fn block(
     )
 }
 
+/// A strided view of a matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub struct View {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// Serial `c = (accumulate ? c : 0) + beta * a · b` on strided views (`a` is `m x k`, `b` is
+/// `k x n`, `c` is `m x n`), for callers that already spread work over the team.
+///
+/// # Safety
+/// Every element the views and strides reach must lie inside live allocations, and `c` must not
+/// be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    c: *mut f32,
+    c_rs: isize,
+    accumulate: bool,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
