@@ -5,7 +5,7 @@
 use crate::models::AttentionInputs;
 use crate::peft::lora::Routing;
 use crate::peft::prompt::SoftPrompts;
-use crate::train::loss::{shifted_targets, token_logps};
+use crate::train::loss::{frozen_head_logps, shifted_targets, token_logps};
 use crate::{Error, Pretrained, Result};
 use candle_core::Tensor;
 
@@ -154,7 +154,11 @@ impl Policy {
         let idx: Vec<u32> =
             pos.iter().map(|&p| (p / batch.t as u32) * total as u32 + n as u32 + p % batch.t as u32).collect();
         let h = h.reshape((b * total, hidden))?.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
-        let logits = self.pretrained.model.lm_head(&h)?; // (labelled, v)
-        Ok(LabelLogps { logps: token_logps(&logits, &tgt)?, rows, b })
+        // The fused head computes its input gradient up front: only worth it when one is needed.
+        let logps = match self.pretrained.model.frozen_lm_head().filter(|_| h.track_op()) {
+            Some(w) => frozen_head_logps(&h, &w, &tgt)?,
+            None => token_logps(&self.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
+        };
+        Ok(LabelLogps { logps, rows, b })
     }
 }

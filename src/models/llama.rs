@@ -7,7 +7,7 @@
 
 use crate::models::{AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
-use crate::nn::linear::Linear;
+use crate::nn::linear::{Linear, LinearWeight};
 use crate::nn::ops::{rms_norm, rope, swiglu, swiglu_packed, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
@@ -384,6 +384,13 @@ impl CausalLm for Llama {
 
     fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(h)?)
+    }
+
+    fn frozen_lm_head(&self) -> Option<Tensor> {
+        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.lora) {
+            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
+            _ => None,
+        }
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {

@@ -91,6 +91,11 @@ pub trait CausalLm: Send + Sync {
     fn forward_embeds(&self, x: &Tensor, inp: &AttentionInputs, cache: Option<&mut KvCache>) -> Result<Tensor>;
     /// Hidden states to logits `(.., vocab)`.
     fn lm_head(&self, h: &Tensor) -> Result<Tensor>;
+    /// The LM head's weight `[vocab, hidden]` when it is a frozen dense matrix without bias, so
+    /// that a loss may fuse it (see [`crate::train::loss::frozen_head_logps`]).
+    fn frozen_lm_head(&self) -> Option<Tensor> {
+        None
+    }
     /// An empty cache for `batch` rows of up to `capacity` tokens.
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache>;
 

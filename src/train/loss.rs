@@ -5,6 +5,7 @@
 //! vocabulary (49k columns for SmolLM2): the forward keeps one `logsumexp` per row, the backward
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
+use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
 use crate::nn::simd::exp_shifted_sum;
 use crate::nn::team::{SharedMut, Team};
@@ -89,6 +90,91 @@ impl CustomOp1 for TokenLogps {
     }
 }
 
+/// `log p(target_i | h_i W^T)` with a frozen head `W: [v, hidden]`, for hidden rows `h: (n, hidden)`.
+///
+/// The loss is the last op, so its gradient is known up to one factor per row:
+/// `d log p / d h = (onehot − softmax) W`. The forward pass computes that product chunk by chunk
+/// and keeps only the `(n, hidden)` result; the backward pass scales its rows. The `(n, v)`
+/// logits (100 MB for a 4x128 batch of SmolLM2) and their gradient never exist in full.
+struct FrozenHeadLogps {
+    w: Tensor,
+    targets: Arc<Vec<u32>>,
+    /// `(onehot − softmax) W` per row, from the forward pass.
+    dh: Mutex<Vec<f32>>,
+}
+
+impl CustomOp1 for FrozenHeadLogps {
+    fn name(&self) -> &'static str {
+        "meet-frozen-head-logps"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("head log-probs: needs contiguous f32 hidden states"),
+        };
+        let (n, hidden) = l.shape().dims2()?;
+        let (v, wh) = self.w.dims2()?;
+        if wh != hidden || self.targets.len() != n {
+            candle_core::bail!(
+                "head log-probs: hidden {hidden} vs head {wh}, {n} rows vs {} targets",
+                self.targets.len()
+            );
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("head log-probs: target {t} is outside the vocabulary of {v}");
+        }
+        const CHUNK: usize = 64;
+        let mut out = vec![0f32; n];
+        let mut dh = vec![0f32; n * hidden];
+        let mut logits = vec![0f32; CHUNK.min(n) * v];
+        with_f32(&self.w, |w| {
+            for r0 in (0..n).step_by(CHUNK) {
+                let c = CHUNK.min(n - r0);
+                let z = &mut logits[..c * v];
+                sgemm(c, v, hidden, &h[r0 * hidden..(r0 + c) * hidden], false, w, true, z, false);
+                let po = SharedMut(out.as_mut_ptr());
+                let pz = SharedMut(z.as_mut_ptr());
+                Team::global().for_chunks(c, 1, &|rows| {
+                    let (po, pz) = (&po, &pz);
+                    for i in rows {
+                        // Safety: row i of the chunk and out[r0 + i] belong to this thread.
+                        let row = unsafe { std::slice::from_raw_parts_mut(pz.0.add(i * v), v) };
+                        let t = self.targets[r0 + i] as usize;
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let xt = row[t];
+                        let sum = exp_shifted_sum(row, max);
+                        unsafe { *po.0.add(r0 + i) = xt - max - sum.ln() };
+                        // onehot − softmax
+                        let inv = -1.0 / sum;
+                        row.iter_mut().for_each(|e| *e *= inv);
+                        row[t] += 1.0;
+                    }
+                });
+                sgemm(c, hidden, v, z, false, w, false, &mut dh[r0 * hidden..(r0 + c) * hidden], false);
+            }
+        })?;
+        *self.dh.lock().unwrap_or_else(|p| p.into_inner()) = dh;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, h: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, hidden) = h.dims2()?;
+        let g = dy.to_vec1::<f32>()?;
+        let mut dh = self.dh.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (row, &gr) in dh.chunks_exact_mut(hidden).zip(&g) {
+            row.iter_mut().for_each(|x| *x *= gr);
+        }
+        Ok(Some(Tensor::from_vec(dh, (n, hidden), h.device())?))
+    }
+}
+
+/// [`token_logps`] of `h W^T` for a frozen LM head `w`, without materialising the logits.
+pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let op = FrozenHeadLogps { w: w.clone(), targets: Arc::new(targets.to_vec()), dh: Mutex::new(Vec::new()) };
+    Ok(h.contiguous()?.apply_op1(op)?)
+}
+
 /// `log p(target_i | row_i)` for logits `(n, v)` and `n` targets, differentiable in the logits.
 pub fn token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
@@ -148,6 +234,26 @@ mod tests {
         let g2 = (want * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
         let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn the_fused_frozen_head_matches_logits_then_log_probs() {
+        let dev = Device::Cpu;
+        let (n, hidden, v) = (70, 24, 300);
+        let h: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919) % 97) as f32 / 40.0 - 1.2).collect();
+        let w: Vec<f32> = (0..v * hidden).map(|i| ((i * 104729) % 89) as f32 / 50.0 - 0.9).collect();
+        let h = Var::from_vec(h, (n, hidden), &dev).unwrap();
+        let w = Tensor::from_vec(w, (v, hidden), &dev).unwrap();
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+        let fused = frozen_head_logps(h.as_tensor(), &w, &y).unwrap();
+        let plain = token_logps(&h.as_tensor().matmul(&w.t().unwrap()).unwrap(), &y).unwrap();
+        let d = (&fused - &plain).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{d}");
+        let wr = Tensor::arange(0f32, n as f32, &dev).unwrap().affine(0.1, -2.0).unwrap();
+        let g1 = (fused * &wr).unwrap().sum_all().unwrap().backward().unwrap().get(h.as_tensor()).unwrap().clone();
+        let g2 = (plain * &wr).unwrap().sum_all().unwrap().backward().unwrap().get(h.as_tensor()).unwrap().clone();
+        let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{d}");
     }
 
     #[test]
