@@ -72,6 +72,13 @@ impl LabelLogps {
         Ok(m.matmul(&self.logps.unsqueeze(1)?)?.squeeze(1)?)
     }
 
+    /// Mean log-probability of each row's labels `(b,)` (0 for a row without labels).
+    pub fn per_sequence_mean(&self) -> Result<Tensor> {
+        let counts: Vec<f32> = self.counts().iter().map(|&c| 1.0 / c.max(1) as f32).collect();
+        let inv = Tensor::from_vec(counts, self.b, self.logps.device())?;
+        Ok((self.per_sequence_sum()? * inv)?)
+    }
+
     /// Labelled tokens per row.
     pub fn counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.b];

@@ -408,3 +408,69 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("trainable.safetensors"), "{err}");
 }
+
+#[test]
+fn sequence_log_probs_sum_and_average_each_rows_labels() {
+    // Row sums/means of the labelled-token log-probs equal sums/means of log_softmax picked by hand.
+    let p = Pretrained::from_raw(tiny_raw(31, 64), &LoadOptions::default()).unwrap();
+    let policy = Policy { pretrained: p, prompts: None };
+    let batch = Batch::from_rows(&[(vec![1, 5, 9, 33, 7], 2), (vec![8, 8, 100], 1)], 256).unwrap();
+    let lp = policy.label_logps(&batch).unwrap();
+    assert_eq!(lp.counts(), vec![3, 2]);
+    let ids = Tensor::new(&[[1u32, 5, 9, 33, 7]], &Device::Cpu).unwrap();
+    let logits = policy.pretrained.model.forward(&ids).unwrap().squeeze(0).unwrap();
+    let lsm = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+    // Labels start at position 2: tokens 9, 33, 7 predicted from positions 1, 2, 3.
+    let want: f32 = lsm[1][9] + lsm[2][33] + lsm[3][7];
+    let sums = lp.per_sequence_sum().unwrap().to_vec1::<f32>().unwrap();
+    let means = lp.per_sequence_mean().unwrap().to_vec1::<f32>().unwrap();
+    assert!((sums[0] - want).abs() < 1e-4, "{} vs {want}", sums[0]);
+    assert!((means[0] - want / 3.0).abs() < 1e-4);
+}
+
+#[test]
+fn soft_prompts_start_from_text_or_vocabulary_embeddings() {
+    let p = Pretrained::from_raw(tiny_raw(32, 64), &LoadOptions::default()).unwrap();
+    let text = PromptConfig { n: 5, init: meet::peft::prompt::PromptInit::Text, init_text: Some("ab".into()) };
+    let sp = SoftPrompts::new(&["good".into()], &text, p.model.as_ref(), &p.tokenizer, 0, &Device::Cpu).unwrap();
+    // "ab" is two byte tokens, repeated to fill 5: a b a b a.
+    let ids = p.tokenizer.encode("ab", false).unwrap();
+    let want = p.model.embed(&Tensor::new(&[ids[0], ids[1], ids[0], ids[1], ids[0]], &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(max_diff(sp.vars[0].as_tensor(), &want), 0.0);
+    let vocab = PromptConfig { n: 4, init: meet::peft::prompt::PromptInit::SampleVocab, init_text: None };
+    let sv = SoftPrompts::new(&["good".into()], &vocab, p.model.as_ref(), &p.tokenizer, 0, &Device::Cpu).unwrap();
+    assert_eq!(sv.vars[0].dims(), &[4, 32]);
+    let missing = PromptConfig { n: 4, init: meet::peft::prompt::PromptInit::Text, init_text: None };
+    assert!(SoftPrompts::new(&["good".into()], &missing, p.model.as_ref(), &p.tokenizer, 0, &Device::Cpu).is_err());
+}
+
+#[test]
+fn bad_training_data_is_refused_with_file_and_line() {
+    use meet::data::{read_supervised, SupervisedOptions};
+    let tok = common::tiny_tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let opts =
+        SupervisedOptions { max_length: 16, controls: vec!["good".into()], default_control: None, eos_id: Some(258) };
+    let cases = [
+        ("{\"text\": \"ok\"}\n{not json\n", "line 2: invalid JSON"),
+        ("{\"prompt\": \"a\"}\n", "line 1: field 'completion' must be a string"),
+        ("{\"prompt\": \"a\", \"completion\": \"b\", \"control\": \"evil\"}\n", "unknown control 'evil'"),
+        ("{\"question\": \"a\"}\n", "expected 'text', 'prompt'/'completion' or 'messages'"),
+        ("{\"prompt\": \"aaaaaaaaaaaaaaaaaaaaaaaa\", \"completion\": \"b\"}\n", "leaves no response token"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.jsonl"));
+        std::fs::write(&path, text).unwrap();
+        let err = read_supervised(&path, &tok, &opts).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains(&format!("bad{i}.jsonl")), "{err}");
+    }
+    // Rows longer than max_length are cut and counted; the prompt/response boundary is kept.
+    let path = dir.path().join("long.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"ab\", \"completion\": \"cdefghijklmnopqrstuvwxyz\", \"control\": \"good\"}\n",
+    )
+    .unwrap();
+    let (ex, stats) = read_supervised(&path, &tok, &opts).unwrap();
+    assert_eq!((ex[0].ids.len(), ex[0].start, ex[0].control, stats.truncated), (16, 2, Some(0), 1));
+}

@@ -132,7 +132,9 @@ impl CustomOp2 for RmsNorm {
             })
         })???;
         let dw = partial.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, h, w.device())?)))
+        // A frozen norm weight gets no gradient.
+        let dw = if w.track_op() { Some(Tensor::from_vec(dw, h, w.device())?) } else { None };
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
     }
 }
 

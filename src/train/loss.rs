@@ -124,7 +124,9 @@ impl CustomOp1 for FrozenHeadLogps {
         if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("head log-probs: target {t} is outside the vocabulary of {v}");
         }
-        const CHUNK: usize = 64;
+        // Rows per chunk: each chunk streams the whole head twice, so fewer, larger chunks (50 MB
+        // of logits for SmolLM2) beat small cache-sized ones.
+        const CHUNK: usize = 256;
         let mut out = vec![0f32; n];
         let mut dh = vec![0f32; n * hidden];
         let mut logits = vec![0f32; CHUNK.min(n) * v];
