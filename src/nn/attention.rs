@@ -6,9 +6,9 @@
 //! keys and values ever being repeated. On CPU the forward pass is one kernel (scores, mask,
 //! softmax and weighted sum for blocks of query rows that share a kv head, spread over the team);
 //! candle's batched matmul would run `b * kv_heads` tiny gemms per product, which dominated
-//! decoding time. The backward pass is a kernel too: it recomputes each row's probabilities and
-//! accumulates the key and value gradients of one (batch, kv head) per work unit. Other devices
-//! use the composed form throughout.
+//! decoding time; long inputs (training, prefill) run as per-head matrix products instead. Both
+//! keep the probabilities, and the backward pass is per-head products over them, one (batch, kv
+//! head) per work unit. Other devices use the composed form throughout.
 
 use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::ops::{softmax_last_dim, with_f32};
@@ -135,8 +135,12 @@ impl CustomOp3 for Attention {
         // value row is loaded once per block, not once per query row.
         const RB: usize = 8;
         let blocks = rows.div_ceil(RB);
+        // Probabilities `(b, h, t, T)` for the backward pass (dropped with the op when nothing
+        // tracks gradients, as in generation).
+        let mut probs = vec![0f32; b * h * t * total];
+        let pp = SharedMut(probs.as_mut_ptr());
         Team::global().for_chunks(b * kvh * blocks, 1, &|range| {
-            let dst = &dst;
+            let (dst, pp) = (&dst, &pp);
             let mut p = vec![0f32; RB * total];
             for unit in range {
                 let (bh, r0) = (unit / blocks, (unit % blocks) * RB);
@@ -168,8 +172,10 @@ impl CustomOp3 for Attention {
                 }
                 for r in 0..nr {
                     let (ti, head) = at(r);
-                    // Safety: output row (bi, ti, head) belongs to this unit alone.
+                    // Safety: output row (bi, ti, head) and its probabilities belong to this unit.
                     let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((bi * t + ti) * h + head) * d), d) };
+                    unsafe { std::slice::from_raw_parts_mut(pp.0.add(((bi * h + head) * t + ti) * total), total) }
+                        .copy_from_slice(&p[r * total..(r + 1) * total]);
                     o.fill(0.0);
                     for j in 0..total {
                         let w = p[r * total + j];
@@ -180,6 +186,7 @@ impl CustomOp3 for Attention {
                 }
             }
         });
+        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
         Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
     }
 
@@ -191,92 +198,10 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Per query row, with p = softmax(s), s = q k^T * scale + mask, o = p v:
-        //   dp_j = do . v_j;  ds_j = p_j (dp_j - sum_j p_j dp_j);
-        //   dq = scale * sum_j ds_j k_j;  dk_j += scale * ds_j q;  dv_j += p_j do.
-        // One work unit per (batch, kv head) owns its keys' and values' gradients, so the
-        // accumulation needs no locks; masked keys (p = 0) are skipped.
-        let (b, t, h, d) = q.dims4()?;
-        let (total, kvh) = (k.dim(1)?, k.dim(2)?);
-        let g = h / kvh;
-        if let Some(probs) = self.probs.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return self.bwd_gemm(q, k, v, dout, probs);
+        match self.probs.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(probs) => self.bwd_gemm(q, k, v, dout, probs),
+            None => candle_core::bail!("attention backward: the forward pass kept no probabilities"),
         }
-        let mut dq = vec![0f32; b * t * h * d];
-        let mut dk = vec![0f32; b * total * kvh * d];
-        let mut dv = vec![0f32; b * total * kvh * d];
-        let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
-        let scale = self.scale;
-        with_f32(q, |q| {
-            with_f32(k, |k| {
-                with_f32(v, |v| {
-                    with_f32(dout, |dout| {
-                        Team::global().for_chunks(b * kvh, 1, &|units| {
-                            let (pq, pk, pv) = (&pq, &pk, &pv);
-                            let mut p = vec![0f32; total];
-                            let mut ds = vec![0f32; total];
-                            let mut dk_l = vec![0f32; total * d];
-                            let mut dv_l = vec![0f32; total * d];
-                            for unit in units {
-                                let (bi, hi) = (unit / kvh, unit % kvh);
-                                dk_l.fill(0.0);
-                                dv_l.fill(0.0);
-                                let krow = |j: usize| &k[((bi * total + j) * kvh + hi) * d..][..d];
-                                let vrow = |j: usize| &v[((bi * total + j) * kvh + hi) * d..][..d];
-                                for head in hi * g..(hi + 1) * g {
-                                    for ti in 0..t {
-                                        let at = ((bi * t + ti) * h + head) * d;
-                                        let (qr, dor) = (&q[at..at + d], &dout[at..at + d]);
-                                        for (j, pj) in p.iter_mut().enumerate() {
-                                            *pj = dot(qr, krow(j)) * scale;
-                                        }
-                                        if let Some(m) = &self.mask {
-                                            let mrow = &m.data[(bi * t + ti) * total..][..total];
-                                            p.iter_mut().zip(mrow).for_each(|(x, mv)| *x += mv);
-                                        }
-                                        let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                                        let inv = 1.0 / exp_shifted_sum(&mut p, max);
-                                        let mut sum = 0f32;
-                                        for j in 0..total {
-                                            p[j] *= inv;
-                                            ds[j] = if p[j] != 0.0 { dot(dor, vrow(j)) } else { 0.0 };
-                                            sum += p[j] * ds[j];
-                                        }
-                                        // Safety: row (bi, ti, head) of dq belongs to this unit.
-                                        let dqr = unsafe { std::slice::from_raw_parts_mut(pq.0.add(at), d) };
-                                        for j in 0..total {
-                                            if p[j] == 0.0 {
-                                                continue;
-                                            }
-                                            let dsj = p[j] * (ds[j] - sum) * scale;
-                                            axpy(dsj, krow(j), dqr);
-                                            axpy(dsj, qr, &mut dk_l[j * d..(j + 1) * d]);
-                                            axpy(p[j], dor, &mut dv_l[j * d..(j + 1) * d]);
-                                        }
-                                    }
-                                }
-                                for j in 0..total {
-                                    let at = ((bi * total + j) * kvh + hi) * d;
-                                    // Safety: rows (bi, j, hi) of dk and dv belong to this unit.
-                                    unsafe {
-                                        std::slice::from_raw_parts_mut(pk.0.add(at), d)
-                                            .copy_from_slice(&dk_l[j * d..(j + 1) * d]);
-                                        std::slice::from_raw_parts_mut(pv.0.add(at), d)
-                                            .copy_from_slice(&dv_l[j * d..(j + 1) * d]);
-                                    }
-                                }
-                            }
-                        })
-                    })
-                })
-            })
-        })????;
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, (b, t, h, d), dev)?),
-            Some(Tensor::from_vec(dk, (b, total, kvh, d), dev)?),
-            Some(Tensor::from_vec(dv, (b, total, kvh, d), dev)?),
-        ))
     }
 }
 
