@@ -11,7 +11,7 @@ use crate::nn::ops::with_f32;
 use crate::nn::packed::PackedWeight;
 use crate::peft::lora::LoraLayer;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Where a linear layer's weight lives.
 #[derive(Debug, Clone)]
@@ -29,12 +29,16 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// LoRA adapters on this layer, if any target it.
     pub lora: Option<LoraLayer>,
+    /// `Wᵀ` (`[in, out]`) of a frozen dense weight, made on the first long input: the product
+    /// kernels run ~20% faster on a row-major right operand than on a transposed one, and a frozen
+    /// weight never changes (training of adapters and prompts, prefill in f32).
+    pub transposed: Arc<OnceLock<Tensor>>,
 }
 
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Dense(weight), bias, lora: None }
+        Self { weight: LinearWeight::Dense(weight), bias, lora: None, transposed: Default::default() }
     }
 
     /// One layer computing `layers` side by side (outputs concatenated), when all of them are
@@ -49,7 +53,12 @@ impl Linear {
             })
             .collect::<Option<Vec<_>>>()?;
         let fused = PackedWeight::concat_rows(&parts)?;
-        Some(Linear { weight: LinearWeight::Packed(Arc::new(fused)), bias: None, lora: None })
+        Some(Linear {
+            weight: LinearWeight::Packed(Arc::new(fused)),
+            bias: None,
+            lora: None,
+            transposed: Default::default(),
+        })
     }
 
     /// `(out, in)` features.
@@ -81,7 +90,20 @@ impl Linear {
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) if x.device().is_cpu() => {
-                x.contiguous()?.apply_op2(w, MatMulT { weight_grad: w.is_variable() })?
+                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+                let wt = if !w.is_variable() && rows >= MIN_ROWS_TRANSPOSED {
+                    match self.transposed.get() {
+                        Some(t) => Some(t.clone()),
+                        None => {
+                            let t = w.t()?.contiguous()?;
+                            let _ = self.transposed.set(t.clone());
+                            Some(t)
+                        }
+                    }
+                } else {
+                    None
+                };
+                x.contiguous()?.apply_op2(w, MatMulT { weight_grad: w.is_variable(), wt })?
             }
             LinearWeight::Dense(w) => {
                 let (out, inp) = w.dims2()?;
@@ -108,7 +130,13 @@ impl Linear {
 /// trainable `W`) `dW = dyᵀ x` straight in `W`'s layout, with no transposed copies.
 struct MatMulT {
     weight_grad: bool,
+    /// `Wᵀ` contiguous, for the forward product when available.
+    wt: Option<Tensor>,
 }
+
+/// Inputs of at least this many rows use (and make) the transposed copy of a frozen weight;
+/// decoding steps do not.
+const MIN_ROWS_TRANSPOSED: usize = 64;
 
 impl CustomOp2 for MatMulT {
     fn name(&self) -> &'static str {
@@ -135,7 +163,10 @@ impl CustomOp2 for MatMulT {
         let m: usize = dims.iter().product();
         dims.push(n);
         let mut y = vec![0f32; m * n];
-        sgemm(m, n, k, x, false, w, true, &mut y, false);
+        match &self.wt {
+            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, false))?,
+            None => sgemm(m, n, k, x, false, w, true, &mut y, false),
+        }
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
@@ -217,7 +248,7 @@ mod tests {
         let w: Vec<f32> = (0..6 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
         let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
-        let packed = Linear { weight: LinearWeight::Packed(p), bias: None, lora: None };
+        let packed = Linear { weight: LinearWeight::Packed(p), bias: None, lora: None, transposed: Default::default() };
         let x = Var::from_tensor(
             &Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev)
                 .unwrap()

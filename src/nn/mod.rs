@@ -156,7 +156,12 @@ impl<'a> Builder<'a> {
                     ));
                 }
                 let lora = self.lora_layer(in_dim, out_dim)?;
-                return Ok(Linear { weight: LinearWeight::Packed(p.clone()), bias, lora });
+                return Ok(Linear {
+                    weight: LinearWeight::Packed(p.clone()),
+                    bias,
+                    lora,
+                    transposed: Default::default(),
+                });
             }
         }
         let mut l = Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias);
@@ -218,7 +223,7 @@ impl Embedding {
 
     /// The output projection that shares this table (tied embeddings).
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None, lora: None }
+        Linear { weight: self.weight.clone(), bias: None, lora: None, transposed: Default::default() }
     }
 }
 
