@@ -44,11 +44,6 @@ impl Batch {
         }
         Ok(batch)
     }
-
-    /// Number of tokens that carry a loss.
-    pub fn label_count(&self) -> usize {
-        shifted_targets(&self.labels, self.b, self.t).0.len()
-    }
 }
 
 /// Log-probabilities of the labelled tokens of a batch.

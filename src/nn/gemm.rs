@@ -24,10 +24,14 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
+    // Row and column strides of op(a) (m x k) and op(b) (k x n) in their row-major storage.
+    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
     let team = Team::global();
     if m * n * k < 1 << 18 || team.threads() < 2 {
+        let (av, bv) = (View::new(a.as_ptr(), a_rs, a_cs), View::new(b.as_ptr(), b_rs, b_cs));
         // Safety: the asserts above bound every index the strides reach.
-        unsafe { block(m, n, k, a.as_ptr(), a_t, m, b.as_ptr(), b_t, n, c.as_mut_ptr(), n, k, accumulate) };
+        unsafe { sgemm_view(m, n, k, av, bv, c.as_mut_ptr(), n as isize, accumulate, 1.0) };
         return;
     }
     // Split the larger output side over the kernel team, each part a serial gemm: rayon's
@@ -43,59 +47,16 @@ pub fn sgemm(
         }
         // Safety: each part reads inside a/b and writes its own rows or columns of c.
         unsafe {
+            let (av, bv) = (View::new(pa.0, a_rs, a_cs), View::new(pb.0, b_rs, b_cs));
             if split_cols {
-                let bo = if b_t { r.start * k } else { r.start };
-                block(m, r.len(), k, pa.0, a_t, m, pb.0.add(bo), b_t, n, pc.0.add(r.start), n, k, accumulate);
+                let bv = View { ptr: bv.ptr.add(r.start * b_cs), ..bv };
+                sgemm_view(m, r.len(), k, av, bv, pc.0.add(r.start), n as isize, accumulate, 1.0);
             } else {
-                let ao = if a_t { r.start } else { r.start * k };
-                block(r.len(), n, k, pa.0.add(ao), a_t, m, pb.0, b_t, n, pc.0.add(r.start * n), n, k, accumulate);
+                let av = View { ptr: av.ptr.add(r.start * a_rs), ..av };
+                sgemm_view(r.len(), n, k, av, bv, pc.0.add(r.start * n), n as isize, accumulate, 1.0);
             }
         }
     });
-}
-
-/// A serial gemm on an `m x n` block of `c` (row stride `ldc`); `a`/`b` are the full operands'
-/// row strides: `lda_m` is the full `m` when `a_t` (a stored `[k, m]`), `ldb_n` the full `n` when
-/// `b` is stored `[k, n]`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_t: bool,
-    lda_m: usize,
-    b: *const f32,
-    b_t: bool,
-    ldb_n: usize,
-    c: *mut f32,
-    ldc: usize,
-    kk: usize,
-    accumulate: bool,
-) {
-    let (a_cs, a_rs) = if a_t { (lda_m as isize, 1) } else { (1, kk as isize) };
-    let (b_cs, b_rs) = if b_t { (kk as isize, 1) } else { (1, ldb_n as isize) };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        ldc as isize,
-        accumulate,
-        a,
-        a_cs,
-        a_rs,
-        b,
-        b_cs,
-        b_rs,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
 }
 
 /// A strided view of a matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -104,6 +65,12 @@ pub struct View {
     pub ptr: *const f32,
     pub rs: isize,
     pub cs: isize,
+}
+
+impl View {
+    fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs: rs as isize, cs: cs as isize }
+    }
 }
 
 /// Serial `c = (accumulate ? c : 0) + beta * a · b` on strided views (`a` is `m x k`, `b` is

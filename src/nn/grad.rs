@@ -33,6 +33,11 @@ impl GradBuf {
         d.written = true;
     }
 
+    /// Whether a gradient was written since the last [`GradBuf::clear`].
+    pub fn is_written(&self) -> bool {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).written
+    }
+
     /// Runs `f` on the gradient if one was written this step.
     pub fn with<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> Option<R> {
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());

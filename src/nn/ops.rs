@@ -97,7 +97,6 @@ impl CustomOp2 for RmsNorm {
         //   dx = r * (g - xh * mean(g*xh)),  dw = sum over rows of dy*xh.
         let h = w.dim(0)?;
         let rows = x.elem_count() / h.max(1);
-        let threads = Team::global().threads();
         let mut dx = vec![0f32; x.elem_count()];
         let partial = std::sync::Mutex::new(vec![0f32; h]);
         let eps = self.eps;
@@ -123,11 +122,7 @@ impl CustomOp2 for RmsNorm {
                         let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
                         p.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
                     };
-                    if rows * h < 1 << 16 || threads < 2 {
-                        f(0..rows)
-                    } else {
-                        Team::global().for_ranges(rows, rows.div_ceil(threads), &f)
-                    }
+                    split(rows, rows * h, &f)
                 })
             })
         })???;

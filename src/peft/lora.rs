@@ -148,14 +148,6 @@ impl Adapters {
         }))
     }
 
-    /// Index of the adapter called `name`.
-    pub fn index(&self, name: &str) -> Result<usize> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| Error::Invalid(format!("no LoRA adapter named '{name}' (have: {})", self.names.join(", "))))
-    }
-
     /// Sets which adapter the following forward passes use.
     pub fn route(&self, routing: Routing) {
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
@@ -308,66 +300,59 @@ impl LoraLayer {
         Ok(Some(y.reshape(dims)?))
     }
 
-    /// `y + Σ` the routed adapters' outputs for input `x: (b, .., in)`.
-    pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        match self.adapters.routing() {
-            Routing::Off => Ok(y),
-            Routing::All(i) => Ok(match self.delta(i, x)? {
-                Some(d) => (y + d)?,
-                None => y,
-            }),
-            Routing::PerRow(rows) => {
-                let b = x.dims()[0];
-                if rows.len() != b {
-                    return Err(Error::Invalid(format!("lora routing names {} rows for a batch of {b}", rows.len())));
-                }
-                if rows.iter().all(|r| *r == rows[0]) {
-                    return match rows[0] {
-                        Some(i) => Ok(match self.delta(i, x)? {
-                            Some(d) => (y + d)?,
-                            None => y,
-                        }),
-                        None => Ok(y),
-                    };
-                }
-                // Each adapter runs on its own rows only; the pieces are put back in row order
-                // by one gather (whose backward scatters the gradient).
-                let mut pieces = Vec::new();
-                let mut order = Vec::with_capacity(b);
-                for i in 0..self.parts.len() {
-                    let sel: Vec<u32> = (0..b as u32).filter(|&r| rows[r as usize] == Some(i)).collect();
-                    if sel.is_empty() {
-                        continue;
-                    }
-                    let idx = Tensor::new(sel.as_slice(), x.device())?;
-                    match self.delta(i, &x.index_select(&idx, 0)?)? {
-                        Some(d) => pieces.push(d),
-                        None => pieces.push(y.index_select(&idx, 0)?.zeros_like()?),
-                    }
-                    order.extend(sel);
-                }
-                let rest: Vec<u32> = (0..b as u32).filter(|&r| !order.contains(&r)).collect();
-                if !rest.is_empty() {
-                    let mut dims = y.dims().to_vec();
-                    dims[0] = rest.len();
-                    pieces.push(Tensor::zeros(dims, y.dtype(), y.device())?);
-                    order.extend(rest);
-                }
-                let mut inverse = vec![0u32; b];
-                for (pos, &r) in order.iter().enumerate() {
-                    inverse[r as usize] = pos as u32;
-                }
-                let delta = Tensor::cat(&pieces, 0)?.index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?;
-                Ok((y + delta)?)
-            }
-        }
+    /// `y` plus adapter `i`'s output for every row (unchanged where `i` does not wrap this layer).
+    fn add_delta(&self, i: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        Ok(match self.delta(i, x)? {
+            Some(d) => (y + d)?,
+            None => y,
+        })
     }
 
-    /// `s · B A` of adapter `index`, `[out, in]` (what merging adds to the base weight).
-    pub fn merged_delta(&self, index: usize) -> Result<Option<Tensor>> {
-        match self.parts.get(index) {
-            Some(Some((a, b, scale))) => Ok(Some(b.matmul(a)?.affine(*scale, 0.0)?)),
-            _ => Ok(None),
+    /// `y + Σ` the routed adapters' outputs for input `x: (b, .., in)`.
+    pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let rows = match self.adapters.routing() {
+            Routing::Off => return Ok(y),
+            Routing::All(i) => return self.add_delta(i, x, y),
+            Routing::PerRow(rows) => rows,
+        };
+        let b = x.dims()[0];
+        if rows.len() != b {
+            return Err(Error::Invalid(format!("lora routing names {} rows for a batch of {b}", rows.len())));
         }
+        if rows.iter().all(|r| *r == rows[0]) {
+            return match rows[0] {
+                Some(i) => self.add_delta(i, x, y),
+                None => Ok(y),
+            };
+        }
+        // Each adapter runs on its own rows only; the pieces are put back in row order
+        // by one gather (whose backward scatters the gradient).
+        let mut pieces = Vec::new();
+        let mut order = Vec::with_capacity(b);
+        for i in 0..self.parts.len() {
+            let sel: Vec<u32> = (0..b as u32).filter(|&r| rows[r as usize] == Some(i)).collect();
+            if sel.is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(sel.as_slice(), x.device())?;
+            match self.delta(i, &x.index_select(&idx, 0)?)? {
+                Some(d) => pieces.push(d),
+                None => pieces.push(y.index_select(&idx, 0)?.zeros_like()?),
+            }
+            order.extend(sel);
+        }
+        let rest: Vec<u32> = (0..b as u32).filter(|&r| !order.contains(&r)).collect();
+        if !rest.is_empty() {
+            let mut dims = y.dims().to_vec();
+            dims[0] = rest.len();
+            pieces.push(Tensor::zeros(dims, y.dtype(), y.device())?);
+            order.extend(rest);
+        }
+        let mut inverse = vec![0u32; b];
+        for (pos, &r) in order.iter().enumerate() {
+            inverse[r as usize] = pos as u32;
+        }
+        let delta = Tensor::cat(&pieces, 0)?.index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?;
+        Ok((y + delta)?)
     }
 }

@@ -118,14 +118,6 @@ impl SoftPrompts {
         self.config.n
     }
 
-    /// Index of the prompt called `name`.
-    pub fn index(&self, name: &str) -> Result<usize> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| Error::Invalid(format!("no soft prompt named '{name}' (have: {})", self.names.join(", "))))
-    }
-
     /// `(b, n + t, hidden)`: row `r` of `embeds` after prompt `choice[r]`.
     pub fn prepend(&self, embeds: &Tensor, choice: &[usize]) -> Result<Tensor> {
         let b = embeds.dims()[0];

@@ -9,9 +9,20 @@ use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
 use crate::nn::simd::exp_shifted_sum;
 use crate::nn::team::{SharedMut, Team};
-use crate::{Error, Result};
+use crate::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
+
+/// One target per row, each inside the vocabulary.
+fn check_targets(targets: &[u32], n: usize, v: usize) -> candle_core::Result<()> {
+    if targets.len() != n {
+        candle_core::bail!("{} targets for {n} rows of logits", targets.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("target token {t} is outside the vocabulary of {v}");
+    }
+    Ok(())
+}
 
 struct TokenLogps {
     targets: Arc<Vec<u32>>,
@@ -37,12 +48,7 @@ impl CustomOp1 for TokenLogps {
             _ => candle_core::bail!("token_logps: needs contiguous f32 logits"),
         };
         let (n, v) = l.shape().dims2()?;
-        if self.targets.len() != n {
-            candle_core::bail!("token_logps: {} targets for {n} rows", self.targets.len());
-        }
-        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("token_logps: target {t} is outside the vocabulary of {v}");
-        }
+        check_targets(&self.targets, n, v)?;
         let mut lse = vec![0f32; n];
         let mut out = vec![0f32; n];
         let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
@@ -115,15 +121,10 @@ impl CustomOp1 for FrozenHeadLogps {
         };
         let (n, hidden) = l.shape().dims2()?;
         let (v, wh) = self.w.dims2()?;
-        if wh != hidden || self.targets.len() != n {
-            candle_core::bail!(
-                "head log-probs: hidden {hidden} vs head {wh}, {n} rows vs {} targets",
-                self.targets.len()
-            );
+        if wh != hidden {
+            candle_core::bail!("head log-probs: hidden states of width {hidden} for a head of width {wh}");
         }
-        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("head log-probs: target {t} is outside the vocabulary of {v}");
-        }
+        check_targets(&self.targets, n, v)?;
         // Rows per chunk: each chunk streams the whole head twice, so fewer, larger chunks (50 MB
         // of logits for SmolLM2) beat small cache-sized ones.
         const CHUNK: usize = 256;
@@ -180,12 +181,7 @@ pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tens
 /// `log p(target_i | row_i)` for logits `(n, v)` and `n` targets, differentiable in the logits.
 pub fn token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
-    if targets.len() != n {
-        return Err(Error::Invalid(format!("{} targets for {n} rows of logits", targets.len())));
-    }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
-        return Err(Error::Invalid(format!("target token {t} is outside the vocabulary of {v}")));
-    }
+    check_targets(targets, n, v)?;
     if !logits.device().is_cpu() {
         // Composed fallback (the same numbers, materialising log_softmax).
         let lsm = candle_nn::ops::log_softmax(logits, 1)?;

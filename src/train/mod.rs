@@ -223,15 +223,15 @@ pub fn train(
             tracing::info!("resuming from {} (step {})", ckpt.display(), state.step);
         }
     }
-    // Keep the metrics of the steps the checkpoint covers; later lines belong to a lost run.
-    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+    // Keep the metrics of the steps the checkpoint covers (none on a fresh start, at step 0);
+    // later lines belong to a lost run.
+    let kept: String = std::fs::read_to_string(&metrics_path)
         .unwrap_or_default()
         .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= state.step && resume))
-        .map(String::from)
+        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= state.step))
+        .map(|l| format!("{l}\n"))
         .collect();
-    let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
-    crate::io::atomic_write(&metrics_path, text.as_bytes())?;
+    crate::io::atomic_write(&metrics_path, kept.as_bytes())?;
     let mut metrics =
         std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
 

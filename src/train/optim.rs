@@ -6,6 +6,7 @@
 //! plain buffers and one kernel reads the gradient once and writes parameter and moments once.
 
 use crate::nn::grad::{self, GradBuf};
+use crate::nn::ops::with_f32;
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -146,36 +147,25 @@ impl AdamW {
     /// non-finite norm is an error and nothing is updated. A parameter without a gradient is
     /// skipped, as torch skips parameters whose `.grad` is None.
     pub fn step(&mut self, grads: &GradStore, lrs: &[f64], max_norm: Option<f64>) -> Result<f64> {
-        let mut have = Vec::with_capacity(self.params.len());
         let mut sq = 0f64;
         for p in &self.params {
-            let extra = grads.get(p.var.as_tensor());
-            let mut written = p.buf.with(|_| ()).is_some();
-            if let Some(g) = extra {
-                let g = g.contiguous()?;
-                let (s, l) = g.storage_and_layout();
-                let gv = match (&*s, l.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-                    _ => return Err(Error::Invalid(format!("gradient of '{}' is not an f32 CPU tensor", p.name))),
-                };
-                p.buf.update(|dst, acc| {
-                    if acc {
-                        dst.iter_mut().zip(gv).for_each(|(d, x)| *d += x);
-                    } else {
-                        dst.copy_from_slice(gv);
-                    }
-                });
-                written = true;
-            }
-            if written {
-                sq += p
-                    .buf
-                    .with(|v| {
-                        v.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>()
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                with_f32(g, |gv| {
+                    p.buf.update(|dst, acc| {
+                        if acc {
+                            dst.iter_mut().zip(gv).for_each(|(d, x)| *d += x);
+                        } else {
+                            dst.copy_from_slice(gv);
+                        }
                     })
-                    .unwrap_or(0.0);
+                })
+                .map_err(|e| Error::Invalid(format!("gradient of '{}': {e}", p.name)))?;
             }
-            have.push(written);
+            // Nothing for a parameter without a gradient this step.
+            sq += p
+                .buf
+                .with(|v| v.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>())
+                .unwrap_or(0.0);
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
@@ -187,8 +177,8 @@ impl AdamW {
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (p, &has) in self.params.iter_mut().zip(&have) {
-            if !has {
+        for p in &mut self.params {
+            if !p.buf.is_written() {
                 continue;
             }
             let lr =
