@@ -247,12 +247,8 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Merge { model, adapter, out } => {
             let (cfg, tensors) = meet::peft::folder::read_lora(&adapter)?;
-            let adapters = meet::peft::lora::Adapters::new(vec![("default".into(), cfg)], 0)?;
-            let opts = LoadOptions { lora: Some(adapters.clone()), ..Default::default() };
-            // Building the model creates the adapter's tensors; then the saved values go in.
-            Pretrained::load(&model, &opts)?;
-            adapters.load_weights(0, &tensors).with_context(|| format!("loading {}", adapter.display()))?;
-            let raw = meet::run::merge_lora(&model, &adapters, 0)?;
+            let raw = meet::run::merge_lora(&model, &cfg, &tensors)
+                .with_context(|| format!("merging {} into '{model}'", adapter.display()))?;
             meet::io::save_hf_folder(&raw, &out)?;
             eprintln!("wrote {}", out.display());
         }

@@ -29,7 +29,9 @@ use crate::policy::Policy;
 use crate::train::optim::AdamW;
 use crate::train::{config_hash, train, RunDir, StepLog, TrainConfig};
 use crate::{Error, Pretrained, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// `[model]`: what to load and what trains.
@@ -233,24 +235,42 @@ pub fn save_outputs(policy: &Policy, base: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The base model of `source` with LoRA adapter `index` of `adapters` merged into its weights
-/// (`W + s B A`), as PEFT's `merge_and_unload`; save it with [`io::save_hf_folder`].
-pub fn merge_lora(source: &str, adapters: &Adapters, index: usize) -> Result<RawModel> {
+/// The base model of `source` with a LoRA adapter (`config` and its tensors under model-relative
+/// names, as [`folder::read_lora`] gives them) merged into its weights (`W + s B A`), as PEFT's
+/// `merge_and_unload`; save it with [`io::save_hf_folder`]. The merged model is built once, so an
+/// unusable result fails here.
+pub fn merge_lora(source: &str, config: &LoraConfig, tensors: &HashMap<String, Tensor>) -> Result<RawModel> {
     let mut raw = io::read(source, &LoadOptions::default())?;
-    let scale = adapters.configs[index].scale();
-    let tensors = adapters.tensors(index)?;
-    for (name, a) in &tensors {
-        let Some(path) = name.strip_suffix(".lora_A.weight") else { continue };
+    let scale = config.scale();
+    for (name, t) in tensors {
+        let Some(path) = name.strip_suffix(".lora_A.weight") else {
+            if name.ends_with(".lora_B.weight") {
+                let a = name.replace(".lora_B.weight", ".lora_A.weight");
+                if !tensors.contains_key(&a) {
+                    return Err(Error::Invalid(format!("adapter has {name} without its {a}")));
+                }
+                continue;
+            }
+            return Err(Error::Invalid(format!("adapter tensor '{name}' is neither a lora_A nor a lora_B weight")));
+        };
         let b = tensors
-            .iter()
-            .find(|(k, _)| k == &format!("{path}.lora_B.weight"))
-            .map(|(_, t)| t)
+            .get(&format!("{path}.lora_B.weight"))
             .ok_or_else(|| Error::Invalid(format!("adapter has {name} without its lora_B")))?;
         let key = format!("{path}.weight");
         let w =
             raw.tensors.get(&key).ok_or_else(|| Error::Invalid(format!("base model has no '{key}' to merge into")))?;
-        let merged = (w + b.matmul(a)?.affine(scale, 0.0)?)?;
+        let (out_dim, in_dim) = w.dims2()?;
+        if t.dims() != [config.r, in_dim] || b.dims() != [out_dim, config.r] {
+            return Err(Error::Invalid(format!(
+                "adapter '{path}': lora_A {:?} and lora_B {:?} do not fit r = {} and the weight [{out_dim}, {in_dim}]",
+                t.dims(),
+                b.dims(),
+                config.r
+            )));
+        }
+        let merged = (w + b.matmul(t)?.affine(scale, 0.0)?)?;
         raw.tensors.insert(key, merged);
     }
+    Pretrained::from_raw(raw.clone(), &LoadOptions::default())?;
     Ok(raw)
 }

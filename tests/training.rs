@@ -43,6 +43,18 @@ fn loss(policy: &Policy, ex: &[Example]) -> Tensor {
     obj.loss(policy, &refs).unwrap().sum.affine(1.0 / obj.units(&refs) as f64, 0.0).unwrap()
 }
 
+/// Normal values with standard deviation `std`, seeded by `name` so that every run checks the same
+/// numbers (candle's `randn` draws from an unseeded generator).
+fn seeded_normal(name: &str, std: f64, shape: &candle_core::Shape) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let seed = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0.0, std).unwrap();
+    let v: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng) as f32).collect();
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()
+}
+
 /// A tiny model wrapped by two adapters whose `B` is non-zero (fresh ones have B = 0, which would
 /// hide A's gradient).
 fn lora_policy() -> (Policy, std::sync::Arc<Adapters>) {
@@ -58,7 +70,7 @@ fn lora_policy() -> (Policy, std::sync::Arc<Adapters>) {
         .unwrap();
     for (k, v) in adapters.varmap.data().lock().unwrap().iter() {
         if k.contains("lora_B") {
-            v.set(&Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&seeded_normal(k, 0.3, v.shape())).unwrap();
         }
     }
     (Policy { pretrained: p, prompts: None }, adapters)
@@ -100,8 +112,8 @@ fn an_untrained_adapter_leaves_logits_unchanged_and_rows_follow_their_control() 
     let base = p.model.forward(&ids).unwrap();
     adapters.route(Routing::All(0));
     assert!(max_diff(&p.model.forward(&ids).unwrap(), &base) == 0.0, "B = 0 must leave the logits as they are");
-    for v in adapters.varmap.data().lock().unwrap().values() {
-        v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap()).unwrap();
+    for (k, v) in adapters.varmap.data().lock().unwrap().iter() {
+        v.set(&seeded_normal(k, 0.1, v.shape())).unwrap();
     }
     let single = |i: usize| {
         adapters.route(Routing::All(i));
@@ -182,11 +194,7 @@ fn merging_a_peft_adapter_gives_its_logits_without_the_adapter() {
     let exp = expected();
     let model = fixtures().join("tiny-llama3");
     let (cfg, tensors) = folder::read_lora(&fixtures().join("peft-lora")).unwrap();
-    let adapters = Adapters::new(vec![("default".into(), cfg)], 0).unwrap();
-    Pretrained::load(model.to_str().unwrap(), &LoadOptions { lora: Some(adapters.clone()), ..Default::default() })
-        .unwrap();
-    adapters.load_weights(0, &tensors).unwrap();
-    let merged = meet::run::merge_lora(model.to_str().unwrap(), &adapters, 0).unwrap();
+    let merged = meet::run::merge_lora(model.to_str().unwrap(), &cfg, &tensors).unwrap();
     let out = tempfile::tempdir().unwrap();
     meet::io::save_hf_folder(&merged, out.path()).unwrap();
     let p = Pretrained::load(out.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
