@@ -126,6 +126,18 @@ impl Linear {
     }
 }
 
+/// For an input `[.., k]` times `Wᵀ` (`W: [n, k]`): the rows `m` and the output shape `[.., n]`.
+fn product_shape(input: &Shape, k: usize, n: usize) -> candle_core::Result<(usize, Shape)> {
+    let mut dims = input.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("linear: input {input:?} does not end in {k}");
+    }
+    dims.pop();
+    let m = dims.iter().product();
+    dims.push(n);
+    Ok((m, Shape::from(dims)))
+}
+
 /// `x Wᵀ` for a dense `W` on the CPU, with a backward that writes `dx = dy W` and (only for a
 /// trainable `W`) `dW = dyᵀ x` straight in `W`'s layout, with no transposed copies.
 struct MatMulT {
@@ -155,19 +167,13 @@ impl CustomOp2 for MatMulT {
             _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
         };
         let (n, k) = l2.shape().dims2()?;
-        let mut dims = l1.shape().dims().to_vec();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: input {:?} does not end in {k}", l1.shape());
-        }
-        dims.pop();
-        let m: usize = dims.iter().product();
-        dims.push(n);
+        let (m, out) = product_shape(l1.shape(), k, n)?;
         let mut y = vec![0f32; m * n];
         match &self.wt {
             Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, false))?,
             None => sgemm(m, n, k, x, false, w, true, &mut y, false),
         }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), out))
     }
 
     fn bwd(
@@ -214,14 +220,8 @@ impl CustomOp1 for PackedMatMul {
             (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
             _ => candle_core::bail!("packed matmul: needs a contiguous f32 input"),
         };
-        let mut dims = l.shape().dims().to_vec();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("packed matmul: input {:?} does not end in {k}", l.shape());
-        }
-        dims.pop();
-        let m: usize = dims.iter().product();
-        dims.push(n);
-        Ok((CpuStorage::F32(self.0.matmul_t(x, m)), Shape::from(dims)))
+        let (m, out) = product_shape(l.shape(), k, n)?;
+        Ok((CpuStorage::F32(self.0.matmul_t(x, m)), out))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
