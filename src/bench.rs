@@ -107,7 +107,7 @@ pub fn bench_train(
 ) -> Result<TrainFigures> {
     use crate::peft::lora::{LoraConfig, TARGETABLE};
     use crate::peft::prompt::PromptConfig;
-    use crate::run::{build, DataSection, ModelSection, RunConfig};
+    use crate::run::{build, DataSection, RunConfig};
     use crate::train::{train, RunDir, TrainConfig};
     use crate::Error;
 
@@ -131,30 +131,24 @@ pub fn bench_train(
         other => return Err(Error::Invalid(format!("unknown bench mode '{other}' (full, lora, prompt)"))),
     };
     let dir = std::env::temp_dir().join(format!("meet-bench-train-{}", std::process::id()));
-    let cfg = RunConfig {
-        model: ModelSection {
-            source: model.into(),
-            train_weights: mode == "full",
-            controls: vec!["default".into()],
-            init_adapters: None,
-        },
-        lora,
-        prompt,
-        data: DataSection { train: batch_file.into(), max_length: 4096 },
-        train: TrainConfig {
-            max_steps: Some(warmup + steps),
-            batch_size: rows.len(),
-            lr,
-            max_grad_norm: None,
-            shuffle: false,
-            save_every: Some(0),
-            ..Default::default()
-        },
-        output_dir: dir.clone(),
+    let mut data = DataSection::new(batch_file);
+    data.max_length = 4096;
+    let mut cfg = RunConfig::new(crate::run::Method::Sft, model, data, dir.clone());
+    cfg.model.train_weights = mode == "full";
+    cfg.lora = lora;
+    cfg.prompt = prompt;
+    cfg.train = TrainConfig {
+        max_steps: Some(warmup + steps),
+        batch_size: rows.len(),
+        lr,
+        max_grad_norm: None,
+        shuffle: false,
+        save_every: Some(0),
+        ..Default::default()
     };
     let mut built = build(&cfg)?;
     let examples: Vec<crate::data::Example> =
-        rows.iter().map(|r| crate::data::Example { ids: r.clone(), start: 0, control: None }).collect();
+        rows.iter().map(|r| crate::data::Example { ids: r.clone(), ..Default::default() }).collect();
     let objective = crate::objectives::lm::LanguageModeling { pad_id: 0 };
     let logs = train(
         &built.policy,

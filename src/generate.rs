@@ -323,6 +323,24 @@ pub fn generate(
     params: &SamplingParams,
     defaults: &GenerationDefaults,
     device: &Device,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    generate_with_prefix(model, tokenizer, prompts, None, params, defaults, device, on_token)
+}
+
+/// [`generate`] with `prefix` `(n, hidden)` embeddings (a soft prompt) before every prompt. The
+/// prefix goes first in each row, then the left padding (masked), then the prompt: positions
+/// count real entries only, so each row sees the prefix at 0..n and its prompt after it, as in
+/// training.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_prefix(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    prefix: Option<&Tensor>,
+    params: &SamplingParams,
+    defaults: &GenerationDefaults,
+    device: &Device,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Vec<Generation>> {
     let b = prompts.len();
@@ -333,7 +351,11 @@ pub fn generate(
         return Err(Error::Invalid(format!("prompt {i} is empty")));
     }
     let ctx = model.max_positions();
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let n_prefix = match prefix {
+        Some(p) => p.dims2()?.0,
+        None => 0,
+    };
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + n_prefix;
     if longest >= ctx {
         return Err(Error::Invalid(format!(
             "prompt of {longest} tokens does not fit the model's context of {ctx} tokens (at least one new token is needed)"
@@ -345,12 +367,17 @@ pub fn generate(
     let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
     let mut ids = Vec::with_capacity(b * longest);
     for p in prompts {
-        let n_pad = longest - p.len();
+        let n_pad = longest - n_prefix - p.len();
         ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat_n(0u8, n_pad).chain(std::iter::repeat_n(1u8, p.len())).collect());
+        mask.push(
+            std::iter::repeat_n(1u8, n_prefix)
+                .chain(std::iter::repeat_n(0u8, n_pad))
+                .chain(std::iter::repeat_n(1u8, p.len()))
+                .collect(),
+        );
     }
     let mut cache = model.new_cache(b, longest + budget, device)?;
-    let mut input = Tensor::from_vec(ids, (b, longest), device)?;
+    let mut input = Tensor::from_vec(ids, (b, longest - n_prefix), device)?;
     let mut out: Vec<Generation> = prompts
         .iter()
         .map(|p| Generation {
@@ -362,9 +389,14 @@ pub fn generate(
         .collect();
     let mut done = vec![false; b];
     for _ in 0..budget {
-        let (_, t) = input.dims2()?;
+        let mut embeds = model.embed(&input)?;
+        if let (Some(p), 0) = (prefix, cache.len) {
+            let (n, hidden) = p.dims2()?;
+            embeds = Tensor::cat(&[p.unsqueeze(0)?.broadcast_as((b, n, hidden))?.contiguous()?, embeds], 1)?;
+        }
+        let t = embeds.dims()[1];
         let inp = AttentionInputs::new(b, t, cache.len, Some(&mask), device)?;
-        let h = model.forward_embeds(&model.embed(&input)?, &inp, Some(&mut cache))?;
+        let h = model.forward_embeds(&embeds, &inp, Some(&mut cache))?;
         let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
         let mut logits = logits.to_vec2::<f32>()?;
         for (r, row) in logits.iter_mut().enumerate() {

@@ -2,13 +2,17 @@
 //! parameter-efficient tuning — and its baselines) on candle.
 //!
 //! Layout: [`models`] (one file per architecture), [`nn`] (layers and fused differentiable ops),
-//! [`io`] (model sources and HF folders), [`tokenizer`], [`generate`], [`bench`].
+//! [`io`] (model sources and HF folders), [`tokenizer`], [`generate`], [`peft`] (LoRA, soft
+//! prompts, PEFT folders), [`data`], [`objectives`] (losses), [`train`] (the loop), [`methods`]
+//! (one recipe per alignment method), [`controls`] (controls at inference), [`bench`].
 
 pub mod bench;
+pub mod controls;
 pub mod data;
 pub mod error;
 pub mod generate;
 pub mod io;
+pub mod methods;
 pub mod models;
 pub mod nn;
 pub mod objectives;

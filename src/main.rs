@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use meet::generate::{generate, prompt_ids, SamplingParams, TextStream};
+use meet::controls::Controlled;
+use meet::generate::{prompt_ids, SamplingParams, TextStream};
 use meet::nn::packed::PackedFormat;
 use meet::{LoadOptions, Packing, Pretrained};
 use std::io::Write;
@@ -35,14 +36,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train as a TOML run configuration says (full fine-tuning, LoRA, soft prompts).
-    Train {
-        /// The run configuration (see the README).
-        config: PathBuf,
-        /// Continue from the newest checkpoint in the output folder.
-        #[arg(long)]
-        resume: bool,
-    },
+    /// Train as a TOML run configuration says: sft, coh, control-token, meet or dpo.
+    Train(TrainArgs),
     /// Merge a LoRA adapter into its base model and write an HF folder.
     Merge {
         /// Base model: HF folder, GGUF file or Hub repo id.
@@ -74,6 +69,20 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
+    fn options(&self) -> anyhow::Result<LoadOptions> {
+        let packing = match self.weights.as_str() {
+            "auto" => Packing::Source,
+            "f32" => Packing::Dense,
+            other => Packing::Quantize(PackedFormat::parse(other)?),
+        };
+        Ok(LoadOptions { packing, ..Default::default() })
+    }
+
+    /// The model with the controls of a `meet train` output folder, if it is one.
+    fn load_controlled(&self) -> anyhow::Result<Controlled> {
+        Controlled::load(&self.model, &self.options()?).with_context(|| format!("loading model '{}'", self.model))
+    }
+
     fn load(&self) -> anyhow::Result<Pretrained> {
         let packing = match self.weights.as_str() {
             "auto" => Packing::Source,
@@ -115,6 +124,87 @@ struct GenerateArgs {
     /// Stop when the output contains this text (repeatable); the text is cut before it.
     #[arg(long = "stop-strings")]
     stop_strings: Vec<String>,
+    /// Generate under this control (`good`, `bad`, ...) of a `meet train` output folder.
+    #[arg(long)]
+    control: Option<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run configuration (see the README and examples/); optional when the flags say enough.
+    #[arg(value_name = "CONFIG")]
+    config_pos: Option<PathBuf>,
+    #[arg(long, conflicts_with = "config_pos")]
+    config: Option<PathBuf>,
+    /// Continue every stage from its newest checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// sft | coh | control-token | meet | dpo (`method`).
+    #[arg(long)]
+    method: Option<String>,
+    /// `model.source`.
+    #[arg(long)]
+    model: Option<String>,
+    /// `data.train`.
+    #[arg(long)]
+    data: Option<String>,
+    /// `output_dir`.
+    #[arg(long)]
+    output_dir: Option<String>,
+    /// `train.lr`.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// `train.epochs`.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// `train.max_steps`.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// `train.batch_size`.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// `train.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `data.skip_invalid = true`: skip and count invalid records.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Any option as `key=value` with its dotted TOML path (`--set dpo.beta=0.2`,
+    /// `--set meet.steps=step1`, `--set 'model.controls=["pos","neg"]'`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl TrainArgs {
+    /// The configuration: the file (if any) with every flag applied over it.
+    fn config(&self) -> anyhow::Result<(meet::run::RunConfig, String)> {
+        let mut over: Vec<(String, String)> = Vec::new();
+        let q = |v: &str| format!("{:?}", v); // a TOML basic string
+        for (k, v) in [
+            ("method", self.method.as_deref().map(q)),
+            ("model.source", self.model.as_deref().map(q)),
+            ("data.train", self.data.as_deref().map(q)),
+            ("output_dir", self.output_dir.as_deref().map(q)),
+            ("train.lr", self.lr.map(|x| format!("{x:e}"))),
+            ("train.epochs", self.epochs.map(|x| x.to_string())),
+            ("train.max_steps", self.max_steps.map(|x| x.to_string())),
+            ("train.batch_size", self.batch_size.map(|x| x.to_string())),
+            ("train.seed", self.seed.map(|x| x.to_string())),
+            ("data.skip_invalid", self.skip_invalid.then(|| "true".to_string())),
+        ] {
+            if let Some(v) = v {
+                over.push((k.into(), v));
+            }
+        }
+        for kv in &self.set {
+            let Some((k, v)) = kv.split_once('=') else { bail!("--set {kv}: expected KEY=VALUE") };
+            over.push((k.trim().into(), v.trim().into()));
+        }
+        match self.config.as_ref().or(self.config_pos.as_ref()) {
+            Some(path) => Ok((meet::run::RunConfig::from_file_with(path, &over)?, path.display().to_string())),
+            None => Ok((meet::run::RunConfig::from_table(Default::default(), &over)?, "the command line".into())),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -182,7 +272,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(a) => {
-            let p = a.model.load()?;
+            let c = a.model.load_controlled()?;
+            let p = &c.pretrained;
             let ids = a
                 .prompt
                 .iter()
@@ -202,7 +293,7 @@ fn run() -> anyhow::Result<ExitCode> {
             // One prompt without stop strings streams; otherwise text is printed once final (a
             // stop string must never show).
             let streaming = ids.len() == 1 && params.stop_strings.is_empty();
-            let out = generate(p.model.as_ref(), &p.tokenizer, &ids, &params, &p.generation, &p.device, |_, tok| {
+            let out = c.generate(&ids, a.control.as_deref(), &params, |_, tok| {
                 if streaming {
                     if let Some(piece) = stream.push(tok)? {
                         write!(stdout, "{piece}")
@@ -233,9 +324,9 @@ fn run() -> anyhow::Result<ExitCode> {
             let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
             eprintln!("wrote {} ({n} tensors)", out.display());
         }
-        Command::Train { config, resume } => {
-            let cfg = meet::run::RunConfig::from_file(&config)?;
-            let logs = meet::run::run(&cfg, resume).with_context(|| format!("training with {}", config.display()))?;
+        Command::Train(args) => {
+            let (cfg, from) = args.config()?;
+            let logs = meet::run::run(&cfg, args.resume).with_context(|| format!("training with {from}"))?;
             if let Some(last) = logs.last() {
                 eprintln!(
                     "done: step {} loss {:.4}; outputs in {}",

@@ -1,38 +1,73 @@
-//! A training run from a TOML configuration: load the model, attach what trains (the weights,
-//! LoRA adapters, soft prompts — any combination), read the data, train, save what users load
-//! elsewhere (an HF folder for trained weights, PEFT folders for adapters and prompts).
+//! A training run from a TOML configuration: which method, the model and what trains on it (the
+//! weights, LoRA adapters, soft prompts — any combination), the data, the loop, and each
+//! method's options. [`build`] loads the model with its trainable parts; the methods in
+//! [`crate::methods`] do the rest.
 //!
 //! ```toml
+//! method = "meet"                # sft | coh | control-token | meet | dpo
+//! output_dir = "runs/meet"
 //! [model]
 //! source = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 //! train_weights = false          # full fine-tuning of every weight
-//! controls = ["good", "bad"]     # names of the adapters / prompts
-//! [lora]                         # present: one LoRA adapter per control
-//! r = 16
-//! alpha = 32
-//! target_modules = ["q_proj", "v_proj"]
-//! [prompt]                       # present: one soft prompt per control
+//! controls = ["good", "bad"]     # chosen responses train the first, rejected the second
+//! [prompt]                       # present: one soft prompt per control ([lora]: one adapter)
 //! n = 20
 //! [data]
-//! train = "data/train.jsonl"
+//! train = "data/prefs.jsonl"
 //! [train]
-//! lr = 1e-4
+//! lr = 1e-5
+//! control_lr = 1e-3
 //! ```
 
-use crate::data::{read_supervised, Example, SupervisedOptions};
+use crate::data::preference::{Format, PreferenceOptions};
 use crate::io::{self, LoadOptions, Packing, RawModel};
-use crate::objectives::lm::LanguageModeling;
+use crate::methods::coh::CohConfig;
+use crate::methods::control_token::{add_tokens, ControlTokenConfig};
+use crate::methods::meet::MeetConfig;
+use crate::objectives::dpo::DpoConfig;
 use crate::peft::folder;
 use crate::peft::lora::{Adapters, LoraConfig};
 use crate::peft::prompt::{PromptConfig, SoftPrompts};
 use crate::policy::Policy;
 use crate::train::optim::AdamW;
-use crate::train::{config_hash, train, RunDir, StepLog, TrainConfig};
+use crate::train::{StepLog, TrainConfig};
 use crate::{Error, Pretrained, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// The training methods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Supervised fine-tuning (on chosen responses of preference data, or supervised data).
+    #[default]
+    Sft,
+    /// Chain-of-Hindsight: both responses in one sequence behind feedback phrases.
+    Coh,
+    /// One special token per preference, trained with the full model.
+    ControlToken,
+    /// MEET: controls (soft prompts / LoRA) optimised on the frozen model, then the full model.
+    Meet,
+    /// Direct Preference Optimization.
+    Dpo,
+}
+
+impl Method {
+    /// Every method by its config name.
+    pub const ALL: [(&'static str, Method); 5] = [
+        ("sft", Method::Sft),
+        ("coh", Method::Coh),
+        ("control-token", Method::ControlToken),
+        ("meet", Method::Meet),
+        ("dpo", Method::Dpo),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, m)| *m == self).map_or("?", |(n, _)| n)
+    }
+}
 
 /// `[model]`: what to load and what trains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,38 +78,70 @@ pub struct ModelSection {
     /// Train every weight of the model (full fine-tuning).
     #[serde(default)]
     pub train_weights: bool,
-    /// Names of the controls (LoRA adapters / soft prompts), one per preference.
-    #[serde(default = "default_controls")]
-    pub controls: Vec<String>,
+    /// Names of the controls (LoRA adapters / soft prompts / control tokens / feedback phrases),
+    /// one per preference; with preference data the chosen response trains the first and the
+    /// rejected the second. Default: `["good", "bad"]` (`["default"]` for SFT and DPO).
+    #[serde(default)]
+    pub controls: Option<Vec<String>>,
     /// Start the adapters / prompts from PEFT folders saved earlier (this folder's `lora/` and
     /// `prompts/`, or a PEFT adapter folder directly).
     #[serde(default)]
     pub init_adapters: Option<PathBuf>,
 }
 
-fn default_controls() -> Vec<String> {
-    vec!["default".into()]
-}
-
 /// `[data]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Supervised JSONL (see [`crate::data`]).
+    /// JSONL / JSON file: supervised rows (see [`crate::data`]) or preference records (see
+    /// [`crate::data::preference`]).
     pub train: PathBuf,
     /// Longest sequence in tokens (virtual tokens not counted).
     #[serde(default = "default_max_length")]
     pub max_length: usize,
+    /// Preference layout; detected from the first record by default.
+    #[serde(default)]
+    pub format: Format,
+    /// Longest prompt of preference data (its end is kept).
+    #[serde(default = "default_max_prompt_length")]
+    pub max_prompt_length: Option<usize>,
+    /// Longest response of preference data.
+    #[serde(default)]
+    pub max_completion_length: Option<usize>,
+    /// Skip invalid records (counted and listed in the log) instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid: bool,
 }
 
 fn default_max_length() -> usize {
     1024
 }
 
+fn default_max_prompt_length() -> Option<usize> {
+    Some(512)
+}
+
+impl DataSection {
+    /// The reading options of preference data.
+    pub fn preference_options(&self) -> PreferenceOptions {
+        PreferenceOptions {
+            format: self.format,
+            max_length: self.max_length,
+            max_prompt_length: self.max_prompt_length,
+            max_completion_length: self.max_completion_length,
+            skip_invalid: self.skip_invalid,
+        }
+    }
+}
+
 /// A whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    #[serde(default)]
+    pub method: Method,
+    /// Where checkpoints, metrics and the outputs go.
+    pub output_dir: PathBuf,
     pub model: ModelSection,
     #[serde(default)]
     pub lora: Option<LoraConfig>,
@@ -83,45 +150,162 @@ pub struct RunConfig {
     pub data: DataSection,
     #[serde(default)]
     pub train: TrainConfig,
-    /// Where checkpoints, metrics and the outputs go.
-    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub meet: MeetConfig,
+    #[serde(default)]
+    pub dpo: DpoConfig,
+    #[serde(default)]
+    pub coh: CohConfig,
+    #[serde(default)]
+    pub control_token: ControlTokenConfig,
+}
+
+/// Sets `key` (dotted path, e.g. `train.lr`) in a TOML table to `value`, read as a TOML value
+/// (`1e-4`, `true`, `["a", "b"]`) or else as a string.
+pub fn set_key(table: &mut toml::Table, key: &str, value: &str) -> Result<()> {
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| Error::Invalid(format!("empty key in '{key}'")))?;
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| Error::Invalid(format!("'{p}' in '{key}' is not a table")))?;
+    }
+    t.insert(last.to_string(), parsed);
+    Ok(())
+}
+
+impl DataSection {
+    /// `train` with the default reading options.
+    pub fn new(train: impl Into<PathBuf>) -> Self {
+        Self {
+            train: train.into(),
+            max_length: default_max_length(),
+            format: Format::Auto,
+            max_prompt_length: default_max_prompt_length(),
+            max_completion_length: None,
+            skip_invalid: false,
+        }
+    }
 }
 
 impl RunConfig {
+    /// A run of `method` on `source` with `data`, every other option at its default.
+    pub fn new(method: Method, source: &str, data: DataSection, output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            method,
+            output_dir: output_dir.into(),
+            model: ModelSection { source: source.into(), train_weights: false, controls: None, init_adapters: None },
+            lora: None,
+            prompt: None,
+            data,
+            train: TrainConfig::default(),
+            meet: MeetConfig::default(),
+            dpo: DpoConfig::default(),
+            coh: CohConfig::default(),
+            control_token: ControlTokenConfig::default(),
+        }
+    }
+
     /// Reads a TOML file; unknown keys are errors naming the file.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_file_with(path, &[])
+    }
+
+    /// Reads a TOML file (or nothing: `path` = `None` in [`Self::from_table`]) with `key=value`
+    /// overrides applied first.
+    pub fn from_file_with(path: &Path, overrides: &[(String, String)]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
-        cfg.check().map_err(|e| Error::parse(path, e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
+        Self::from_table(table, overrides).map_err(|e| Error::parse(path, e.to_string()))
+    }
+
+    /// Builds a configuration from a TOML table and `key=value` overrides.
+    pub fn from_table(mut table: toml::Table, overrides: &[(String, String)]) -> Result<Self> {
+        for (k, v) in overrides {
+            set_key(&mut table, k, v)?;
+        }
+        let cfg: Self = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+        cfg.check()?;
         Ok(cfg)
     }
 
-    /// Checks that something trains and the names are usable.
-    pub fn check(&self) -> Result<()> {
-        if !self.model.train_weights && self.lora.is_none() && self.prompt.is_none() {
-            return Err(Error::Invalid(
-                "nothing to train: set model.train_weights = true, or add a [lora] or [prompt] section".into(),
-            ));
+    /// The control names (see [`ModelSection::controls`]).
+    pub fn controls(&self) -> Vec<String> {
+        match (&self.model.controls, self.method) {
+            (Some(c), _) => c.clone(),
+            (None, Method::Sft | Method::Dpo) => vec!["default".into()],
+            (None, _) => vec!["good".into(), "bad".into()],
         }
-        if self.model.controls.is_empty() {
+    }
+
+    /// Names of the LoRA adapters / soft prompts: one per control for the methods whose controls
+    /// they are (MEET, SFT with per-row controls), else the single `default` adapter.
+    pub fn adapter_names(&self) -> Vec<String> {
+        match self.method {
+            Method::Meet | Method::Sft => self.controls(),
+            _ => vec!["default".into()],
+        }
+    }
+
+    /// Checks that something trains, the names are usable, and the method's needs are met.
+    pub fn check(&self) -> Result<()> {
+        let controls = self.controls();
+        if controls.is_empty() {
             return Err(Error::Invalid("model.controls is empty".into()));
         }
-        Ok(())
+        let adapters = self.lora.is_some() as usize + self.prompt.is_some() as usize;
+        match self.method {
+            Method::Meet if adapters != 1 => {
+                return Err(Error::Invalid(
+                    "method meet needs its controls: add exactly one of a [prompt] or a [lora] section".into(),
+                ))
+            }
+            Method::Meet => {}
+            Method::ControlToken if !self.model.train_weights || adapters > 0 => {
+                return Err(Error::Invalid(
+                    "method control-token trains the full model with its new token rows: set model.train_weights = true and drop [lora] / [prompt]".into(),
+                ))
+            }
+            _ if !self.model.train_weights && adapters == 0 => {
+                return Err(Error::Invalid(
+                    "nothing to train: set model.train_weights = true, or add a [lora] or [prompt] section".into(),
+                ))
+            }
+            _ => {}
+        }
+        if matches!(self.method, Method::Coh | Method::Dpo) && self.prompt.is_some() {
+            return Err(Error::Invalid(format!("method {} does not take a [prompt] section", self.method.name())));
+        }
+            Ok(())
     }
 }
 
-/// The policy with its trainable parameters, ready for [`train`].
+/// The policy with its trainable parameters, ready for [`crate::train::train`].
 pub struct Built {
     pub policy: Policy,
     pub optimizer: AdamW,
 }
 
 /// Loads the model and attaches what `cfg` trains. Parameter groups: 0 = model weights,
-/// 1 = controls.
+/// 1 = controls (left out of the optimizer unless `train_controls`). `new_tokens` are added to
+/// the vocabulary first (with new embedding rows).
 pub fn build(cfg: &RunConfig) -> Result<Built> {
+    build_with(cfg, &[], true)
+}
+
+/// [`build`] with new vocabulary tokens and the choice to freeze the controls.
+pub fn build_with(cfg: &RunConfig, new_tokens: &[String], train_controls: bool) -> Result<Built> {
     let seed = cfg.train.seed;
+    let names = cfg.adapter_names();
     let lora = match &cfg.lora {
-        Some(l) => Some(Adapters::new(cfg.model.controls.iter().map(|n| (n.clone(), l.clone())).collect(), seed)?),
+        Some(l) => Some(Adapters::new(names.iter().map(|n| (n.clone(), l.clone())).collect(), seed)?),
         None => None,
     };
     let opts = LoadOptions {
@@ -130,16 +314,17 @@ pub fn build(cfg: &RunConfig) -> Result<Built> {
         lora: lora.clone(),
         ..Default::default()
     };
-    let pretrained = Pretrained::load(&cfg.model.source, &opts)?;
+    let pretrained = if new_tokens.is_empty() {
+        Pretrained::load(&cfg.model.source, &opts)?
+    } else {
+        let mut raw = io::read(&cfg.model.source, &opts)?;
+        add_tokens(&mut raw, new_tokens, seed)?;
+        Pretrained::from_raw(raw, &opts)?
+    };
     let prompts = match &cfg.prompt {
-        Some(p) => Some(SoftPrompts::new(
-            &cfg.model.controls,
-            p,
-            pretrained.model.as_ref(),
-            &pretrained.tokenizer,
-            seed,
-            &pretrained.device,
-        )?),
+        Some(p) => {
+            Some(SoftPrompts::new(&names, p, pretrained.model.as_ref(), &pretrained.tokenizer, seed, &pretrained.device)?)
+        }
         None => None,
     };
     if let Some(dir) = &cfg.model.init_adapters {
@@ -157,49 +342,27 @@ pub fn build(cfg: &RunConfig) -> Result<Built> {
         let data = vm.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
         params.extend(data.iter().map(|(k, v)| (k.clone(), v.clone(), 0)));
     }
-    if let Some(l) = &lora {
-        let data = l.varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
-        params.extend(data.iter().map(|(k, v)| (format!("lora.{k}"), v.clone(), 1)));
+    if train_controls {
+        if let Some(l) = &lora {
+            let data = l.varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
+            params.extend(data.iter().map(|(k, v)| (format!("lora.{k}"), v.clone(), 1)));
+        }
+        if let Some(p) = &prompts {
+            params.extend(p.names.iter().zip(&p.vars).map(|(n, v)| (format!("prompt.{n}"), v.clone(), 1)));
+        }
     }
-    if let Some(p) = &prompts {
-        params.extend(p.names.iter().zip(&p.vars).map(|(n, v)| (format!("prompt.{n}"), v.clone(), 1)));
+    if params.is_empty() {
+        return Err(Error::Invalid("nothing trains: no model weights and the controls are frozen".into()));
     }
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let optimizer = AdamW::new(params, cfg.train.adamw);
     Ok(Built { policy: Policy { pretrained, prompts }, optimizer })
 }
 
-/// Reads the run's training data with the policy's tokenizer.
-pub fn examples(cfg: &RunConfig, policy: &Policy) -> Result<Vec<Example>> {
-    let p = &policy.pretrained;
-    let opts = SupervisedOptions {
-        max_length: cfg.data.max_length,
-        controls: cfg.model.controls.clone(),
-        default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
-        eos_id: p.generation.eos_token_ids.first().copied(),
-    };
-    Ok(read_supervised(&cfg.data.train, &p.tokenizer, &opts)?.0)
-}
-
-/// Trains as `cfg` says (continuing from the newest checkpoint with `resume`) and saves the
-/// outputs under `output_dir/final`. Returns the step logs of this invocation.
+/// Runs the configured method (see [`crate::methods`]); continues from the newest checkpoints
+/// with `resume`. Returns the step logs of this invocation (of every stage).
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    let mut built = build(cfg)?;
-    let data = examples(cfg, &built.policy)?;
-    let pad = built
-        .policy
-        .pretrained
-        .generation
-        .pad_token_id
-        .or(built.policy.pretrained.generation.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let objective = LanguageModeling { pad_id: pad };
-    let run_dir = RunDir { dir: cfg.output_dir.clone(), config_hash: config_hash(cfg) };
-    let text = toml::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    io::atomic_write(&cfg.output_dir.join("run.toml"), text.as_bytes())?;
-    let logs = train(&built.policy, &objective, &data, &mut built.optimizer, &cfg.train, &run_dir, resume)?;
-    save_outputs(&built.policy, &cfg.model.source, &cfg.output_dir.join("final"))?;
-    Ok(logs)
+    crate::methods::run(cfg, resume)
 }
 
 /// Writes what trained: the model as an HF folder at `out` when its weights are trainable, LoRA

@@ -31,9 +31,9 @@ fn lora_config(r: usize, targets: &[&str]) -> LoraConfig {
 
 fn examples() -> Vec<Example> {
     vec![
-        Example { ids: vec![1, 5, 9, 33, 7, 2, 90], start: 2, control: Some(0) },
-        Example { ids: vec![8, 8, 100, 3, 250], start: 1, control: Some(1) },
-        Example { ids: vec![4, 44, 144, 14, 41, 240, 24, 42], start: 3, control: Some(0) },
+        Example { ids: vec![1, 5, 9, 33, 7, 2, 90], start: 2, control: Some(0), ..Default::default() },
+        Example { ids: vec![8, 8, 100, 3, 250], start: 1, control: Some(1), ..Default::default() },
+        Example { ids: vec![4, 44, 144, 14, 41, 240, 24, 42], start: 3, control: Some(0), ..Default::default() },
     ]
 }
 

@@ -5,6 +5,9 @@
 //! `{"text": ...}` (loss on every token), `{"prompt": ..., "completion": ...}` (loss on the
 //! completion), `{"messages": [{"role", "content"}, ...]}` (chat template; loss on the last
 //! assistant message). An optional `"control"` names the soft prompt / LoRA adapter of the row.
+//! Preference data (chosen/rejected) is in [`preference`].
+
+pub mod preference;
 
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};
@@ -13,13 +16,15 @@ use std::io::{BufRead, Read};
 use std::path::Path;
 
 /// One training sequence.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Example {
     pub ids: Vec<u32>,
     /// Index of the first labelled token.
     pub start: usize,
     /// Control index (soft prompt / LoRA adapter), if the row has one.
     pub control: Option<usize>,
+    /// Ranges `[a, b)` after `start` that take no loss (Chain-of-Hindsight's feedback phrases).
+    pub unlabelled: Vec<(usize, usize)>,
 }
 
 /// Lines of a JSONL file, plain or gzip-compressed (`.gz`), with their 1-based numbers.
@@ -124,7 +129,7 @@ pub fn read_supervised(path: &Path, tok: &Tokenizer, opts: &SupervisedOptions) -
                 format!("line {line}: the prompt fills max_length ({}) and leaves no response token", opts.max_length),
             ));
         }
-        out.push(Example { ids, start, control });
+        out.push(Example { ids, start, control, ..Default::default() });
     }
     if out.is_empty() {
         return Err(Error::parse(path, "no examples"));

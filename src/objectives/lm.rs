@@ -18,15 +18,26 @@ pub struct LanguageModeling {
 pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     let rows: Vec<(Vec<u32>, usize)> = examples.iter().map(|e| (e.ids.clone(), e.start)).collect();
     let mut batch = Batch::from_rows(&rows, pad_id)?;
+    for (r, e) in examples.iter().enumerate() {
+        for &(a, b) in &e.unlabelled {
+            batch.labels[r * batch.t + a.min(batch.t)..r * batch.t + b.min(batch.t)].fill(-100);
+        }
+    }
     if examples.iter().any(|e| e.control.is_some()) {
         batch.controls = Some(examples.iter().map(|e| e.control).collect());
     }
     Ok(batch)
 }
 
-impl Objective for LanguageModeling {
+impl Objective<Example> for LanguageModeling {
     fn units(&self, examples: &[&Example]) -> usize {
-        examples.iter().map(|e| e.ids.len().saturating_sub(e.start.max(1))).sum()
+        examples
+            .iter()
+            .map(|e| {
+                let skipped: usize = e.unlabelled.iter().map(|&(a, b)| b.min(e.ids.len()).saturating_sub(a)).sum();
+                e.ids.len().saturating_sub(e.start.max(1)) - skipped
+            })
+            .sum()
     }
 
     fn loss(&self, policy: &Policy, examples: &[&Example]) -> Result<StepOutput> {

@@ -1,6 +1,7 @@
 //! Training objectives, one file per method, each a loss over the [`Policy`]'s log-probabilities.
 //! The training loop only sees the [`Objective`] trait and never branches on the method.
 
+pub mod dpo;
 pub mod lm;
 
 use crate::data::Example;
@@ -16,12 +17,24 @@ pub struct StepOutput {
     pub metrics: Vec<(&'static str, f64)>,
 }
 
-/// A training objective.
-pub trait Objective {
-    /// Units the loss of `examples` is averaged over (labelled tokens for cross-entropy). The loop
-    /// divides every micro-batch's sum by the whole step's count, so that accumulated gradients
-    /// equal those of one large batch (transformers' `num_items_in_batch`).
-    fn units(&self, examples: &[&Example]) -> usize;
+/// What an objective trains on: supervised [`Example`]s, preference pairs.
+pub trait Item {
+    /// Tokens the item puts through the model (for throughput and length grouping).
+    fn tokens(&self) -> usize;
+}
+
+impl Item for Example {
+    fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// A training objective over items of type `T`.
+pub trait Objective<T> {
+    /// Units the loss of `items` is averaged over (labelled tokens for cross-entropy, pairs for
+    /// DPO). The loop divides every micro-batch's sum by the whole step's count, so that
+    /// accumulated gradients equal those of one large batch (transformers' `num_items_in_batch`).
+    fn units(&self, items: &[&T]) -> usize;
     /// The summed loss of a micro-batch.
-    fn loss(&self, policy: &Policy, examples: &[&Example]) -> Result<StepOutput>;
+    fn loss(&self, policy: &Policy, items: &[&T]) -> Result<StepOutput>;
 }

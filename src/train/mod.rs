@@ -8,8 +8,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 
-use crate::data::Example;
-use crate::objectives::Objective;
+use crate::objectives::{Item, Objective};
 use crate::policy::Policy;
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -47,6 +46,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Shuffle the data each epoch (seeded).
     pub shuffle: bool,
+    /// Put items of similar length in the same micro-batch to cut padding (transformers'
+    /// `group_by_length`: sorted within shuffled groups of 50 micro-batches).
+    pub group_by_length: bool,
     /// Write a checkpoint every this many steps and at the end; unset: at the end only; 0: never.
     pub save_every: Option<usize>,
 }
@@ -66,6 +68,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             seed: 0,
             shuffle: true,
+            group_by_length: true,
             save_every: None,
         }
     }
@@ -85,6 +88,9 @@ pub struct StepLog {
     pub fwd_s: f64,
     pub bwd_s: f64,
     pub opt_s: f64,
+    /// The objective's own figures (DPO's rewards, accuracies, margins), averaged over its units.
+    #[serde(flatten, default)]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 impl TrainConfig {
@@ -105,13 +111,19 @@ impl TrainConfig {
     }
 }
 
-/// Order of the examples in `epoch`: a seeded shuffle, so a resumed run sees the same order.
-fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
+/// Order of the items in `epoch`: a seeded shuffle, so a resumed run sees the same order; with
+/// `group` > 0, sorted by length (longest first) within consecutive groups of `group` items.
+fn epoch_order(lengths: &[usize], seed: u64, epoch: usize, shuffle: bool, group: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
     if shuffle {
         order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
             seed ^ (epoch as u64).wrapping_mul(0x9E3779B97F4A7C15),
         ));
+    }
+    if group > 1 {
+        for g in order.chunks_mut(group) {
+            g.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
     }
     order
 }
@@ -189,10 +201,10 @@ impl Progress {
 /// Trains `opt`'s parameters on `examples` under `objective`. With `resume`, continues from the
 /// newest checkpoint in `run.dir` (a fresh start when there is none). Returns the step logs of
 /// this invocation.
-pub fn train(
+pub fn train<T: Item>(
     policy: &Policy,
-    objective: &dyn Objective,
-    examples: &[Example],
+    objective: &dyn Objective<T>,
+    examples: &[T],
     opt: &mut AdamW,
     cfg: &TrainConfig,
     run: &RunDir,
@@ -239,15 +251,17 @@ pub fn train(
     let started = Instant::now();
     let first_step = state.step;
     let mut logs = Vec::new();
-    let mut order = epoch_order(n, cfg.seed, state.epoch, cfg.shuffle);
+    let lengths: Vec<usize> = examples.iter().map(Item::tokens).collect();
+    let group = if cfg.group_by_length { 50 * cfg.batch_size } else { 0 };
+    let mut order = epoch_order(&lengths, cfg.seed, state.epoch, cfg.shuffle, group);
     while state.step < total {
         if state.position >= n {
             state.epoch += 1;
             state.position = 0;
-            order = epoch_order(n, cfg.seed, state.epoch, cfg.shuffle);
+            order = epoch_order(&lengths, cfg.seed, state.epoch, cfg.shuffle, group);
         }
         let take = (cfg.batch_size * cfg.grad_accum).min(n - state.position);
-        let step_examples: Vec<&Example> =
+        let step_examples: Vec<&T> =
             order[state.position..state.position + take].iter().map(|&i| &examples[i]).collect();
         let units = objective.units(&step_examples).max(1) as f64;
         let lrs: Vec<f64> =
@@ -259,11 +273,15 @@ pub fn train(
         let t0 = Instant::now();
         let (mut fwd_s, mut bwd_s, mut loss) = (0.0, 0.0, 0.0);
         let mut grads: Option<GradStore> = None;
+        let mut extra = std::collections::BTreeMap::new();
         for mb in step_examples.chunks(cfg.batch_size) {
             let a = Instant::now();
             let out = objective.loss(policy, mb)?;
             let scaled = out.sum.affine(1.0 / units, 0.0)?;
             loss += scaled.to_scalar::<f32>()? as f64;
+            for (k, v) in out.metrics {
+                *extra.entry(k.to_string()).or_insert(0.0) += v / units;
+            }
             let b = Instant::now();
             let g = scaled.backward()?;
             match grads.as_mut() {
@@ -290,7 +308,7 @@ pub fn train(
         state.position += take;
         state.adam_step = opt.step;
 
-        let tokens: usize = step_examples.iter().map(|e| e.ids.len()).sum();
+        let tokens: usize = step_examples.iter().map(|e| e.tokens()).sum();
         let secs = t0.elapsed().as_secs_f64();
         let log = StepLog {
             step: state.step,
@@ -303,6 +321,7 @@ pub fn train(
             fwd_s,
             bwd_s,
             opt_s,
+            extra,
         };
         let line = serde_json::to_string(&log).map_err(|e| Error::Invalid(e.to_string()))?;
         writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;

@@ -1,0 +1,99 @@
+//! Chain-of-Hindsight (Liu et al. 2023): both responses of a pair in one sequence, each behind a
+//! natural-language feedback phrase — `x, "A helpful answer:", y_w, "An unhelpful answer:", y_l`
+//! (or negative first) — with the loss on the response tokens only. At inference the positive
+//! phrase follows the prompt.
+
+use crate::data::Example;
+use crate::methods::{load_pairs, pad_id, pair_controls, spec, stage};
+use crate::controls::ControlKind;
+use crate::objectives::lm::LanguageModeling;
+use crate::run::{build, RunConfig};
+use crate::train::StepLog;
+use crate::{Error, Result};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Which response comes first in a sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// Each pair draws its order (seeded): both orderings in the data.
+    #[default]
+    Random,
+    PositiveFirst,
+    NegativeFirst,
+}
+
+/// `[coh]` options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CohConfig {
+    /// Phrases before a chosen response (one drawn per sequence); the first is used at inference.
+    pub positive: Vec<String>,
+    /// Phrases before a rejected response.
+    pub negative: Vec<String>,
+    pub order: Order,
+}
+
+impl Default for CohConfig {
+    fn default() -> Self {
+        Self {
+            positive: vec!["A helpful answer:".into()],
+            negative: vec!["An unhelpful answer:".into()],
+            order: Order::Random,
+        }
+    }
+}
+
+/// The text of a feedback phrase as placed in a sequence (on its own line).
+pub fn marker_text(phrase: &str) -> String {
+    format!("\n{phrase}\n")
+}
+
+/// The sequence `prompt, first marker, first response, second marker, second response`, with
+/// labels on the two responses only.
+pub fn sequence(prompt: &[u32], first: (&[u32], &[u32]), second: (&[u32], &[u32])) -> Example {
+    let mut ids = prompt.to_vec();
+    ids.extend(first.0);
+    let start = ids.len();
+    ids.extend(first.1);
+    let gap = (ids.len(), ids.len() + second.0.len());
+    ids.extend(second.0);
+    ids.extend(second.1);
+    Example { ids, start, control: None, unlabelled: vec![gap] }
+}
+
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let c = &cfg.coh;
+    if c.positive.is_empty() || c.negative.is_empty() {
+        return Err(Error::Invalid("coh: positive and negative phrase lists must not be empty".into()));
+    }
+    pair_controls(cfg)?;
+    let mut built = build(cfg)?;
+    let p = &built.policy.pretrained;
+    let encode = |ph: &String| p.tokenizer.encode(&marker_text(ph), false);
+    let pos = c.positive.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    let neg = c.negative.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xC0C0);
+    let examples: Vec<Example> = load_pairs(cfg, p)?
+        .iter()
+        .map(|pair| {
+            let good = (pos[rng.gen_range(0..pos.len())].as_slice(), pair.chosen.as_slice());
+            let bad = (neg[rng.gen_range(0..neg.len())].as_slice(), pair.rejected.as_slice());
+            let positive_first = match c.order {
+                Order::Random => rng.gen_bool(0.5),
+                Order::PositiveFirst => true,
+                Order::NegativeFirst => false,
+            };
+            if positive_first {
+                sequence(&pair.prompt, good, bad)
+            } else {
+                sequence(&pair.prompt, bad, good)
+            }
+        })
+        .collect();
+    let objective = LanguageModeling { pad_id: pad_id(p) };
+    let mut s = spec(cfg, ControlKind::Text, vec![c.positive[0].clone(), c.negative[0].clone()]);
+    s.stop_strings = c.positive.iter().chain(&c.negative).cloned().collect();
+    stage(cfg, "coh", &mut built, &objective, &examples, &cfg.output_dir, resume, Some(s))
+}

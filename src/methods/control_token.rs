@@ -1,0 +1,118 @@
+//! Vanilla controllable generation (the baseline MEET improves on): one new special token per
+//! preference (`<|good|>`, `<|bad|>`), placed before the prompt, with a new embedding row, trained
+//! jointly with the full model in one step.
+
+use crate::data::Example;
+use crate::controls::ControlKind;
+use crate::io::RawModel;
+use crate::methods::{load_data, pad_id, pair_controls, spec, stage, TrainingData};
+use crate::objectives::lm::LanguageModeling;
+use crate::run::{build_with, RunConfig};
+use crate::tokenizer::Tokenizer;
+use crate::train::StepLog;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+use serde::{Deserialize, Serialize};
+
+/// `[control_token]` options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlTokenConfig {
+    /// The token of control `{name}`.
+    pub template: String,
+}
+
+impl Default for ControlTokenConfig {
+    fn default() -> Self {
+        Self { template: "<|{name}|>".into() }
+    }
+}
+
+/// Grows a `[rows, hidden]` embedding to `rows_new` rows: each new row is the mean of the old
+/// ones plus small seeded noise (transformers' `mean_resizing` samples near the mean too), so a
+/// new token starts as an "average" token and the rows differ.
+fn grow(t: &Tensor, rows_new: usize, seed: u64) -> Result<Tensor> {
+    let (rows, hidden) = t.dims2()?;
+    let mean = t.mean_keepdim(0)?;
+    let std = t.broadcast_sub(&mean)?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0.0, 0.01 * std.max(1e-6)).map_err(|e| Error::Invalid(e.to_string()))?;
+    let noise: Vec<f32> = (0..(rows_new - rows) * hidden).map(|_| normal.sample(&mut rng) as f32).collect();
+    let new = Tensor::from_vec(noise, (rows_new - rows, hidden), &Device::Cpu)?.broadcast_add(&mean.to_device(&Device::Cpu)?)?;
+    Ok(Tensor::cat(&[t, &new.to_device(t.device())?], 0)?)
+}
+
+/// Adds `tokens` as special tokens to the model's tokenizer, with embedding rows (and LM-head
+/// rows when untied) for those beyond the current matrix; `vocab_size` follows.
+pub fn add_tokens(raw: &mut RawModel, tokens: &[String], seed: u64) -> Result<()> {
+    let added: Vec<tokenizers::AddedToken> = tokens
+        .iter()
+        .filter(|t| raw.tokenizer.token_id(t).is_none())
+        .map(|t| tokenizers::AddedToken::from(t.clone(), true))
+        .collect();
+    raw.tokenizer.inner.add_special_tokens(added)?;
+    let needed = raw.tokenizer.vocab_size();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let Some(t) = raw.tensors.get(name) else {
+            if name == "model.embed_tokens.weight" {
+                return Err(Error::Invalid("control tokens: the model has no dense model.embed_tokens.weight".into()));
+            }
+            continue;
+        };
+        if t.dims2()?.0 < needed {
+            let grown = grow(t, needed, seed)?;
+            raw.tensors.insert(name.to_string(), grown);
+        }
+    }
+    let rows = raw.tensors["model.embed_tokens.weight"].dims2()?.0;
+    raw.config["vocab_size"] = serde_json::json!(rows);
+    Ok(())
+}
+
+/// `ids` with `token` in front, after any tokens the tokenizer itself puts first (a BOS).
+pub fn with_token(tok: &Tokenizer, ids: &[u32], token: u32) -> Result<Vec<u32>> {
+    let auto = tok.encode("a", true)?.len().saturating_sub(tok.encode("a", false)?.len());
+    let at = if ids.len() >= auto && tok.encode("a", true)?[..auto] == ids[..auto] { auto } else { 0 };
+    let mut out = ids[..at].to_vec();
+    out.push(token);
+    out.extend(&ids[at..]);
+    Ok(out)
+}
+
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let names = cfg.controls();
+    let tokens: Vec<String> = names.iter().map(|n| cfg.control_token.template.replace("{name}", n)).collect();
+    let mut built = build_with(cfg, &tokens, true)?;
+    let p = &built.policy.pretrained;
+    let ids: Vec<u32> = tokens
+        .iter()
+        .map(|t| p.tokenizer.token_id(t).ok_or_else(|| Error::Invalid(format!("token {t} was not added"))))
+        .collect::<Result<_>>()?;
+    let prefixed = |seq: &[u32], start: usize, c: usize| -> Result<Example> {
+        let ids = with_token(&p.tokenizer, seq, ids[c])?;
+        Ok(Example { ids, start: start + 1, ..Default::default() })
+    };
+    let examples: Vec<Example> = match load_data(cfg, p)? {
+        TrainingData::Pairs(pairs) => {
+            let (good, bad) = pair_controls(cfg)?;
+            let mut out = Vec::with_capacity(2 * pairs.len());
+            for pr in &pairs {
+                out.push(prefixed(&[pr.prompt.as_slice(), &pr.chosen].concat(), pr.prompt.len(), good)?);
+                out.push(prefixed(&[pr.prompt.as_slice(), &pr.rejected].concat(), pr.prompt.len(), bad)?);
+            }
+            out
+        }
+        TrainingData::Supervised(ex) => ex
+            .iter()
+            .map(|e| {
+                let c = e.control.ok_or_else(|| Error::Invalid("control-token: a row names no control".into()))?;
+                prefixed(&e.ids, e.start, c)
+            })
+            .collect::<Result<_>>()?,
+    };
+    let objective = LanguageModeling { pad_id: pad_id(p) };
+    let s = spec(cfg, ControlKind::Token, tokens);
+    stage(cfg, "control-token", &mut built, &objective, &examples, &cfg.output_dir, resume, Some(s))
+}

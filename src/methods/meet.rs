@@ -1,0 +1,121 @@
+//! MEET — alignMEnt with parameter-Efficient Tuning. Each preference has a control (a soft prompt
+//! of n virtual tokens, or a LoRA adapter): chosen responses train under `good`, rejected ones
+//! under `bad`, with the cross-entropy of the response tokens, `L = −Σ log p(y_t | c, x, y_<t)`.
+//!
+//! 1. Step 1, control optimisation: the model is frozen, only the controls train.
+//! 2. Step 2, conditional fine-tuning: the full model trains on the same objective, starting from
+//!    step 1's controls (which keep training unless `freeze_controls`).
+//!
+//! `steps` gives the ablations on the same code path: `step1` only, `step2` only (controls
+//! fresh and trained jointly with the model), or `both`. Step 1's outputs go to
+//! `output_dir/step1/final` (or `output_dir/final` when it is the only step), step 2's to
+//! `output_dir/final`.
+
+use crate::data::Example;
+use crate::methods::{adapter_spec, load_data, pad_id, pair_controls, stage, TrainingData};
+use crate::objectives::lm::LanguageModeling;
+use crate::run::{build_with, RunConfig};
+use crate::train::StepLog;
+use crate::Result;
+use serde::{Deserialize, Serialize};
+
+/// Which steps run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeetSteps {
+    #[default]
+    Both,
+    Step1,
+    Step2,
+}
+
+/// Per-step changes to `[train]` (unset: `[train]`'s value).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepOverrides {
+    pub epochs: Option<usize>,
+    pub max_steps: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub lr: Option<f64>,
+    pub control_lr: Option<f64>,
+    pub warmup_steps: Option<usize>,
+}
+
+/// `[meet]` options.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeetConfig {
+    pub steps: MeetSteps,
+    /// Keep step 1's controls fixed during step 2.
+    pub freeze_controls: bool,
+    pub step1: StepOverrides,
+    pub step2: StepOverrides,
+}
+
+/// `cfg` for one step: what trains and the step's loop settings.
+fn step_config(cfg: &RunConfig, train_weights: bool, o: &StepOverrides) -> RunConfig {
+    let mut c = cfg.clone();
+    c.model.train_weights = train_weights;
+    let t = &mut c.train;
+    if o.max_steps.is_some() {
+        t.max_steps = o.max_steps;
+    }
+    t.epochs = o.epochs.unwrap_or(t.epochs);
+    t.batch_size = o.batch_size.unwrap_or(t.batch_size);
+    t.grad_accum = o.grad_accum.unwrap_or(t.grad_accum);
+    t.lr = o.lr.unwrap_or(t.lr);
+    t.control_lr = o.control_lr.or(t.control_lr);
+    t.warmup_steps = o.warmup_steps.unwrap_or(t.warmup_steps);
+    c
+}
+
+/// Training examples: each pair gives (good, x, y_w) and (bad, x, y_l); supervised rows keep the
+/// control they name (any number of preferences).
+fn examples(cfg: &RunConfig, data: TrainingData) -> Result<Vec<Example>> {
+    Ok(match data {
+        TrainingData::Supervised(ex) => ex,
+        TrainingData::Pairs(pairs) => {
+            let (good, bad) = pair_controls(cfg)?;
+            pairs
+                .into_iter()
+                .flat_map(|p| {
+                    let start = p.prompt.len();
+                    [(p.chosen, good), (p.rejected, bad)].map(|(r, c)| Example {
+                        ids: [p.prompt.as_slice(), &r].concat(),
+                        start,
+                        control: Some(c),
+                        ..Default::default()
+                    })
+                })
+                .collect()
+        }
+    })
+}
+
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let m = &cfg.meet;
+    let mut logs = Vec::new();
+    let step1_dir = cfg.output_dir.join("step1");
+    if m.steps != MeetSteps::Step2 {
+        let c = step_config(cfg, false, &m.step1);
+        let mut built = build_with(&c, &[], true)?;
+        let p = &built.policy.pretrained;
+        let ex = examples(cfg, load_data(cfg, p)?)?;
+        let objective = LanguageModeling { pad_id: pad_id(p) };
+        let dir = if m.steps == MeetSteps::Step1 { cfg.output_dir.clone() } else { step1_dir.clone() };
+        logs.extend(stage(&c, "meet-step1", &mut built, &objective, &ex, &dir, resume, adapter_spec(cfg))?);
+    }
+    if m.steps != MeetSteps::Step1 {
+        let mut c = step_config(cfg, true, &m.step2);
+        if m.steps == MeetSteps::Both {
+            c.model.init_adapters = Some(step1_dir.join("final"));
+        }
+        let mut built = build_with(&c, &[], !m.freeze_controls)?;
+        let p = &built.policy.pretrained;
+        let ex = examples(cfg, load_data(cfg, p)?)?;
+        let objective = LanguageModeling { pad_id: pad_id(p) };
+        logs.extend(stage(&c, "meet-step2", &mut built, &objective, &ex, &cfg.output_dir, resume, adapter_spec(cfg))?);
+    }
+    Ok(logs)
+}

@@ -1,0 +1,145 @@
+//! Direct Preference Optimization (Rafailov et al. 2023), sigmoid loss as TRL's `DPOTrainer`:
+//!
+//! `L = −log σ(β [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])`
+//!
+//! with sequence log-probabilities summed over response tokens. `label_smoothing` ε gives the
+//! conservative variant (cDPO): `(1−ε)·L(z) + ε·L(−z)`. The reference log-probabilities are
+//! computed once, before training ([`reference_logps`]), and travel with each pair, so the
+//! reference model is never held during training.
+
+use crate::data::preference::Pair;
+use crate::objectives::{Item, Objective, StepOutput};
+use crate::policy::{Batch, Policy};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// `[dpo]` options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoConfig {
+    /// Strength of the KL penalty (TRL's `beta`).
+    pub beta: f64,
+    /// The reference model (folder / GGUF / Hub id): the SFT model, or by default the model
+    /// training starts from (with LoRA: the base, adapters disabled).
+    pub reference: Option<String>,
+    /// cDPO's label noise ε (0 = the plain sigmoid loss).
+    pub label_smoothing: f64,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self { beta: 0.1, reference: None, label_smoothing: 0.0 }
+    }
+}
+
+/// A preference pair with its reference log-probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DpoPair {
+    pub pair: Pair,
+    pub ref_chosen: f64,
+    pub ref_rejected: f64,
+}
+
+impl Item for DpoPair {
+    fn tokens(&self) -> usize {
+        2 * self.pair.prompt.len() + self.pair.chosen.len() + self.pair.rejected.len()
+    }
+}
+
+/// The batch of `pairs`: every chosen sequence, then every rejected one (as TRL concatenates).
+pub fn pair_batch(pairs: &[&Pair], pad_id: u32) -> Result<Batch> {
+    let rows: Vec<(Vec<u32>, usize)> = [false, true]
+        .iter()
+        .flat_map(|&rej| {
+            pairs.iter().map(move |p| {
+                let r = if rej { &p.rejected } else { &p.chosen };
+                ([p.prompt.as_slice(), r].concat(), p.prompt.len())
+            })
+        })
+        .collect();
+    Batch::from_rows(&rows, pad_id)
+}
+
+/// Summed response log-probabilities `(chosen, rejected)` of every pair under `model` with its
+/// controls off, `batch_size` pairs at a time.
+pub fn reference_logps(model: &Policy, pairs: &[Pair], batch_size: usize, pad_id: u32) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let refs: Vec<&Pair> = chunk.iter().collect();
+        let mut batch = pair_batch(&refs, pad_id)?;
+        batch.controls = Some(vec![None; batch.b]);
+        let lp = model.label_logps(&batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
+        let n = chunk.len();
+        out.extend((0..n).map(|i| (lp[i] as f64, lp[n + i] as f64)));
+    }
+    Ok(out)
+}
+
+/// The DPO objective; its unit is a pair.
+pub struct Dpo {
+    pub config: DpoConfig,
+    pub pad_id: u32,
+}
+
+/// `−log σ(x)`, stable for large |x|: `max(−x, 0) + log(1 + e^{−|x|})`.
+fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    Ok((x.neg()?.relu()? + soft)?)
+}
+
+impl Objective<DpoPair> for Dpo {
+    fn units(&self, items: &[&DpoPair]) -> usize {
+        items.len()
+    }
+
+    fn loss(&self, policy: &Policy, items: &[&DpoPair]) -> Result<StepOutput> {
+        let n = items.len();
+        if n == 0 {
+            return Err(Error::Invalid("empty DPO batch".into()));
+        }
+        let pairs: Vec<&Pair> = items.iter().map(|i| &i.pair).collect();
+        let lp = policy.label_logps(&pair_batch(&pairs, self.pad_id)?)?.per_sequence_sum()?;
+        let dev = lp.device();
+        let (pc, pr) = (lp.narrow(0, 0, n)?, lp.narrow(0, n, n)?);
+        let rc = Tensor::from_vec(items.iter().map(|i| i.ref_chosen as f32).collect(), n, dev)?;
+        let rr = Tensor::from_vec(items.iter().map(|i| i.ref_rejected as f32).collect(), n, dev)?;
+        let beta = self.config.beta;
+        let chosen_rewards = (&pc - &rc)?.affine(beta, 0.0)?;
+        let rejected_rewards = (&pr - &rr)?.affine(beta, 0.0)?;
+        let z = (&chosen_rewards - &rejected_rewards)?;
+        let eps = self.config.label_smoothing;
+        let mut loss = neg_log_sigmoid(&z)?.affine(1.0 - eps, 0.0)?;
+        if eps > 0.0 {
+            loss = (loss + neg_log_sigmoid(&z.neg()?)?.affine(eps, 0.0)?)?;
+        }
+        let cr = chosen_rewards.detach().to_vec1::<f32>()?;
+        let rj = rejected_rewards.detach().to_vec1::<f32>()?;
+        let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
+        let metrics = vec![
+            ("rewards/chosen", sum(&cr)),
+            ("rewards/rejected", sum(&rj)),
+            ("rewards/accuracies", cr.iter().zip(&rj).filter(|(c, r)| c > r).count() as f64),
+            ("rewards/margins", sum(&cr) - sum(&rj)),
+            ("logps/chosen", sum(&pc.detach().to_vec1::<f32>()?)),
+            ("logps/rejected", sum(&pr.detach().to_vec1::<f32>()?)),
+        ];
+        Ok(StepOutput { sum: loss.sum_all()?, metrics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn neg_log_sigmoid_is_stable_and_right() {
+        let x = Tensor::new(&[-100f32, -1.0, 0.0, 2.0, 100.0], &Device::Cpu).unwrap();
+        let y = neg_log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
+        let want = [100.0, 1.3132617, std::f32::consts::LN_2, 0.12692805, 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+}

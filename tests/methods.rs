@@ -1,0 +1,232 @@
+//! Every alignment method learns a known rule on a tiny model. The synthetic preference task:
+//! a prompt is a few random letters and a colon; both responses name one of three words, and the
+//! chosen one ends with the marker " yes" that the rejected one lacks. After training, generating
+//! under `good` must end with the marker far more often than under `bad` (and than before
+//! training). Rates are measured by sampling the saved output folders through the same path as
+//! `meet generate --control`.
+
+mod common;
+
+use common::tiny_raw;
+use meet::controls::Controlled;
+use meet::generate::SamplingParams;
+use meet::run::{Method, RunConfig};
+use meet::train::StepLog;
+use meet::LoadOptions;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+const WORDS: [&str; 3] = ["cat", "dog", "sun"];
+
+fn prompt(rng: &mut impl Rng) -> String {
+    let n = rng.gen_range(2..5);
+    let s: String = (0..n).map(|_| rng.gen_range(b'a'..=b'z') as char).collect();
+    format!("{s}:")
+}
+
+/// The tiny model folder, the preference file, and held-out prompts.
+fn task(dir: &Path) -> (String, PathBuf, Vec<String>) {
+    let model = dir.join("model");
+    let mut raw = tiny_raw(11, 64);
+    raw.config["hidden_size"] = json!(64);
+    raw.config["intermediate_size"] = json!(128);
+    raw.tensors = meet::models::random_weights(&raw.config, 11, &candle_core::Device::Cpu).unwrap();
+    meet::io::save_hf_folder(&raw, &model).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut lines = String::new();
+    for _ in 0..96 {
+        let w = WORDS[rng.gen_range(0..3)];
+        let row = json!({"prompt": prompt(&mut rng), "chosen": format!(" {w} yes"), "rejected": format!(" {w}")});
+        lines.push_str(&format!("{row}\n"));
+    }
+    let data = dir.join("prefs.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let held_out = (0..48).map(|_| prompt(&mut rng)).collect();
+    (model.to_string_lossy().into_owned(), data, held_out)
+}
+
+fn config(method: Method, model: &str, data: &Path, out: &Path, set: &[(&str, &str)]) -> RunConfig {
+    let text = format!(
+        r#"
+method = "{}"
+output_dir = {:?}
+[model]
+source = {:?}
+[data]
+train = {:?}
+max_length = 32
+[train]
+batch_size = 16
+epochs = 40
+lr = 3e-3
+seed = 1
+"#,
+        method.name(),
+        out.to_string_lossy(),
+        model,
+        data.to_string_lossy()
+    );
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let set: Vec<(String, String)> = set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    RunConfig::from_table(table, &set).unwrap()
+}
+
+/// Share of sampled completions (temperature 1, two per prompt) that end with the marker.
+fn rate(model: &str, control: Option<&str>, prompts: &[String]) -> f64 {
+    let c = Controlled::load(model, &LoadOptions::default()).unwrap();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| c.pretrained.tokenizer.encode(p, true).unwrap()).collect();
+    let mut hits = 0;
+    for seed in [1, 2] {
+        let params =
+            SamplingParams { temperature: 1.0, seed, max_new_tokens: 10, ..Default::default() };
+        let out = c.generate(&ids, control, &params, |_, _| Ok(())).unwrap();
+        hits += out.iter().filter(|g| g.text.trim_end().ends_with("yes")).count();
+    }
+    hits as f64 / (2 * prompts.len()) as f64
+}
+
+fn final_dir(out: &Path) -> String {
+    out.join("final").to_string_lossy().into_owned()
+}
+
+/// The starting model of every method: the tiny model fine-tuned on both responses of every
+/// pair, so that it knows the words and ends about half its answers with the marker (a
+/// "pretrained" model without a preference). Returns its folder and its marker rate.
+fn pretrained(dir: &Path, model: &str, data: &Path, prompts: &[String]) -> (String, f64) {
+    let mixed = dir.join("mixed.jsonl");
+    let rows: String = std::fs::read_to_string(data)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["chosen", "rejected"].map(|k| format!("{}\n", json!({"prompt": v["prompt"], "completion": v[k]})))
+        })
+        .collect();
+    std::fs::write(&mixed, rows).unwrap();
+    let out = dir.join("sft-mixed");
+    meet::run::run(&config(Method::Sft, model, &mixed, &out, &[("model.train_weights", "true")]), false).unwrap();
+    let base = final_dir(&out);
+    let r = rate(&base, None, prompts);
+    (base, r)
+}
+
+#[test]
+fn meet_with_soft_prompts_learns_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("meet-prompt");
+    let cfg = config(
+        Method::Meet,
+        &model,
+        &data,
+        &out,
+        &[
+            ("train.control_lr", "1e-1"),
+            ("prompt.n", "8"),
+            ("prompt.init", "\"sample_vocab\""),
+            ("meet.step1.epochs", "80"),
+            ("meet.step2.epochs", "20"),
+        ],
+    );
+    meet::run::run(&cfg, false).unwrap();
+    let step1 = final_dir(&out.join("step1"));
+    let (s1_good, s1_bad) = (rate(&step1, Some("good"), &prompts), rate(&step1, Some("bad"), &prompts));
+    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
+    eprintln!("meet prompt: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}");
+    // Step 1 alone (the model frozen) already separates the two behaviours.
+    assert!(s1_good >= 0.6 && s1_good - s1_bad >= 0.4, "step 1: good {s1_good}, bad {s1_bad}");
+    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+}
+
+#[test]
+fn meet_with_lora_controls_learns_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("meet-lora");
+    let cfg = config(
+        Method::Meet,
+        &model,
+        &data,
+        &out,
+        &[
+            ("train.control_lr", "1e-2"),
+            ("lora.r", "4"),
+            ("lora.alpha", "8"),
+            ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
+        ],
+    );
+    meet::run::run(&cfg, false).unwrap();
+    let step1 = final_dir(&out.join("step1"));
+    let (s1_good, s1_bad) = (rate(&step1, Some("good"), &prompts), rate(&step1, Some("bad"), &prompts));
+    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
+    eprintln!("meet lora: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}");
+    assert!(s1_good >= 0.6 && s1_good - s1_bad >= 0.4, "step 1: good {s1_good}, bad {s1_bad}");
+    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+}
+
+#[test]
+fn control_tokens_learn_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("control-token");
+    let cfg = config(Method::ControlToken, &model, &data, &out, &[("model.train_weights", "true")]);
+    meet::run::run(&cfg, false).unwrap();
+    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
+    eprintln!("control tokens: base {base:.2}, good {good:.2} bad {bad:.2}");
+    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+}
+
+#[test]
+fn chain_of_hindsight_learns_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("coh");
+    let cfg = config(Method::Coh, &model, &data, &out, &[("model.train_weights", "true")]);
+    meet::run::run(&cfg, false).unwrap();
+    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
+    eprintln!("coh: base {base:.2}, good {good:.2} bad {bad:.2}");
+    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+}
+
+fn metrics(out: &Path) -> Vec<StepLog> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn dpo_raises_the_margin_and_follows_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    // The reference is the SFT model.
+    let (sft, before) = pretrained(dir.path(), &model, &data, &prompts);
+
+    let out = dir.path().join("dpo");
+    let set = [("model.train_weights", "true"), ("train.epochs", "20"), ("train.lr", "3e-4"), ("dpo.beta", "0.1")];
+    let cfg = config(Method::Dpo, &sft, &data, &out, &set);
+    meet::run::run(&cfg, false).unwrap();
+    let after = rate(&final_dir(&out), None, &prompts);
+    let logs = metrics(&out);
+    let (first, last) = (&logs[0], logs.last().unwrap());
+    eprintln!(
+        "dpo: rule {before:.2} -> {after:.2}; margin {:.3} -> {:.3}, accuracy {:.2} -> {:.2}, loss {:.3} -> {:.3}",
+        first.extra["rewards/margins"],
+        last.extra["rewards/margins"],
+        first.extra["rewards/accuracies"],
+        last.extra["rewards/accuracies"],
+        first.loss,
+        last.loss
+    );
+    assert!((first.loss - std::f64::consts::LN_2).abs() < 1e-4, "first DPO loss {}", first.loss);
+    assert!(last.extra["rewards/margins"] > 1.0 && last.extra["rewards/accuracies"] >= 0.9);
+    assert!(after >= 0.75 && after > before + 0.25, "rule rate {before} -> {after}");
+    assert!(out.join("reference_logps.json").is_file());
+}
+
