@@ -55,10 +55,9 @@ impl ControlSpec {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| Error::Invalid(format!("unknown control '{name}' (this model has: {})", self.names.join(", "))))
+        self.names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::Invalid(format!("unknown control '{name}' (this model has: {})", self.names.join(", ")))
+        })
     }
 }
 
@@ -151,7 +150,8 @@ impl Controlled {
                         l.route(Routing::All(j));
                     }
                     ControlKind::SoftPrompt => {
-                        let sp = self.prompts.as_ref().ok_or_else(|| Error::Invalid("no soft prompts loaded".into()))?;
+                        let sp =
+                            self.prompts.as_ref().ok_or_else(|| Error::Invalid("no soft prompts loaded".into()))?;
                         prefix = Some(sp.vars[i].as_tensor().clone());
                     }
                     ControlKind::Token => {

@@ -231,7 +231,8 @@ impl RunConfig {
         for (k, v) in overrides {
             set_key(&mut table, k, v)?;
         }
-        let cfg: Self = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+        let cfg: Self =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -283,7 +284,7 @@ impl RunConfig {
         if matches!(self.method, Method::Coh | Method::Dpo) && self.prompt.is_some() {
             return Err(Error::Invalid(format!("method {} does not take a [prompt] section", self.method.name())));
         }
-            Ok(())
+        Ok(())
     }
 }
 
@@ -322,9 +323,14 @@ pub fn build_with(cfg: &RunConfig, new_tokens: &[String], train_controls: bool) 
         Pretrained::from_raw(raw, &opts)?
     };
     let prompts = match &cfg.prompt {
-        Some(p) => {
-            Some(SoftPrompts::new(&names, p, pretrained.model.as_ref(), &pretrained.tokenizer, seed, &pretrained.device)?)
-        }
+        Some(p) => Some(SoftPrompts::new(
+            &names,
+            p,
+            pretrained.model.as_ref(),
+            &pretrained.tokenizer,
+            seed,
+            &pretrained.device,
+        )?),
         None => None,
     };
     if let Some(dir) = &cfg.model.init_adapters {

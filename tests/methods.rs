@@ -78,8 +78,7 @@ fn rate(model: &str, control: Option<&str>, prompts: &[String]) -> f64 {
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| c.pretrained.tokenizer.encode(p, true).unwrap()).collect();
     let mut hits = 0;
     for seed in [1, 2] {
-        let params =
-            SamplingParams { temperature: 1.0, seed, max_new_tokens: 10, ..Default::default() };
+        let params = SamplingParams { temperature: 1.0, seed, max_new_tokens: 10, ..Default::default() };
         let out = c.generate(&ids, control, &params, |_, _| Ok(())).unwrap();
         hits += out.iter().filter(|g| g.text.trim_end().ends_with("yes")).count();
     }
@@ -134,7 +133,9 @@ fn meet_with_soft_prompts_learns_the_rule() {
     let step1 = final_dir(&out.join("step1"));
     let (s1_good, s1_bad) = (rate(&step1, Some("good"), &prompts), rate(&step1, Some("bad"), &prompts));
     let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
-    eprintln!("meet prompt: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}");
+    eprintln!(
+        "meet prompt: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}"
+    );
     // Step 1 alone (the model frozen) already separates the two behaviours.
     assert!(s1_good >= 0.6 && s1_good - s1_bad >= 0.4, "step 1: good {s1_good}, bad {s1_bad}");
     assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
@@ -229,4 +230,3 @@ fn dpo_raises_the_margin_and_follows_the_rule() {
     assert!(after >= 0.75 && after > before + 0.25, "rule rate {before} -> {after}");
     assert!(out.join("reference_logps.json").is_file());
 }
-

@@ -169,3 +169,51 @@ fn full_fine_tuning_losses_match_the_python_reference() {
         assert!((got - want).abs() < 2e-3, "step {i}: loss {got} vs reference {want}");
     }
 }
+
+#[test]
+fn dpo_losses_match_the_python_reference() {
+    // ../shared/reference: bench_dpo_manual.py on its 4 fixed pairs (64 prompt + 64 response tokens,
+    // copied to the fixtures), sigmoid loss, beta 0.1, full f32 model, reference = the starting
+    // model, AdamW lr 1e-6, no weight decay, no clipping: losses 0.6931, 0.6316, 0.5743, 0.5211.
+    use meet::data::preference::Pair;
+    use meet::objectives::dpo::{Dpo, DpoPair};
+    use meet::run::{build, DataSection, Method, RunConfig};
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo_pairs_4x64+64.json");
+    let raw: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let pairs: Vec<Pair> = raw
+        .iter()
+        .map(|p| Pair {
+            prompt: u32s(&p["prompt_ids"]),
+            chosen: u32s(&p["chosen_ids"]),
+            rejected: u32s(&p["rejected_ids"]),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RunConfig::new(Method::Dpo, &smollm2(), DataSection::new("unused.jsonl"), dir.path());
+    cfg.model.train_weights = true;
+    cfg.train.lr = 1e-6;
+    cfg.train.max_grad_norm = None;
+    cfg.train.batch_size = 4;
+    cfg.train.max_steps = Some(4);
+    cfg.train.shuffle = false;
+    cfg.train.save_every = Some(0);
+    let refs = meet::methods::dpo::cached_reference_logps(&cfg, &pairs, 0).unwrap();
+    let mut built = build(&cfg).unwrap();
+    let items: Vec<DpoPair> =
+        pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
+    let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
+    let run = meet::train::RunDir { dir: dir.path().to_path_buf(), config_hash: "dpo".into() };
+    let logs =
+        meet::train::train(&built.policy, &objective, &items, &mut built.optimizer, &cfg.train, &run, false).unwrap();
+    #[allow(clippy::approx_constant)] // the recorded figures, as printed
+    let want = [0.6931, 0.6316, 0.5743, 0.5211];
+    for (i, (log, want)) in logs.iter().zip(want).enumerate() {
+        assert!((log.loss - want).abs() < 2e-3, "step {i}: DPO loss {} vs reference {want}", log.loss);
+    }
+    // The first gradient (at policy = reference, where −log σ has its kink-free slope −1/2):
+    // torch's global norm is 21.4019 (the script with a norm print added).
+    assert!((logs[0].grad_norm - 21.4019).abs() < 2e-3, "step-1 gradient norm {}", logs[0].grad_norm);
+    // TRL's metrics: at step 1 the policy is the reference, so every reward is 0.
+    assert_eq!(logs[0].extra["rewards/margins"], 0.0);
+    assert!(logs[3].extra["rewards/accuracies"] > 0.5 && logs[3].extra["rewards/margins"] > 0.0);
+}

@@ -123,8 +123,8 @@ pub fn read_records(path: &Path) -> Result<Vec<(String, Value)>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v = serde_json::from_str(line)
-            .map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
+        let v =
+            serde_json::from_str(line).map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
         out.push((format!("line {}", i + 1), v));
     }
     Ok(out)
@@ -272,7 +272,9 @@ fn parse_tldr(v: &Value) -> std::result::Result<PreferenceText, String> {
 fn parse_llama_factory(v: &Value) -> std::result::Result<PreferenceText, String> {
     let value = |x: &Value, k: &str| match x {
         Value::String(s) => Ok(s.clone()),
-        Value::Object(_) => x.get("value").and_then(Value::as_str).map(String::from).ok_or(format!("'{k}.value' must be a string")),
+        Value::Object(_) => {
+            x.get("value").and_then(Value::as_str).map(String::from).ok_or(format!("'{k}.value' must be a string"))
+        }
         _ => Err(format!("field '{k}' must be a string or a {{\"from\", \"value\"}} message")),
     };
     let get = |k: &str| v.get(k).ok_or(format!("missing field '{k}'"));
@@ -283,7 +285,8 @@ fn parse_llama_factory(v: &Value) -> std::result::Result<PreferenceText, String>
     if let Some(conv) = v.get("conversations") {
         let conv = conv.as_array().ok_or("field 'conversations' must be a list")?;
         for (i, m) in conv.iter().enumerate() {
-            let from = m.get("from").and_then(Value::as_str).ok_or(format!("conversations[{i}].from must be a string"))?;
+            let from =
+                m.get("from").and_then(Value::as_str).ok_or(format!("conversations[{i}].from must be a string"))?;
             let role = match from {
                 "human" | "user" => "user",
                 "gpt" | "assistant" => "assistant",
@@ -383,7 +386,12 @@ fn render<'a>(p: &Prompt, tok: &'a Tokenizer) -> Result<(Vec<u32>, Responder<'a>
 /// Tokenises a record and applies the truncation policy: responses capped at
 /// `max_completion_length`, the prompt keeps its last `max_prompt_length` tokens, then the prompt
 /// gives way (from its start) until prompt + longer response fit `max_length`, then the responses.
-pub fn tokenize(p: &PreferenceText, tok: &Tokenizer, opts: &PreferenceOptions, stats: &mut PreferenceStats) -> Result<Pair> {
+pub fn tokenize(
+    p: &PreferenceText,
+    tok: &Tokenizer,
+    opts: &PreferenceOptions,
+    stats: &mut PreferenceStats,
+) -> Result<Pair> {
     let (mut prompt, response) = render(&p.prompt, tok)?;
     let (mut chosen, mut rejected) = (response(&p.chosen)?, response(&p.rejected)?);
     let mut response_cut = false;
@@ -420,7 +428,11 @@ pub fn tokenize(p: &PreferenceText, tok: &Tokenizer, opts: &PreferenceOptions, s
 
 /// Reads and tokenises a preference file. Invalid records fail with file and line, or with
 /// `skip_invalid` are skipped and listed in the stats.
-pub fn read_preferences(path: &Path, tok: &Tokenizer, opts: &PreferenceOptions) -> Result<(Vec<Pair>, PreferenceStats)> {
+pub fn read_preferences(
+    path: &Path,
+    tok: &Tokenizer,
+    opts: &PreferenceOptions,
+) -> Result<(Vec<Pair>, PreferenceStats)> {
     let records = read_records(path)?;
     let format = match (opts.format, records.first()) {
         (Format::Auto, Some((_, v))) => detect(v),
@@ -430,7 +442,9 @@ pub fn read_preferences(path: &Path, tok: &Tokenizer, opts: &PreferenceOptions) 
     let mut pairs = Vec::with_capacity(records.len());
     for (loc, v) in &records {
         match parse_record(v, format) {
-            Ok(p) => pairs.push(tokenize(&p, tok, opts, &mut stats).map_err(|e| Error::parse(path, format!("{loc}: {e}")))?),
+            Ok(p) => {
+                pairs.push(tokenize(&p, tok, opts, &mut stats).map_err(|e| Error::parse(path, format!("{loc}: {e}")))?)
+            }
             Err(e) if opts.skip_invalid => stats.skipped.push(format!("{loc}: {e}")),
             Err(e) => {
                 return Err(Error::parse(
@@ -520,7 +534,10 @@ mod tests {
             (json!({"prompt": "Q", "chosen": " ", "rejected": "b"}), "chosen response is empty"),
             (json!({"prompt": "Q", "chosen": "a", "rejected": "a"}), "identical"),
             (json!({"prompt": 3, "chosen": "a", "rejected": "b"}), "'prompt' must be a string"),
-            (json!({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: y"}), "do not share"),
+            (
+                json!({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: y"}),
+                "do not share",
+            ),
             (json!({"info": {"post": "p"}, "summaries": [{"text": "a"}], "choice": 0}), "2 summaries"),
         ];
         for (v, want) in cases {

@@ -3,9 +3,9 @@
 //! (or negative first) — with the loss on the response tokens only. At inference the positive
 //! phrase follows the prompt.
 
+use crate::controls::ControlKind;
 use crate::data::Example;
 use crate::methods::{load_pairs, pad_id, pair_controls, spec, stage};
-use crate::controls::ControlKind;
 use crate::objectives::lm::LanguageModeling;
 use crate::run::{build, RunConfig};
 use crate::train::StepLog;

@@ -2,8 +2,8 @@
 //! preference (`<|good|>`, `<|bad|>`), placed before the prompt, with a new embedding row, trained
 //! jointly with the full model in one step.
 
-use crate::data::Example;
 use crate::controls::ControlKind;
+use crate::data::Example;
 use crate::io::RawModel;
 use crate::methods::{load_data, pad_id, pair_controls, spec, stage, TrainingData};
 use crate::objectives::lm::LanguageModeling;
@@ -40,7 +40,8 @@ fn grow(t: &Tensor, rows_new: usize, seed: u64) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let normal = rand_distr::Normal::new(0.0, 0.01 * std.max(1e-6)).map_err(|e| Error::Invalid(e.to_string()))?;
     let noise: Vec<f32> = (0..(rows_new - rows) * hidden).map(|_| normal.sample(&mut rng) as f32).collect();
-    let new = Tensor::from_vec(noise, (rows_new - rows, hidden), &Device::Cpu)?.broadcast_add(&mean.to_device(&Device::Cpu)?)?;
+    let new = Tensor::from_vec(noise, (rows_new - rows, hidden), &Device::Cpu)?
+        .broadcast_add(&mean.to_device(&Device::Cpu)?)?;
     Ok(Tensor::cat(&[t, &new.to_device(t.device())?], 0)?)
 }
 

@@ -45,11 +45,8 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     let pad = pad_id(p);
     let pairs = load_pairs(cfg, p)?;
     let refs = cached_reference_logps(cfg, &pairs, pad)?;
-    let items: Vec<DpoPair> = pairs
-        .into_iter()
-        .zip(refs)
-        .map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r })
-        .collect();
+    let items: Vec<DpoPair> =
+        pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
     let objective = Dpo { config: cfg.dpo.clone(), pad_id: pad };
     stage(cfg, "dpo", &mut built, &objective, &items, &cfg.output_dir, resume, adapter_spec(cfg))
 }

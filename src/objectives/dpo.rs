@@ -11,7 +11,7 @@ use crate::data::preference::Pair;
 use crate::objectives::{Item, Objective, StepOutput};
 use crate::policy::{Batch, Policy};
 use crate::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// `[dpo]` options.
@@ -82,10 +82,37 @@ pub struct Dpo {
     pub pad_id: u32,
 }
 
-/// `−log σ(x)`, stable for large |x|: `max(−x, 0) + log(1 + e^{−|x|})`.
+/// `−log σ(x)` elementwise, stable for large |x| (`max(−x, 0) + log(1 + e^{−|x|})`), with the
+/// smooth gradient `−σ(−x)`. Built from relu and abs, autograd would take a one-sided slope at
+/// the kink x = 0 — exactly where DPO's first step sits (the policy equals the reference).
+struct NegLogSigmoid;
+
+impl CustomOp1 for NegLogSigmoid {
+    fn name(&self) -> &'static str {
+        "meet-neg-log-sigmoid"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = with_f32_storage(s, l, |x| (-x).max(0.0) + (-x.abs()).exp().ln_1p())?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d/dx −log σ(x) = −σ(−x)
+        let s = candle_nn::ops::sigmoid(&x.neg()?)?;
+        Ok(Some((dy * s.neg()?)?))
+    }
+}
+
+fn with_f32_storage(s: &CpuStorage, l: &Layout, f: impl Fn(f32) -> f32) -> candle_core::Result<Vec<f32>> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(v[a..b].iter().map(|&x| f(x)).collect()),
+        _ => candle_core::bail!("neg_log_sigmoid: needs contiguous f32"),
+    }
+}
+
 fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-    Ok((x.neg()?.relu()? + soft)?)
+    Ok(x.contiguous()?.apply_op1(NegLogSigmoid)?)
 }
 
 impl Objective<DpoPair> for Dpo {
@@ -132,6 +159,17 @@ impl Objective<DpoPair> for Dpo {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn neg_log_sigmoid_has_the_smooth_gradient_at_zero() {
+        let x = candle_core::Var::new(&[0f32, 3.0, -3.0], &Device::Cpu).unwrap();
+        let g = neg_log_sigmoid(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        // −σ(−x): −0.5, −0.047426, −0.952574
+        for (a, b) in g.iter().zip([-0.5, -0.047425874, -0.95257413]) {
+            assert!((a - b).abs() < 1e-6, "{g:?}");
+        }
+    }
 
     #[test]
     fn neg_log_sigmoid_is_stable_and_right() {
