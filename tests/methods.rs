@@ -230,3 +230,135 @@ fn dpo_raises_the_margin_and_follows_the_rule() {
     assert!(after >= 0.75 && after > before + 0.25, "rule rate {before} -> {after}");
     assert!(out.join("reference_logps.json").is_file());
 }
+
+fn meet_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(args).output().unwrap()
+}
+
+#[test]
+fn the_cli_trains_from_a_config_with_flag_overrides_and_generates_under_a_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (model, _) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("cli");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "method = \"control-token\"\noutput_dir = {:?}\n[model]\nsource = {model:?}\ntrain_weights = true\n[data]\ntrain = {:?}\n[train]\nbatch_size = 16\nlr = 1e-4\n",
+            out.to_string_lossy(),
+            data.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    // Flags override the file: the learning rate, the epochs, a nested key.
+    let o = meet_cli(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "40",
+        "--set",
+        "train.seed=1",
+        "--set",
+        "control_token.template=<{name}>",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(saved.contains("lr = 0.003") && saved.contains("epochs = 40") && saved.contains("template = \"<{name}>\""));
+    let fin = out.join("final");
+    let spec = std::fs::read_to_string(fin.join("meet_controls.json")).unwrap();
+    assert!(spec.contains("\"<good>\""), "{spec}");
+    let generate = |control: &str| {
+        let mut args = vec!["generate", "--model", fin.to_str().unwrap(), "--control", control, "--max-new-tokens", "10"];
+        for p in &prompts[..8] {
+            args.extend(["--prompt", p.as_str()]);
+        }
+        let o = meet_cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().trim_end().ends_with("yes"))
+            .count()
+    };
+    let (good, bad) = (generate("good"), generate("bad"));
+    assert!(good >= 6 && bad <= 2, "greedy: {good}/8 good and {bad}/8 bad end with the marker");
+    // An unknown control is an error that lists the known ones.
+    let o = meet_cli(&["generate", "--model", fin.to_str().unwrap(), "--control", "neutral", "--prompt", "ab:"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown control 'neutral'") && err.contains("good, bad"), "{err}");
+    // Resuming a finished run trains nothing more.
+    let o = meet_cli(&["train", cfg.to_str().unwrap(), "--resume", "--lr", "3e-3", "--epochs", "40", "--set", "train.seed=1", "--set", "control_token.template=<{name}>"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_cli_runs_without_a_config_and_reports_bad_data_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, _) = task(dir.path());
+    let out = dir.path().join("flags");
+    let args = |data: &str| {
+        vec![
+            "train".to_string(),
+            "--method".into(),
+            "sft".into(),
+            "--model".into(),
+            model.clone(),
+            "--data".into(),
+            data.to_string(),
+            "--output-dir".into(),
+            out.to_string_lossy().into_owned(),
+            "--max-steps".into(),
+            "2".into(),
+            "--set".into(),
+            "model.train_weights=true".into(),
+        ]
+    };
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(args(data.to_str().unwrap())).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metrics(&out).len(), 2);
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(args(bad.to_str().unwrap())).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("bad.jsonl") && err.contains("line 2: missing field 'rejected'"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // --skip-invalid trains on what is usable.
+    let mut a = args(bad.to_str().unwrap());
+    a.push("--skip-invalid".into());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(a).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("skipped 1 of 2 records"), "{err}");
+}
+
+#[test]
+fn control_tokens_grow_a_full_vocabulary_and_survive_saving() {
+    let mut raw = tiny_raw(4, 64);
+    // A vocabulary with no spare rows: the new tokens need new rows.
+    raw.config["vocab_size"] = json!(raw.tokenizer.vocab_size());
+    raw.tensors = meet::models::random_weights(&raw.config, 4, &candle_core::Device::Cpu).unwrap();
+    let rows = raw.tokenizer.vocab_size();
+    let old = raw.tensors["model.embed_tokens.weight"].clone();
+    meet::methods::control_token::add_tokens(&mut raw, &["<|good|>".into(), "<|bad|>".into()], 0).unwrap();
+    let emb = raw.tensors["model.embed_tokens.weight"].clone();
+    assert_eq!(emb.dims2().unwrap().0, rows + 2);
+    assert_eq!(raw.config["vocab_size"], json!(rows + 2));
+    assert_eq!(raw.tokenizer.token_id("<|good|>"), Some(rows as u32));
+    // Old rows untouched; new rows near the mean of the old ones, and not equal to each other.
+    assert_eq!(common::max_diff(&emb.narrow(0, 0, rows).unwrap(), &old), 0.0);
+    let mean = old.mean_keepdim(0).unwrap();
+    let new = emb.narrow(0, rows, 2).unwrap();
+    assert!(common::max_diff(&new, &mean.broadcast_as((2, old.dims()[1])).unwrap().contiguous().unwrap()) < 0.05);
+    assert!(common::max_diff(&new.narrow(0, 0, 1).unwrap(), &new.narrow(0, 1, 1).unwrap()) > 0.0);
+    // The saved folder reads back with the tokens special (never split) and the grown matrix.
+    let dir = tempfile::tempdir().unwrap();
+    meet::io::save_hf_folder(&raw, dir.path()).unwrap();
+    let p = meet::Pretrained::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let ids = p.tokenizer.encode("<|bad|>hi", false).unwrap();
+    assert_eq!(ids[0], rows as u32 + 1);
+    assert_eq!(p.tokenizer.decode(&ids, true).unwrap(), "hi");
+    assert_eq!(p.model.vocab_size(), rows + 2);
+}
