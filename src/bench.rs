@@ -180,3 +180,94 @@ pub fn bench_train(
         peak_rss_mib: peak_rss_mib(),
     })
 }
+
+/// Figures of `meet bench dpo`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpoFigures {
+    pub pairs: usize,
+    pub seq: usize,
+    pub beta: f64,
+    /// The one reference pass over the pairs (done once per dataset, not per step).
+    pub reference_s: f64,
+    pub sec_per_step_median: f64,
+    pub fwd_median: f64,
+    pub bwd_median: f64,
+    pub opt_median: f64,
+    /// Pairs per second of one step plus one reference pass over its pairs (what a single
+    /// epoch costs per step).
+    pub pairs_per_s_with_reference: f64,
+    pub losses: Vec<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// The Python reference's DPO benchmark (`bench_dpo_manual.py`): sigmoid DPO, beta 0.1, the full
+/// f32 model, AdamW lr 1e-6 without clipping, all pairs of `pairs_file` (`[{"prompt_ids",
+/// "chosen_ids", "rejected_ids"}]`) in one step; `warmup` untimed steps then `steps` timed ones.
+/// Unlike the reference, the reference log-probabilities are computed once, before training.
+pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup: usize) -> Result<DpoFigures> {
+    use crate::data::preference::Pair;
+    use crate::objectives::dpo::{Dpo, DpoPair};
+    use crate::run::{build, DataSection, Method, RunConfig};
+    use crate::train::{train, RunDir};
+    use crate::Error;
+
+    let v = crate::io::read_json(pairs_file)?;
+    let ids = |x: &serde_json::Value, k: &str| -> Result<Vec<u32>> {
+        serde_json::from_value(x[k].clone()).map_err(|e| Error::parse(pairs_file, format!("'{k}': {e}")))
+    };
+    let pairs: Vec<Pair> = v
+        .as_array()
+        .ok_or_else(|| Error::parse(pairs_file, "expected a list of pairs"))?
+        .iter()
+        .map(|p| {
+            Ok(Pair { prompt: ids(p, "prompt_ids")?, chosen: ids(p, "chosen_ids")?, rejected: ids(p, "rejected_ids")? })
+        })
+        .collect::<Result<_>>()?;
+    let dir = std::env::temp_dir().join(format!("meet-bench-dpo-{}", std::process::id()));
+    let mut cfg = RunConfig::new(Method::Dpo, model, DataSection::new(pairs_file), dir.clone());
+    cfg.model.train_weights = true;
+    cfg.train.lr = 1e-6;
+    cfg.train.max_grad_norm = None;
+    cfg.train.batch_size = pairs.len();
+    cfg.train.max_steps = Some(warmup + steps);
+    cfg.train.shuffle = false;
+    cfg.train.save_every = Some(0);
+    let t = Instant::now();
+    let refs = crate::methods::dpo::cached_reference_logps(&cfg, &pairs, 0)?;
+    let reference_s = t.elapsed().as_secs_f64();
+    let mut built = build(&cfg)?;
+    let items: Vec<DpoPair> = pairs
+        .iter()
+        .cloned()
+        .zip(refs)
+        .map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r })
+        .collect();
+    let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
+    let logs = train(
+        &built.policy,
+        &objective,
+        &items,
+        &mut built.optimizer,
+        &cfg.train,
+        &RunDir { dir: dir.clone(), config_hash: String::new() },
+        false,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let logs = logs?;
+    let timed = &logs[warmup.min(logs.len())..];
+    let med = |f: &dyn Fn(&crate::train::StepLog) -> f64| median(timed.iter().map(f).collect());
+    let total = med(&|l| l.fwd_s + l.bwd_s + l.opt_s);
+    Ok(DpoFigures {
+        pairs: pairs.len(),
+        seq: pairs.first().map_or(0, |p| p.prompt.len() + p.chosen.len()),
+        beta: cfg.dpo.beta,
+        reference_s,
+        sec_per_step_median: total,
+        fwd_median: med(&|l| l.fwd_s),
+        bwd_median: med(&|l| l.bwd_s),
+        opt_median: med(&|l| l.opt_s),
+        pairs_per_s_with_reference: pairs.len() as f64 / (total + reference_s),
+        losses: logs.iter().map(|l| l.loss).collect(),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

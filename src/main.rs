@@ -226,6 +226,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
     },
+    /// DPO steps (sigmoid, beta 0.1, full model, AdamW lr 1e-6) on the Python reference's fixed
+    /// pairs; ends with one JSON line.
+    Dpo {
+        /// Model: HF folder, GGUF file or Hub repo id (dense f32 weights are used).
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// `[{"prompt_ids", "chosen_ids", "rejected_ids"}, ...]` (the reference's data file).
+        #[arg(long, default_value = "../shared/reference/data/dpo_pairs_4x64+64.json")]
+        pairs: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// Forward, backward and AdamW on the Python reference's fixed batch; ends with one JSON line.
     Train {
         /// Model: HF folder, GGUF file or Hub repo id (dense f32 weights are used).
@@ -353,6 +367,19 @@ fn run() -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::json!({"bench": "train", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
+            );
+        }
+        Command::Bench { what: BenchCommand::Dpo { model, pairs, steps, warmup } } => {
+            let f = meet::bench::bench_dpo(&model, &pairs, steps, warmup)?;
+            println!(
+                "dpo: {} pairs, {:.3} s/step (fwd {:.3}, bwd {:.3}, opt {:.3}) + reference pass {:.3} s once, {:.3} pairs/s with it, losses {:?}, peak RSS {:.0} MiB",
+                f.pairs, f.sec_per_step_median, f.fwd_median, f.bwd_median, f.opt_median, f.reference_s,
+                f.pairs_per_s_with_reference,
+                f.losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>(), f.peak_rss_mib.unwrap_or(0.0)
+            );
+            println!(
+                "{}",
+                serde_json::json!({"bench": "dpo", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
         Command::Bench { what: BenchCommand::Generate { model, prompt, new_tokens, batches, reps, temperature } } => {

@@ -272,7 +272,8 @@ fn the_cli_trains_from_a_config_with_flag_overrides_and_generates_under_a_contro
     let spec = std::fs::read_to_string(fin.join("meet_controls.json")).unwrap();
     assert!(spec.contains("\"<good>\""), "{spec}");
     let generate = |control: &str| {
-        let mut args = vec!["generate", "--model", fin.to_str().unwrap(), "--control", control, "--max-new-tokens", "10"];
+        let mut args =
+            vec!["generate", "--model", fin.to_str().unwrap(), "--control", control, "--max-new-tokens", "10"];
         for p in &prompts[..8] {
             args.extend(["--prompt", p.as_str()]);
         }
@@ -281,7 +282,13 @@ fn the_cli_trains_from_a_config_with_flag_overrides_and_generates_under_a_contro
         String::from_utf8(o.stdout)
             .unwrap()
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().trim_end().ends_with("yes"))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                    .as_str()
+                    .unwrap()
+                    .trim_end()
+                    .ends_with("yes")
+            })
             .count()
     };
     let (good, bad) = (generate("good"), generate("bad"));
@@ -291,7 +298,19 @@ fn the_cli_trains_from_a_config_with_flag_overrides_and_generates_under_a_contro
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("unknown control 'neutral'") && err.contains("good, bad"), "{err}");
     // Resuming a finished run trains nothing more.
-    let o = meet_cli(&["train", cfg.to_str().unwrap(), "--resume", "--lr", "3e-3", "--epochs", "40", "--set", "train.seed=1", "--set", "control_token.template=<{name}>"]);
+    let o = meet_cli(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--resume",
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "40",
+        "--set",
+        "train.seed=1",
+        "--set",
+        "control_token.template=<{name}>",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -321,10 +340,17 @@ fn the_cli_runs_without_a_config_and_reports_bad_data_with_its_line() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(metrics(&out).len(), 2);
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n",
+    )
+    .unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(args(bad.to_str().unwrap())).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("bad.jsonl") && err.contains("line 2: missing field 'rejected'"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("bad.jsonl") && err.contains("line 2: missing field 'rejected'"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     // --skip-invalid trains on what is usable.
     let mut a = args(bad.to_str().unwrap());
@@ -361,4 +387,24 @@ fn control_tokens_grow_a_full_vocabulary_and_survive_saving() {
     assert_eq!(ids[0], rows as u32 + 1);
     assert_eq!(p.tokenizer.decode(&ids, true).unwrap(), "hi");
     assert_eq!(p.model.vocab_size(), rows + 2);
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let cfg = RunConfig::from_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(
+                dir.parent().unwrap().join(&cfg.data.train).is_file(),
+                "{}: no {}",
+                p.display(),
+                cfg.data.train.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 6, "{n} example configs");
 }

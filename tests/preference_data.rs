@@ -127,9 +127,21 @@ fn bad_records_name_file_and_line_or_are_skipped_and_counted() {
     let good = json!({"prompt": "p", "chosen": "a", "rejected": "b"}).to_string();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("malformed", format!("{good}\n{{\"prompt\": \"p\",\n").into_bytes(), "line 2: invalid JSON"),
-        ("missing", format!("{good}\n{}\n", json!({"prompt": "p", "chosen": "a"})).into_bytes(), "line 2: missing field 'rejected'"),
-        ("empty", format!("{}\n", json!({"prompt": "p", "chosen": "", "rejected": "b"})).into_bytes(), "line 1: the chosen response is empty"),
-        ("same", format!("{good}\n\n{}\n", json!({"prompt": "p", "chosen": "a", "rejected": "a"})).into_bytes(), "line 3: chosen and rejected responses are identical"),
+        (
+            "missing",
+            format!("{good}\n{}\n", json!({"prompt": "p", "chosen": "a"})).into_bytes(),
+            "line 2: missing field 'rejected'",
+        ),
+        (
+            "empty",
+            format!("{}\n", json!({"prompt": "p", "chosen": "", "rejected": "b"})).into_bytes(),
+            "line 1: the chosen response is empty",
+        ),
+        (
+            "same",
+            format!("{good}\n\n{}\n", json!({"prompt": "p", "chosen": "a", "rejected": "a"})).into_bytes(),
+            "line 3: chosen and rejected responses are identical",
+        ),
         ("bytes", [good.as_bytes(), b"\n{\"prompt\": \"\xff\"}\n"].concat(), "line 2: not valid UTF-8"),
     ];
     for (name, bytes, want) in cases {

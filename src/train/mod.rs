@@ -217,6 +217,8 @@ pub fn train<T: Item>(
     let n = examples.len();
     let total = cfg.total_steps(n);
     let lrs_base = [cfg.lr, cfg.control_lr.unwrap_or(cfg.lr)];
+    // The learning rate logged: the model's, or the controls' when only they train.
+    let logged_group = if opt.params.iter().any(|p| p.group == 0) { 0 } else { 1 };
     let params = opt.params.iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect();
     let mut state = TrainerState {
         step: 0,
@@ -314,7 +316,7 @@ pub fn train<T: Item>(
             step: state.step,
             epoch: state.epoch,
             loss,
-            lr: lrs[0],
+            lr: lrs[logged_group],
             grad_norm,
             tokens,
             tokens_per_s: tokens as f64 / secs.max(1e-9),
