@@ -408,3 +408,56 @@ fn every_example_config_is_valid() {
     }
     assert!(n >= 6, "{n} example configs");
 }
+
+#[test]
+fn meet_ablations_and_frozen_controls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, _) = task(dir.path());
+    let common = [("prompt.n", "2"), ("train.max_steps", "3"), ("train.control_lr", "1e-2")];
+    let with =
+        |extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> { common.iter().chain(extra).copied().collect() };
+    let prompt = |dir: &Path, name: &str| {
+        let (_, t) = meet::peft::folder::read_prompt(&dir.join("prompts").join(name)).unwrap();
+        t
+    };
+    // Step 1 only: the controls train, the model does not (no model folder is written).
+    let out = dir.path().join("s1");
+    meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.steps", "step1")])), false).unwrap();
+    assert!(out.join("final/prompts/good").is_dir() && !out.join("final/config.json").exists());
+    // Step 2 only: fresh controls trained jointly with the model.
+    let out = dir.path().join("s2");
+    meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.steps", "step2")])), false).unwrap();
+    assert!(out.join("final/config.json").is_file() && !out.join("step1").exists());
+    // Both steps with frozen controls: step 2 keeps step 1's prompts; without freezing they move.
+    for (freeze, out) in [("true", "frozen"), ("false", "moving")] {
+        let out = dir.path().join(out);
+        meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.freeze_controls", freeze)])), false)
+            .unwrap();
+        let d = common::max_diff(&prompt(&out.join("step1/final"), "good"), &prompt(&out.join("final"), "good"));
+        assert_eq!(d == 0.0, freeze == "true", "freeze {freeze}: prompt moved by {d}");
+    }
+}
+
+#[test]
+fn dpo_with_a_lora_adapter_uses_the_base_as_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = task(dir.path());
+    let (sft, before) = pretrained(dir.path(), &model, &data, &prompts);
+    let out = dir.path().join("dpo-lora");
+    let set = [
+        ("train.epochs", "20"),
+        ("train.lr", "3e-3"),
+        ("lora.r", "8"),
+        ("lora.alpha", "16"),
+        ("lora.target_modules", r#"["q_proj", "v_proj", "up_proj", "down_proj"]"#),
+    ];
+    meet::run::run(&config(Method::Dpo, &sft, &data, &out, &set), false).unwrap();
+    let logs = metrics(&out);
+    // B = 0 at the start: the policy is the base, so the first loss is exactly log 2.
+    assert!((logs[0].loss - std::f64::consts::LN_2).abs() < 1e-5, "{}", logs[0].loss);
+    assert!(out.join("final/lora/adapter_model.safetensors").is_file() && !out.join("final/config.json").exists());
+    let after = rate(&final_dir(&out), None, &prompts);
+    let last = logs.last().unwrap();
+    eprintln!("dpo lora: rule {before:.2} -> {after:.2}, margin {:.3}", last.extra["rewards/margins"]);
+    assert!(last.extra["rewards/margins"] > 0.5 && after > before + 0.2, "rule {before} -> {after}");
+}

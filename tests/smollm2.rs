@@ -201,6 +201,13 @@ fn dpo_losses_match_the_python_reference() {
     let mut built = build(&cfg).unwrap();
     let items: Vec<DpoPair> =
         pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
+    // The reference's step-0 log-probs (bench_dpo_manual.py prints them): summed over 64 tokens.
+    let chosen = [-152.94267, -172.04396, -152.79695, -223.28509];
+    let rejected = [-189.09506, -248.59116, -238.39458, -203.98050];
+    for (i, item) in items.iter().enumerate() {
+        assert!((item.ref_chosen - chosen[i]).abs() < 2e-4, "pair {i}: chosen {}", item.ref_chosen);
+        assert!((item.ref_rejected - rejected[i]).abs() < 2e-4, "pair {i}: rejected {}", item.ref_rejected);
+    }
     let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
     let run = meet::train::RunDir { dir: dir.path().to_path_buf(), config_hash: "dpo".into() };
     let logs =

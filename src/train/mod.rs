@@ -177,7 +177,12 @@ impl Progress {
     }
 
     fn update(&self, log: &StepLog, total: usize, eta_s: f64) {
-        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
+        let mut msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
+        for (key, short) in [("rewards/accuracies", "acc"), ("rewards/margins", "margin")] {
+            if let Some(v) = log.extra.get(key) {
+                msg.push_str(&format!("  {short} {v:.3}"));
+            }
+        }
         match self {
             Progress::Bar(b) => {
                 b.set_message(msg);
@@ -344,4 +349,28 @@ pub fn train<T: Item>(
     }
     progress.finish();
     Ok(logs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_grouping_sorts_within_groups_and_keeps_every_item() {
+        let lengths: Vec<usize> = (0..40).map(|i| (i * 37) % 23).collect();
+        let plain = epoch_order(&lengths, 3, 0, true, 0);
+        let grouped = epoch_order(&lengths, 3, 0, true, 10);
+        let mut a = grouped.clone();
+        a.sort();
+        assert_eq!(a, (0..40).collect::<Vec<_>>());
+        for (g, p) in grouped.chunks(10).zip(plain.chunks(10)) {
+            // Same members as the shuffled group, longest first.
+            let (mut gs, mut ps) = (g.to_vec(), p.to_vec());
+            gs.sort();
+            ps.sort();
+            assert_eq!(gs, ps);
+            assert!(g.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+        }
+        assert_ne!(epoch_order(&lengths, 3, 1, true, 10), grouped, "each epoch reshuffles");
+    }
 }
