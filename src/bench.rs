@@ -108,7 +108,7 @@ pub fn bench_train(
     use crate::peft::lora::{LoraConfig, TARGETABLE};
     use crate::peft::prompt::PromptConfig;
     use crate::run::{build, DataSection, RunConfig};
-    use crate::train::{train, RunDir, TrainConfig};
+    use crate::train::TrainConfig;
     use crate::Error;
 
     let v = crate::io::read_json(batch_file)?;
@@ -150,20 +150,7 @@ pub fn bench_train(
     let examples: Vec<crate::data::Example> =
         rows.iter().map(|r| crate::data::Example { ids: r.clone(), ..Default::default() }).collect();
     let objective = crate::objectives::lm::LanguageModeling { pad_id: 0 };
-    let logs = train(
-        &built.policy,
-        &objective,
-        &examples,
-        &mut built.optimizer,
-        &cfg.train,
-        &RunDir { dir: dir.clone(), config_hash: String::new() },
-        false,
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    let logs = logs?;
-    let timed = &logs[warmup.min(logs.len())..];
-    let med = |f: &dyn Fn(&crate::train::StepLog) -> f64| median(timed.iter().map(f).collect());
-    let total = med(&|l| l.fwd_s + l.bwd_s + l.opt_s);
+    let t = timed_train(&mut built, &objective, &examples, &cfg, warmup)?;
     let tokens: usize = rows.iter().map(|r| r.len()).sum();
     Ok(TrainFigures {
         mode: mode.into(),
@@ -171,13 +158,46 @@ pub fn bench_train(
         seq: rows.first().map_or(0, |r| r.len()),
         trainable_params: built.optimizer.num_params(),
         lr,
-        sec_per_step_median: total,
-        fwd_median: med(&|l| l.fwd_s),
-        bwd_median: med(&|l| l.bwd_s),
-        opt_median: med(&|l| l.opt_s),
-        tokens_per_s_median: tokens as f64 / total,
-        losses: logs.iter().map(|l| l.loss).collect(),
+        sec_per_step_median: t.step,
+        fwd_median: t.fwd,
+        bwd_median: t.bwd,
+        opt_median: t.opt,
+        tokens_per_s_median: tokens as f64 / t.step,
+        losses: t.losses,
         peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// Step-time medians of a benchmark run (the steps after `warmup`) and every loss.
+struct Timed {
+    step: f64,
+    fwd: f64,
+    bwd: f64,
+    opt: f64,
+    losses: Vec<f64>,
+}
+
+/// Trains `built` on `items` as `cfg` says in a scratch folder (removed after) and times it.
+fn timed_train<T: crate::objectives::Item>(
+    built: &mut crate::run::Built,
+    objective: &dyn crate::objectives::Objective<T>,
+    items: &[T],
+    cfg: &crate::run::RunConfig,
+    warmup: usize,
+) -> Result<Timed> {
+    let dir = &cfg.output_dir;
+    let run = crate::train::RunDir { dir: dir.clone(), config_hash: String::new() };
+    let logs = crate::train::train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run, false);
+    let _ = std::fs::remove_dir_all(dir);
+    let logs = logs?;
+    let timed = &logs[warmup.min(logs.len())..];
+    let med = |f: &dyn Fn(&crate::train::StepLog) -> f64| median(timed.iter().map(f).collect());
+    Ok(Timed {
+        step: med(&|l| l.fwd_s + l.bwd_s + l.opt_s),
+        fwd: med(&|l| l.fwd_s),
+        bwd: med(&|l| l.bwd_s),
+        opt: med(&|l| l.opt_s),
+        losses: logs.iter().map(|l| l.loss).collect(),
     })
 }
 
@@ -208,7 +228,6 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
     use crate::data::preference::Pair;
     use crate::objectives::dpo::{Dpo, DpoPair};
     use crate::run::{build, DataSection, Method, RunConfig};
-    use crate::train::{train, RunDir};
     use crate::Error;
 
     let v = crate::io::read_json(pairs_file)?;
@@ -243,31 +262,18 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
         .map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r })
         .collect();
     let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
-    let logs = train(
-        &built.policy,
-        &objective,
-        &items,
-        &mut built.optimizer,
-        &cfg.train,
-        &RunDir { dir: dir.clone(), config_hash: String::new() },
-        false,
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    let logs = logs?;
-    let timed = &logs[warmup.min(logs.len())..];
-    let med = |f: &dyn Fn(&crate::train::StepLog) -> f64| median(timed.iter().map(f).collect());
-    let total = med(&|l| l.fwd_s + l.bwd_s + l.opt_s);
+    let t = timed_train(&mut built, &objective, &items, &cfg, warmup)?;
     Ok(DpoFigures {
         pairs: pairs.len(),
         seq: pairs.first().map_or(0, |p| p.prompt.len() + p.chosen.len()),
         beta: cfg.dpo.beta,
         reference_s,
-        sec_per_step_median: total,
-        fwd_median: med(&|l| l.fwd_s),
-        bwd_median: med(&|l| l.bwd_s),
-        opt_median: med(&|l| l.opt_s),
-        pairs_per_s_with_reference: pairs.len() as f64 / (total + reference_s),
-        losses: logs.iter().map(|l| l.loss).collect(),
+        sec_per_step_median: t.step,
+        fwd_median: t.fwd,
+        bwd_median: t.bwd,
+        opt_median: t.opt,
+        pairs_per_s_with_reference: pairs.len() as f64 / (t.step + reference_s),
+        losses: t.losses,
         peak_rss_mib: peak_rss_mib(),
     })
 }

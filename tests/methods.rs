@@ -110,17 +110,37 @@ fn pretrained(dir: &Path, model: &str, data: &Path, prompts: &[String]) -> (Stri
     (base, r)
 }
 
-#[test]
-fn meet_with_soft_prompts_learns_the_rule() {
+/// Marker rates of a method trained from the pretrained tiny model: before training, after MEET's
+/// step 1 (good, bad) when there is one, and at the end under `good` and `bad`.
+struct Rates {
+    base: f64,
+    step1: Option<(f64, f64)>,
+    good: f64,
+    bad: f64,
+}
+
+fn train_and_rate(method: Method, set: &[(&str, &str)]) -> Rates {
     let dir = tempfile::tempdir().unwrap();
     let (model, data, prompts) = task(dir.path());
     let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
-    let out = dir.path().join("meet-prompt");
-    let cfg = config(
+    let out = dir.path().join("run");
+    meet::run::run(&config(method, &model, &data, &out, set), false).unwrap();
+    let both = |d: &str| (rate(d, Some("good"), &prompts), rate(d, Some("bad"), &prompts));
+    let step1 = out.join("step1").is_dir().then(|| both(&final_dir(&out.join("step1"))));
+    let (good, bad) = both(&final_dir(&out));
+    eprintln!("{}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}", method.name());
+    Rates { base, step1, good, bad }
+}
+
+/// `good` follows the rule, `bad` avoids it, and `good` far more than the model before training.
+fn assert_controllable(r: &Rates) {
+    assert!(r.good >= 0.8 && r.bad <= 0.2 && r.good > r.base + 0.3, "good {}, bad {}, base {}", r.good, r.bad, r.base);
+}
+
+#[test]
+fn meet_with_soft_prompts_learns_the_rule() {
+    let r = train_and_rate(
         Method::Meet,
-        &model,
-        &data,
-        &out,
         &[
             ("train.control_lr", "1e-1"),
             ("prompt.n", "8"),
@@ -129,29 +149,16 @@ fn meet_with_soft_prompts_learns_the_rule() {
             ("meet.step2.epochs", "20"),
         ],
     );
-    meet::run::run(&cfg, false).unwrap();
-    let step1 = final_dir(&out.join("step1"));
-    let (s1_good, s1_bad) = (rate(&step1, Some("good"), &prompts), rate(&step1, Some("bad"), &prompts));
-    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
-    eprintln!(
-        "meet prompt: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}"
-    );
     // Step 1 alone (the model frozen) already separates the two behaviours.
-    assert!(s1_good >= 0.6 && s1_good - s1_bad >= 0.4, "step 1: good {s1_good}, bad {s1_bad}");
-    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+    let (g1, b1) = r.step1.unwrap();
+    assert!(g1 >= 0.6 && g1 - b1 >= 0.4, "step 1: good {g1}, bad {b1}");
+    assert_controllable(&r);
 }
 
 #[test]
 fn meet_with_lora_controls_learns_the_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, data, prompts) = task(dir.path());
-    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
-    let out = dir.path().join("meet-lora");
-    let cfg = config(
+    let r = train_and_rate(
         Method::Meet,
-        &model,
-        &data,
-        &out,
         &[
             ("train.control_lr", "1e-2"),
             ("lora.r", "4"),
@@ -159,39 +166,19 @@ fn meet_with_lora_controls_learns_the_rule() {
             ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
         ],
     );
-    meet::run::run(&cfg, false).unwrap();
-    let step1 = final_dir(&out.join("step1"));
-    let (s1_good, s1_bad) = (rate(&step1, Some("good"), &prompts), rate(&step1, Some("bad"), &prompts));
-    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
-    eprintln!("meet lora: base {base:.2}, step1 good {s1_good:.2} bad {s1_bad:.2}, step2 good {good:.2} bad {bad:.2}");
-    assert!(s1_good >= 0.6 && s1_good - s1_bad >= 0.4, "step 1: good {s1_good}, bad {s1_bad}");
-    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+    let (g1, b1) = r.step1.unwrap();
+    assert!(g1 >= 0.6 && g1 - b1 >= 0.4, "step 1: good {g1}, bad {b1}");
+    assert_controllable(&r);
 }
 
 #[test]
 fn control_tokens_learn_the_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, data, prompts) = task(dir.path());
-    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
-    let out = dir.path().join("control-token");
-    let cfg = config(Method::ControlToken, &model, &data, &out, &[("model.train_weights", "true")]);
-    meet::run::run(&cfg, false).unwrap();
-    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
-    eprintln!("control tokens: base {base:.2}, good {good:.2} bad {bad:.2}");
-    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+    assert_controllable(&train_and_rate(Method::ControlToken, &[("model.train_weights", "true")]));
 }
 
 #[test]
 fn chain_of_hindsight_learns_the_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, data, prompts) = task(dir.path());
-    let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
-    let out = dir.path().join("coh");
-    let cfg = config(Method::Coh, &model, &data, &out, &[("model.train_weights", "true")]);
-    meet::run::run(&cfg, false).unwrap();
-    let (good, bad) = (rate(&final_dir(&out), Some("good"), &prompts), rate(&final_dir(&out), Some("bad"), &prompts));
-    eprintln!("coh: base {base:.2}, good {good:.2} bad {bad:.2}");
-    assert!(good >= 0.8 && bad <= 0.2 && good > base + 0.3, "good {good}, bad {bad}, base {base}");
+    assert_controllable(&train_and_rate(Method::Coh, &[("model.train_weights", "true")]));
 }
 
 fn metrics(out: &Path) -> Vec<StepLog> {
