@@ -10,6 +10,7 @@ pub mod bench;
 pub mod controls;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod methods;

@@ -8,6 +8,7 @@
 //! Preference data (chosen/rejected) is in [`preference`].
 
 pub mod preference;
+pub mod sentiment;
 
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};

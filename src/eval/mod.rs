@@ -1,0 +1,19 @@
+//! Evaluation: judges that score responses, and the statistics that turn scores into claims
+//! (means and win rates with bootstrap confidence intervals). A judge is one file behind the
+//! [`Judge`] trait: VADER's sentiment today; a learned reward model and an LLM judge over an
+//! OpenAI-compatible endpoint slot in the same way.
+
+pub mod stats;
+pub mod vader;
+
+use crate::Result;
+
+/// Something that scores a response to a prompt (higher = better by its measure).
+pub trait Judge {
+    /// Short name for reports (`vader`, `reward-model`, ...).
+    fn name(&self) -> &str;
+
+    /// Scores of `(prompt, response)` pairs, in order. Batched, since model-based judges run
+    /// many at once.
+    fn score(&self, items: &[(&str, &str)]) -> Result<Vec<f64>>;
+}
