@@ -8,6 +8,7 @@ use crate::io::atomic_write;
 use crate::peft::folder;
 use crate::peft::lora::{Adapters, Routing};
 use crate::peft::prompt::SoftPrompts;
+use crate::policy::{Batch, Policy};
 use crate::{Error, LoadOptions, Pretrained, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -63,9 +64,17 @@ impl ControlSpec {
 
 /// A model with the controls it was trained with.
 pub struct Controlled {
-    pub pretrained: Pretrained,
-    pub prompts: Option<SoftPrompts>,
+    pub policy: Policy,
     pub spec: Option<ControlSpec>,
+}
+
+/// What a control does to a batch of prompts: their ids (with a control token or phrase), the
+/// soft prompt to put first, and the LoRA adapter to route to.
+struct Applied {
+    ids: Vec<Vec<u32>>,
+    prompt: Option<usize>,
+    adapter: Option<usize>,
+    stop_strings: Vec<String>,
 }
 
 impl Controlled {
@@ -75,7 +84,8 @@ impl Controlled {
         let dir = Path::new(model);
         let spec_path = dir.join(FILE);
         if !spec_path.is_file() {
-            return Ok(Self { pretrained: Pretrained::load(model, opts)?, prompts: None, spec: None });
+            let policy = Policy { pretrained: Pretrained::load(model, opts)?, prompts: None };
+            return Ok(Self { policy, spec: None });
         }
         let text = std::fs::read_to_string(&spec_path).map_err(|e| Error::io(&spec_path, e))?;
         let spec: ControlSpec = serde_json::from_str(&text).map_err(|e| Error::parse(&spec_path, e.to_string()))?;
@@ -110,7 +120,65 @@ impl Controlled {
         } else {
             None
         };
-        Ok(Self { pretrained, prompts, spec: Some(spec) })
+        Ok(Self { policy: Policy { pretrained, prompts }, spec: Some(spec) })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &crate::tokenizer::Tokenizer {
+        &self.policy.pretrained.tokenizer
+    }
+
+    fn apply(&self, prompts: &[Vec<u32>], control: Option<&str>) -> Result<Applied> {
+        let p = &self.policy.pretrained;
+        let mut out = Applied { ids: prompts.to_vec(), prompt: None, adapter: None, stop_strings: vec![] };
+        let (c, spec) = match (control, &self.spec) {
+            (None, _) => return Ok(out),
+            (Some(c), None) => {
+                return Err(Error::Invalid(format!(
+                    "control '{c}' asked for, but this model has no {FILE} (not a meet run's output folder)"
+                )))
+            }
+            (Some(c), Some(spec)) => (c, spec),
+        };
+        let i = spec.index(c)?;
+        out.stop_strings = spec.stop_strings.clone();
+        match spec.kind {
+            ControlKind::Lora => {
+                let l = p.lora.as_ref().ok_or_else(|| Error::Invalid("no LoRA adapters loaded".into()))?;
+                let j = l
+                    .names
+                    .iter()
+                    .position(|n| n == c)
+                    .ok_or_else(|| Error::Invalid(format!("no LoRA adapter named '{c}' in this folder")))?;
+                out.adapter = Some(j);
+            }
+            ControlKind::SoftPrompt => out.prompt = Some(i),
+            ControlKind::Token => {
+                let tok = p.tokenizer.token_id(&spec.markers[i]).ok_or_else(|| {
+                    Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
+                })?;
+                for x in out.ids.iter_mut() {
+                    *x = crate::methods::control_token::with_token(&p.tokenizer, x, tok)?;
+                }
+            }
+            ControlKind::Text => {
+                let m = p.tokenizer.encode(&crate::methods::coh::marker_text(&spec.markers[i]), false)?;
+                out.ids.iter_mut().for_each(|x| x.extend(&m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Routes the adapters: the control's one, else the only one, else none.
+    fn route(&self, adapter: Option<usize>) {
+        if let Some(l) = &self.policy.pretrained.lora {
+            l.set_training_step(None);
+            l.route(match adapter {
+                Some(j) => Routing::All(j),
+                None if l.names.len() == 1 => Routing::All(0),
+                None => Routing::Off,
+            });
+        }
     }
 
     /// Generates continuations of `prompts` (token ids, as [`crate::generate::prompt_ids`] gives
@@ -123,59 +191,59 @@ impl Controlled {
         params: &SamplingParams,
         on_token: impl FnMut(usize, u32) -> Result<()>,
     ) -> Result<Vec<Generation>> {
-        let p = &self.pretrained;
-        let mut ids = prompts.to_vec();
-        let mut prefix = None;
+        let a = self.apply(prompts, control)?;
         let mut params = params.clone();
-        if let Some(l) = &p.lora {
-            l.set_training_step(None);
-            l.route(if l.names.len() == 1 { Routing::All(0) } else { Routing::Off });
-        }
-        match (control, &self.spec) {
-            (None, _) => {}
-            (Some(c), None) => {
-                return Err(Error::Invalid(format!(
-                    "control '{c}' asked for, but this model has no {FILE} (not a meet run's output folder)"
-                )))
-            }
-            (Some(c), Some(spec)) => {
-                let i = spec.index(c)?;
-                params.stop_strings.extend(spec.stop_strings.iter().cloned());
-                match spec.kind {
-                    ControlKind::Lora => {
-                        let l = p.lora.as_ref().ok_or_else(|| Error::Invalid("no LoRA adapters loaded".into()))?;
-                        let j = l.names.iter().position(|n| n == c).ok_or_else(|| {
-                            Error::Invalid(format!("no LoRA adapter named '{c}' in {}", spec.base_model))
-                        })?;
-                        l.route(Routing::All(j));
-                    }
-                    ControlKind::SoftPrompt => {
-                        let sp =
-                            self.prompts.as_ref().ok_or_else(|| Error::Invalid("no soft prompts loaded".into()))?;
-                        prefix = Some(sp.vars[i].as_tensor().clone());
-                    }
-                    ControlKind::Token => {
-                        let tok = p.tokenizer.token_id(&spec.markers[i]).ok_or_else(|| {
-                            Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
-                        })?;
-                        ids.iter_mut().for_each(|x| x.insert(0, tok));
-                    }
-                    ControlKind::Text => {
-                        let m = p.tokenizer.encode(&crate::methods::coh::marker_text(&spec.markers[i]), false)?;
-                        ids.iter_mut().for_each(|x| x.extend(&m));
-                    }
-                }
-            }
-        }
+        params.stop_strings.extend(a.stop_strings);
+        self.route(a.adapter);
+        let prefix = match (a.prompt, &self.policy.prompts) {
+            (Some(i), Some(sp)) => Some(sp.vars[i].as_tensor().clone()),
+            (Some(_), None) => return Err(Error::Invalid("no soft prompts loaded".into())),
+            (None, _) => None,
+        };
+        let p = &self.policy.pretrained;
         generate_with_prefix(
             p.model.as_ref(),
             &p.tokenizer,
-            &ids,
+            &a.ids,
             prefix.as_ref(),
             &params,
             &p.generation,
             &p.device,
             on_token,
         )
+    }
+
+    /// Summed log-probability of each response after its prompt, under `control` (applied as in
+    /// [`Self::generate`]), `batch` rows at a time.
+    pub fn response_logps(
+        &self,
+        prompts: &[Vec<u32>],
+        responses: &[Vec<u32>],
+        control: Option<&str>,
+        batch: usize,
+    ) -> Result<Vec<f64>> {
+        if prompts.len() != responses.len() {
+            return Err(Error::Invalid(format!("{} prompts for {} responses", prompts.len(), responses.len())));
+        }
+        let a = self.apply(prompts, control)?;
+        self.route(a.adapter);
+        let mut out = Vec::with_capacity(prompts.len());
+        let pad = crate::methods::pad_id(&self.policy.pretrained);
+        for (ps, rs) in a.ids.chunks(batch.max(1)).zip(responses.chunks(batch.max(1))) {
+            let rows: Vec<(Vec<u32>, usize)> =
+                ps.iter().zip(rs).map(|(p, r)| ([p.as_slice(), r].concat(), p.len())).collect();
+            let mut b = Batch::from_rows(&rows, pad)?;
+            let controls: Option<Vec<Option<usize>>> = a.prompt.or(a.adapter).map(|i| vec![Some(i); rows.len()]);
+            b.controls = controls;
+            // A row with an empty response has no labels: its log-probability is 0.
+            let has_labels: Vec<bool> = rs.iter().map(|r| !r.is_empty()).collect();
+            if !has_labels.iter().any(|&h| h) {
+                out.extend(std::iter::repeat_n(0.0, rows.len()));
+                continue;
+            }
+            let lp = self.policy.label_logps(&b)?.per_sequence_sum()?.to_vec1::<f32>()?;
+            out.extend(lp.iter().map(|&x| x as f64));
+        }
+        Ok(out)
     }
 }

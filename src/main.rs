@@ -38,6 +38,18 @@ enum Command {
     },
     /// Train as a TOML run configuration says: sft, coh, control-token, meet or dpo.
     Train(TrainArgs),
+    /// Sample responses to prompts (under a control), score them with a judge, report the mean
+    /// score, length, cut share and KL to a reference with 95% bootstrap intervals.
+    Eval(EvalArgs),
+    /// Win rate of one evaluation over another on the same prompts (ties half), with its 95% CI.
+    Compare {
+        /// `meet eval --out` file of method A.
+        a: PathBuf,
+        /// `meet eval --out` file of method B.
+        b: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Merge a LoRA adapter into its base model and write an HF folder.
     Merge {
         /// Base model: HF folder, GGUF file or Hub repo id.
@@ -207,6 +219,78 @@ impl TrainArgs {
     }
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompts: JSONL with a "prompt" string per line, or a text file with one prompt per line.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Generate under this control of a `meet train` output folder.
+    #[arg(long)]
+    control: Option<String>,
+    /// Reference model for the KL estimate (e.g. the base model); none: no KL.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Judge: `vader` (compound sentiment of the response) or `vader-full` (of prompt + response).
+    #[arg(long, default_value = "vader")]
+    judge: String,
+    /// Render prompts with the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Responses per prompt.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Where the scored responses go (JSONL), for `meet compare`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
+fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if jsonl {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}: line {}: invalid JSON", path.display(), i + 1))?;
+            match v.get("prompt").and_then(|p| p.as_str()) {
+                Some(p) => out.push(p.to_string()),
+                None => bail!("{}: line {}: field 'prompt' must be a string", path.display(), i + 1),
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+fn read_samples(path: &std::path::Path) -> anyhow::Result<Vec<meet::eval::sample::Sample>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .collect()
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s at several batch sizes; ends with one JSON line.
@@ -287,7 +371,7 @@ fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => {
             let c = a.model.load_controlled()?;
-            let p = &c.pretrained;
+            let p = &c.policy.pretrained;
             let ids = a
                 .prompt
                 .iter()
@@ -333,6 +417,81 @@ fn run() -> anyhow::Result<ExitCode> {
                     writeln!(stdout, "{line}")?;
                 }
             }
+        }
+        Command::Eval(a) => {
+            use meet::eval::sample::{evaluate, summarize, EvalOptions};
+            use meet::eval::vader::{Scope, Vader};
+            let judge = match a.judge.as_str() {
+                "vader" => Vader::new(Scope::Response),
+                "vader-full" => Vader::new(Scope::Full),
+                other => bail!("unknown judge '{other}' (vader, vader-full)"),
+            };
+            let prompts = read_prompts(&a.prompts)?;
+            let model = a.model.load_controlled()?;
+            let reference = match &a.reference {
+                Some(r) => {
+                    Some(Controlled::load(r, &a.model.options()?).with_context(|| format!("loading reference '{r}'"))?)
+                }
+                None => None,
+            };
+            let opts = EvalOptions {
+                control: a.control.clone(),
+                chat: a.chat,
+                samples: a.samples,
+                params: SamplingParams {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                    max_new_tokens: a.max_new_tokens,
+                    ..Default::default()
+                },
+                batch: a.batch,
+            };
+            let samples = evaluate(&model, reference.as_ref(), &judge, &prompts, &opts)?;
+            if let Some(out) = &a.out {
+                let text: String = samples.iter().map(|s| format!("{}\n", serde_json::json!(s))).collect();
+                meet::io::atomic_write(out, text.as_bytes())?;
+            }
+            let s = summarize(&samples, a.seed)?;
+            eprintln!(
+                "{} responses: {} {:.4} [{:.4}, {:.4}], length {:.1} tokens, cut {:.1}%{}",
+                samples.len(),
+                a.judge,
+                s.score.value,
+                s.score.lo,
+                s.score.hi,
+                s.length.value,
+                100.0 * s.cut_share,
+                s.kl.map(|k| format!(", KL {:.3} [{:.3}, {:.3}]", k.value, k.lo, k.hi)).unwrap_or_default()
+            );
+            println!(
+                "{}",
+                serde_json::json!({"eval": a.model.model, "control": a.control, "judge": a.judge, "summary": s})
+            );
+        }
+        Command::Compare { a, b, seed } => {
+            use meet::eval::sample::paired_scores;
+            let (sa, sb) = (read_samples(&a)?, read_samples(&b)?);
+            let (xa, xb) =
+                paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
+            let w = meet::eval::stats::win_rate(&xa, &xb, seed)?;
+            let len =
+                |s: &[meet::eval::sample::Sample]| s.iter().map(|x| x.tokens as f64).sum::<f64>() / s.len() as f64;
+            eprintln!(
+                "win rate of {} over {}: {:.3} [{:.3}, {:.3}] on {} responses (lengths {:.1} vs {:.1} tokens)",
+                a.display(),
+                b.display(),
+                w.value,
+                w.lo,
+                w.hi,
+                w.n,
+                len(&sa),
+                len(&sb)
+            );
+            println!(
+                "{}",
+                serde_json::json!({"a": a, "b": b, "win_rate": w, "length_a": len(&sa), "length_b": len(&sb)})
+            );
         }
         Command::Convert { model, out } => {
             let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;

@@ -61,3 +61,108 @@ fn snippets_read_with_bad_lines_named() {
         assert!(s.iter().any(|x| x.rating < -3.0) && s.iter().any(|x| x.rating > 3.0));
     }
 }
+
+mod common;
+
+use meet::controls::Controlled;
+use meet::eval::sample::{evaluate, paired_scores, summarize, EvalOptions};
+use meet::generate::SamplingParams;
+use meet::LoadOptions;
+
+fn tiny_folder(dir: &std::path::Path, seed: u64) -> String {
+    let p = dir.join(format!("m{seed}"));
+    meet::io::save_hf_folder(&common::tiny_raw(seed, 64), &p).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn opts() -> EvalOptions {
+    EvalOptions {
+        control: None,
+        chat: false,
+        samples: 2,
+        params: SamplingParams { temperature: 1.0, seed: 3, max_new_tokens: 6, ..Default::default() },
+        batch: 3,
+    }
+}
+
+#[test]
+fn evaluation_samples_scores_and_measures_kl() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Controlled::load(&tiny_folder(dir.path(), 1), &LoadOptions::default()).unwrap();
+    let other = Controlled::load(&tiny_folder(dir.path(), 2), &LoadOptions::default()).unwrap();
+    let prompts: Vec<String> = ["good day", "bad", "what a film"].iter().map(|s| s.to_string()).collect();
+    let judge = Vader::new(Scope::Full);
+    let s = evaluate(&model, Some(&model), &judge, &prompts, &opts()).unwrap();
+    assert_eq!(s.len(), 6);
+    assert!(s.iter().enumerate().all(|(i, x)| (x.prompt_index, x.sample_index) == (i / 2, i % 2)));
+    // Against itself the KL estimate is exactly zero; the judge saw prompt + response.
+    assert!(s.iter().all(|x| x.kl == Some(0.0)), "{:?}", s.iter().map(|x| x.kl).collect::<Vec<_>>());
+    assert_eq!(s[2].score, judge.compound(&format!("{}{}", s[2].prompt, s[2].response)));
+    // Seeded: a rerun draws the same responses.
+    assert_eq!(evaluate(&model, None, &judge, &prompts, &opts()).unwrap()[5].response, s[5].response);
+    // Response log-probs (what the KL estimate subtracts) against the full logits of the unpadded
+    // sequence, for a response of known tokens next to a longer one (so the batch is padded).
+    let tok = model.tokenizer();
+    let p = tok.encode("good day", true).unwrap();
+    let r: Vec<u32> = vec![70, 80, 90, 100];
+    let logp = |c: &Controlled| -> f64 {
+        let ids: Vec<u32> = [p.as_slice(), &r].concat();
+        let t = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = c.policy.pretrained.model.forward(&t).unwrap().squeeze(0).unwrap();
+        let lsm = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+        (p.len()..ids.len()).map(|j| lsm[j - 1][ids[j] as usize] as f64).sum()
+    };
+    let long = tok.encode("what a film it was", true).unwrap();
+    for c in [&model, &other] {
+        let got = c.response_logps(&[p.clone(), long.clone()], &[r.clone(), vec![5, 6, 7, 8, 9, 10]], None, 2).unwrap();
+        assert!((got[0] - logp(c)).abs() < 1e-3, "{} vs {}", got[0], logp(c));
+    }
+    let s = evaluate(&model, Some(&other), &judge, &prompts, &opts()).unwrap();
+    assert!(s.iter().all(|x| x.kl.is_some_and(|k| k != 0.0)));
+    let sum = summarize(&s, 0).unwrap();
+    assert_eq!(sum.score.n, 6);
+    assert!(sum.kl.is_some() && sum.length.value > 0.0);
+    // Pairing: an evaluation against itself; a mismatch is refused.
+    let (a, b) = paired_scores(&s, &s).unwrap();
+    assert_eq!(meet::eval::stats::win_rate(&a, &b, 0).unwrap().value, 0.5);
+    assert!(paired_scores(&s, &s[..3]).is_err());
+}
+
+#[test]
+fn the_cli_evaluates_and_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path(), 1);
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"nice\"}\n{\"prompt\": \"awful\"}\n").unwrap();
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_meet")).args(args).output().unwrap();
+    let out = dir.path().join("e.jsonl");
+    let o = run(&[
+        "eval",
+        "--model",
+        &model,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--reference",
+        &model,
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(summary["summary"]["score"]["n"], 6);
+    assert_eq!(summary["summary"]["kl"]["value"], 0.0);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 6);
+    let o = run(&["compare", out.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(v["win_rate"]["value"], 0.5);
+    // Bad prompts file: the line is named.
+    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"text\": \"no\"}\n").unwrap();
+    let o = run(&["eval", "--model", &model, "--prompts", prompts.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("line 2: field 'prompt'"), "{err}");
+}

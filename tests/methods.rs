@@ -75,7 +75,7 @@ seed = 1
 /// Share of sampled completions (temperature 1, two per prompt) that end with the marker.
 fn rate(model: &str, control: Option<&str>, prompts: &[String]) -> f64 {
     let c = Controlled::load(model, &LoadOptions::default()).unwrap();
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| c.pretrained.tokenizer.encode(p, true).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| c.tokenizer().encode(p, true).unwrap()).collect();
     let mut hits = 0;
     for seed in [1, 2] {
         let params = SamplingParams { temperature: 1.0, seed, max_new_tokens: 10, ..Default::default() };

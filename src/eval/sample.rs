@@ -1,0 +1,143 @@
+//! Evaluating a model on prompts: sample responses (under a control), score them with a judge,
+//! and measure what alignment papers report next to the score — response length, the share cut
+//! at the token budget, and a sampled estimate of the KL divergence to a reference model,
+//! `KL ≈ log π(y|c, x) − log π_ref(y|x)` for `y ~ π(·|c, x)` (summed over the response tokens).
+
+use crate::controls::Controlled;
+use crate::eval::stats::{mean_ci, Estimate};
+use crate::eval::Judge;
+use crate::generate::{prompt_ids, FinishReason, SamplingParams};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How responses are drawn.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Control to generate under (`good`, `bad`, ...), if the model has controls.
+    pub control: Option<String>,
+    /// Render prompts with the chat template.
+    pub chat: bool,
+    /// Responses per prompt.
+    pub samples: usize,
+    pub params: SamplingParams,
+    /// Rows per generation / scoring batch.
+    pub batch: usize,
+}
+
+/// One scored response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Index of the prompt in the prompt list, and of the sample for that prompt.
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    pub prompt: String,
+    pub response: String,
+    pub score: f64,
+    /// Response tokens (without EOS).
+    pub tokens: usize,
+    /// Stopped by the token budget rather than EOS or a stop string.
+    pub cut: bool,
+    /// Sampled KL estimate to the reference, when one is given.
+    pub kl: Option<f64>,
+}
+
+/// Samples, scores and (with `reference`) measures the KL of `model` on `prompts`.
+pub fn evaluate(
+    model: &Controlled,
+    reference: Option<&Controlled>,
+    judge: &dyn Judge,
+    prompts: &[String],
+    opts: &EvalOptions,
+) -> Result<Vec<Sample>> {
+    if prompts.is_empty() {
+        return Err(Error::Invalid("no prompts to evaluate".into()));
+    }
+    let tok = model.tokenizer();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| prompt_ids(tok, p, opts.chat, None)).collect::<Result<_>>()?;
+    // Every (prompt, sample) pair, sample-major, so each batch mixes prompts.
+    let jobs: Vec<(usize, usize)> =
+        (0..opts.samples.max(1)).flat_map(|s| (0..prompts.len()).map(move |p| (p, s))).collect();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (chunk_no, chunk) in jobs.chunks(opts.batch.max(1)).enumerate() {
+        let batch_ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| ids[p].clone()).collect();
+        // A fresh seed per batch: batches draw different tokens, and a rerun draws the same ones.
+        let params = SamplingParams { seed: opts.params.seed.wrapping_add(chunk_no as u64), ..opts.params.clone() };
+        let gens = model.generate(&batch_ids, opts.control.as_deref(), &params, |_, _| Ok(()))?;
+        let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.tokens.clone()).collect();
+        let kl = match reference {
+            Some(r) => {
+                let own = model.response_logps(&batch_ids, &responses, opts.control.as_deref(), opts.batch)?;
+                let rref = r.response_logps(&batch_ids, &responses, None, opts.batch)?;
+                own.iter().zip(&rref).map(|(a, b)| Some(a - b)).collect()
+            }
+            None => vec![None; gens.len()],
+        };
+        let pairs: Vec<(&str, &str)> =
+            chunk.iter().zip(&gens).map(|(&(p, _), g)| (prompts[p].as_str(), g.text.as_str())).collect();
+        let scores = judge.score(&pairs)?;
+        for (((&(p, s), g), score), kl) in chunk.iter().zip(&gens).zip(scores).zip(kl) {
+            out.push(Sample {
+                prompt_index: p,
+                sample_index: s,
+                prompt: prompts[p].clone(),
+                response: g.text.clone(),
+                score,
+                tokens: g.tokens.len(),
+                cut: g.finish == FinishReason::Length,
+                kl,
+            });
+        }
+    }
+    out.sort_by_key(|s| (s.prompt_index, s.sample_index));
+    Ok(out)
+}
+
+/// The figures of one evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub score: Estimate,
+    pub length: Estimate,
+    /// Share of responses cut at the token budget.
+    pub cut_share: f64,
+    pub kl: Option<Estimate>,
+}
+
+/// Means with 95% bootstrap intervals (seeded) of score, length and KL.
+pub fn summarize(samples: &[Sample], seed: u64) -> Result<Summary> {
+    let col = |f: &dyn Fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let kls: Option<Vec<f64>> = samples.iter().map(|s| s.kl).collect();
+    Ok(Summary {
+        score: mean_ci(&col(&|s| s.score), seed)?,
+        length: mean_ci(&col(&|s| s.tokens as f64), seed)?,
+        cut_share: samples.iter().filter(|s| s.cut).count() as f64 / samples.len().max(1) as f64,
+        kl: match kls {
+            Some(k) if !k.is_empty() => Some(mean_ci(&k, seed)?),
+            _ => None,
+        },
+    })
+}
+
+/// Scores of two evaluations on the same prompts, paired by (prompt, sample) index.
+pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<(Vec<f64>, Vec<f64>)> {
+    let key = |s: &Sample| (s.prompt_index, s.sample_index);
+    let bmap: std::collections::HashMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
+    let mut xa = Vec::new();
+    let mut xb = Vec::new();
+    for s in a {
+        let o = bmap.get(&key(s)).ok_or_else(|| {
+            Error::Invalid(format!(
+                "prompt {} sample {} is in the first evaluation only",
+                s.prompt_index, s.sample_index
+            ))
+        })?;
+        if o.prompt != s.prompt {
+            return Err(Error::Invalid(format!("prompt {} differs between the evaluations", s.prompt_index)));
+        }
+        xa.push(s.score);
+        xb.push(o.score);
+    }
+    if xa.len() != b.len() {
+        return Err(Error::Invalid("the evaluations cover different prompts".into()));
+    }
+    Ok((xa, xb))
+}
