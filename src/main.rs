@@ -41,6 +41,54 @@ enum Command {
     /// Sample responses to prompts (under a control), score them with a judge, report the mean
     /// score, length, cut share and KL to a reference with 95% bootstrap intervals.
     Eval(EvalArgs),
+    /// Preference pairs from a judge: the best and worst of several sampled responses per prompt,
+    /// written as TRL preference JSONL (with the scores).
+    Pairs {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompts: JSONL with a "prompt" string per line, or one prompt per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// `vader` or `vader-full`.
+        #[arg(long, default_value = "vader-full")]
+        judge: String,
+        /// Responses sampled per prompt.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build the sentiment task from the rated snippets (`scripts/fetch-data.sh`): train and
+    /// held-out prompts (the first words of snippets) and human-rating preference pairs.
+    PrepareSentiment {
+        /// The snippets file.
+        #[arg(long, default_value = "data/sentiment/movieReviewSnippets_GroundTruth.txt")]
+        snippets: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        words: usize,
+        #[arg(long, default_value_t = 2000)]
+        train: usize,
+        #[arg(long, default_value_t = 200)]
+        eval: usize,
+        #[arg(long, default_value_t = 2000)]
+        pairs: usize,
+        /// Smallest rating gap (on -4..4) between the snippets of a pair.
+        #[arg(long, default_value_t = 2.0)]
+        min_gap: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder for train_prompts.jsonl, eval_prompts.jsonl, human_pairs.jsonl.
+        #[arg(long, default_value = "data/sentiment-task")]
+        out: PathBuf,
+    },
     /// Win rate of one evaluation over another on the same prompts (ties half), with its 95% CI.
     Compare {
         /// `meet eval --out` file of method A.
@@ -467,6 +515,58 @@ fn run() -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::json!({"eval": a.model.model, "control": a.control, "judge": a.judge, "summary": s})
+            );
+        }
+        Command::Pairs { model, prompts, judge, samples, temperature, max_new_tokens, seed, batch, out } => {
+            use meet::eval::pairs::best_worst_pairs;
+            use meet::eval::sample::EvalOptions;
+            use meet::eval::vader::{Scope, Vader};
+            let judge = match judge.as_str() {
+                "vader" => Vader::new(Scope::Response),
+                "vader-full" => Vader::new(Scope::Full),
+                other => bail!("unknown judge '{other}' (vader, vader-full)"),
+            };
+            let prompts = read_prompts(&prompts)?;
+            let m = model.load_controlled()?;
+            let opts = EvalOptions {
+                control: None,
+                chat: false,
+                samples,
+                params: SamplingParams { temperature, seed, max_new_tokens, ..Default::default() },
+                batch,
+            };
+            let (pairs, ties) = best_worst_pairs(&m, &judge, &prompts, &opts)?;
+            let text: String = pairs.iter().map(|p| format!("{}\n", serde_json::json!(p))).collect();
+            meet::io::atomic_write(&out, text.as_bytes())?;
+            eprintln!("wrote {} pairs to {} ({ties} prompts without a score difference)", pairs.len(), out.display());
+        }
+        Command::PrepareSentiment { snippets, words, train, eval, pairs, min_gap, seed, out } => {
+            use meet::data::sentiment::{read_snippets, sentiment_task, TaskOptions};
+            let s = read_snippets(&snippets)?;
+            let o = TaskOptions { words, train, eval, pairs, min_gap, seed, ..Default::default() };
+            let t = sentiment_task(&s, &o)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let write = |name: &str, rows: Vec<serde_json::Value>| -> anyhow::Result<()> {
+                let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+                Ok(meet::io::atomic_write(&out.join(name), text.as_bytes())?)
+            };
+            let prompts = |p: &[String]| p.iter().map(|x| serde_json::json!({"prompt": x})).collect();
+            write("train_prompts.jsonl", prompts(&t.train_prompts))?;
+            write("eval_prompts.jsonl", prompts(&t.eval_prompts))?;
+            write(
+                "human_pairs.jsonl",
+                t.rating_pairs
+                    .iter()
+                    .map(|(i, c, r)| serde_json::json!({"prompt": i, "chosen": c, "rejected": r}))
+                    .collect(),
+            )?;
+            eprintln!(
+                "{}: {} train prompts, {} held-out prompts, {} human-rating pairs (from {} snippets)",
+                out.display(),
+                t.train_prompts.len(),
+                t.eval_prompts.len(),
+                t.rating_pairs.len(),
+                s.len()
             );
         }
         Command::Compare { a, b, seed } => {

@@ -166,3 +166,43 @@ fn the_cli_evaluates_and_compares() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("line 2: field 'prompt'"), "{err}");
 }
+
+#[test]
+fn judged_pairs_keep_the_best_and_worst_and_read_back_as_preferences() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Controlled::load(&tiny_folder(dir.path(), 1), &LoadOptions::default()).unwrap();
+    let prompts: Vec<String> = (0..6).map(|i| format!("review {i}:")).collect();
+    // A judge that prefers longer responses (byte-level garbage has no sentiment).
+    struct Length;
+    impl Judge for Length {
+        fn name(&self) -> &str {
+            "length"
+        }
+        fn score(&self, items: &[(&str, &str)]) -> meet::Result<Vec<f64>> {
+            Ok(items.iter().map(|(_, r)| r.chars().count() as f64).collect())
+        }
+    }
+    let o = EvalOptions { samples: 4, ..opts() };
+    let (pairs, ties) = meet::eval::pairs::best_worst_pairs(&model, &Length, &prompts, &o).unwrap();
+    assert_eq!(pairs.len() + ties, 6);
+    assert!(!pairs.is_empty());
+    for p in &pairs {
+        assert!(p.chosen_score > p.rejected_score && p.chosen.chars().count() > p.rejected.chars().count());
+    }
+    let all = evaluate(&model, None, &Length, &prompts, &o).unwrap();
+    for p in &pairs {
+        let best = all
+            .iter()
+            .filter(|s| s.prompt == p.prompt && !s.response.trim().is_empty())
+            .map(|s| s.score)
+            .fold(f64::MIN, f64::max);
+        assert_eq!(p.chosen_score, best);
+    }
+    // The file meet pairs writes is TRL preference data.
+    let path = dir.path().join("pairs.jsonl");
+    let text: String = pairs.iter().map(|p| format!("{}\n", serde_json::json!(p))).collect();
+    std::fs::write(&path, text).unwrap();
+    let opts = meet::data::preference::PreferenceOptions::default();
+    let (read, _) = meet::data::preference::read_preferences(&path, model.tokenizer(), &opts).unwrap();
+    assert_eq!(read.len(), pairs.len());
+}
