@@ -49,7 +49,7 @@ enum Command {
         /// Prompts: JSONL with a "prompt" string per line, or one prompt per line.
         #[arg(long)]
         prompts: PathBuf,
-        /// `vader` or `vader-full`.
+        /// `vader`, `vader-full` or `reward:PATH`.
         #[arg(long, default_value = "vader-full")]
         judge: String,
         /// Responses sampled per prompt.
@@ -280,7 +280,8 @@ struct EvalArgs {
     /// Reference model for the KL estimate (e.g. the base model); none: no KL.
     #[arg(long)]
     reference: Option<String>,
-    /// Judge: `vader` (compound sentiment of the response) or `vader-full` (of prompt + response).
+    /// Judge: `vader` (compound sentiment of the response), `vader-full` (of prompt + response),
+    /// `reward:PATH` (a reward model trained with `method = "reward"`).
     #[arg(long, default_value = "vader")]
     judge: String,
     /// Render prompts with the chat template.
@@ -302,6 +303,23 @@ struct EvalArgs {
     /// Where the scored responses go (JSONL), for `meet compare`.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// A judge by name: `vader` (the response's compound sentiment), `vader-full` (of prompt +
+/// response), `reward:PATH` (a reward-model folder).
+fn make_judge(name: &str) -> anyhow::Result<Box<dyn meet::eval::Judge>> {
+    use meet::eval::vader::{Scope, Vader};
+    Ok(match name {
+        "vader" => Box::new(Vader::new(Scope::Response)),
+        "vader-full" => Box::new(Vader::new(Scope::Full)),
+        other => match other.strip_prefix("reward:") {
+            Some(path) => Box::new(
+                meet::eval::reward_model::RewardModel::load(path)
+                    .with_context(|| format!("loading the reward model {path}"))?,
+            ),
+            None => bail!("unknown judge '{other}' (vader, vader-full, reward:PATH)"),
+        },
+    })
 }
 
 /// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
@@ -468,12 +486,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Eval(a) => {
             use meet::eval::sample::{evaluate, summarize, EvalOptions};
-            use meet::eval::vader::{Scope, Vader};
-            let judge = match a.judge.as_str() {
-                "vader" => Vader::new(Scope::Response),
-                "vader-full" => Vader::new(Scope::Full),
-                other => bail!("unknown judge '{other}' (vader, vader-full)"),
-            };
+            let judge = make_judge(&a.judge)?;
             let prompts = read_prompts(&a.prompts)?;
             let model = a.model.load_controlled()?;
             let reference = match &a.reference {
@@ -495,7 +508,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 },
                 batch: a.batch,
             };
-            let samples = evaluate(&model, reference.as_ref(), &judge, &prompts, &opts)?;
+            let samples = evaluate(&model, reference.as_ref(), judge.as_ref(), &prompts, &opts)?;
             if let Some(out) = &a.out {
                 let text: String = samples.iter().map(|s| format!("{}\n", serde_json::json!(s))).collect();
                 meet::io::atomic_write(out, text.as_bytes())?;
@@ -520,12 +533,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pairs { model, prompts, judge, samples, temperature, max_new_tokens, seed, batch, out } => {
             use meet::eval::pairs::best_worst_pairs;
             use meet::eval::sample::EvalOptions;
-            use meet::eval::vader::{Scope, Vader};
-            let judge = match judge.as_str() {
-                "vader" => Vader::new(Scope::Response),
-                "vader-full" => Vader::new(Scope::Full),
-                other => bail!("unknown judge '{other}' (vader, vader-full)"),
-            };
+            let judge = make_judge(&judge)?;
             let prompts = read_prompts(&prompts)?;
             let m = model.load_controlled()?;
             let opts = EvalOptions {
@@ -535,7 +543,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 params: SamplingParams { temperature, seed, max_new_tokens, ..Default::default() },
                 batch,
             };
-            let (pairs, ties) = best_worst_pairs(&m, &judge, &prompts, &opts)?;
+            let (pairs, ties) = best_worst_pairs(&m, judge.as_ref(), &prompts, &opts)?;
             let text: String = pairs.iter().map(|p| format!("{}\n", serde_json::json!(p))).collect();
             meet::io::atomic_write(&out, text.as_bytes())?;
             eprintln!("wrote {} pairs to {} ({ties} prompts without a score difference)", pairs.len(), out.display());

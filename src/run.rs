@@ -4,7 +4,7 @@
 //! [`crate::methods`] do the rest.
 //!
 //! ```toml
-//! method = "meet"                # sft | coh | control-token | meet | dpo
+//! method = "meet"                # sft | coh | control-token | meet | dpo | reward
 //! output_dir = "runs/meet"
 //! [model]
 //! source = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,6 +24,7 @@ use crate::io::{self, LoadOptions, Packing, RawModel};
 use crate::methods::coh::CohConfig;
 use crate::methods::control_token::{add_tokens, ControlTokenConfig};
 use crate::methods::meet::MeetConfig;
+use crate::methods::reward::RewardConfig;
 use crate::objectives::dpo::DpoConfig;
 use crate::peft::folder;
 use crate::peft::lora::{Adapters, LoraConfig};
@@ -52,16 +53,19 @@ pub enum Method {
     Meet,
     /// Direct Preference Optimization.
     Dpo,
+    /// A Bradley–Terry reward model (the backbone with a scalar head on the last token).
+    Reward,
 }
 
 impl Method {
     /// Every method by its config name.
-    pub const ALL: [(&'static str, Method); 5] = [
+    pub const ALL: [(&'static str, Method); 6] = [
         ("sft", Method::Sft),
         ("coh", Method::Coh),
         ("control-token", Method::ControlToken),
         ("meet", Method::Meet),
         ("dpo", Method::Dpo),
+        ("reward", Method::Reward),
     ];
 
     pub fn name(self) -> &'static str {
@@ -158,6 +162,8 @@ pub struct RunConfig {
     pub coh: CohConfig,
     #[serde(default)]
     pub control_token: ControlTokenConfig,
+    #[serde(default)]
+    pub reward: RewardConfig,
 }
 
 /// Sets `key` (dotted path, e.g. `train.lr`) in a TOML table to `value`, read as a TOML value
@@ -210,6 +216,7 @@ impl RunConfig {
             dpo: DpoConfig::default(),
             coh: CohConfig::default(),
             control_token: ControlTokenConfig::default(),
+            reward: RewardConfig::default(),
         }
     }
 
@@ -241,7 +248,7 @@ impl RunConfig {
     pub fn controls(&self) -> Vec<String> {
         match (&self.model.controls, self.method) {
             (Some(c), _) => c.clone(),
-            (None, Method::Sft | Method::Dpo) => vec!["default".into()],
+            (None, Method::Sft | Method::Dpo | Method::Reward) => vec!["default".into()],
             (None, _) => vec!["good".into(), "bad".into()],
         }
     }
@@ -281,6 +288,11 @@ impl RunConfig {
             }
             _ => {}
         }
+        if self.method == Method::Reward && (!self.model.train_weights || adapters > 0) {
+            return Err(Error::Invalid(
+                "method reward trains the full model with its score head: set model.train_weights = true and drop [lora] / [prompt]".into(),
+            ));
+        }
         if matches!(self.method, Method::Coh | Method::Dpo) && self.prompt.is_some() {
             return Err(Error::Invalid(format!("method {} does not take a [prompt] section", self.method.name())));
         }
@@ -303,6 +315,14 @@ pub fn build(cfg: &RunConfig) -> Result<Built> {
 
 /// [`build`] with new vocabulary tokens and the choice to freeze the controls.
 pub fn build_with(cfg: &RunConfig, new_tokens: &[String], train_controls: bool) -> Result<Built> {
+    build_full(cfg, new_tokens, train_controls, &|_| Ok(vec![]))
+}
+
+/// Parameters a method adds to the model it is given (a reward head), as `(name, var, group)`.
+pub type ExtraParams<'a> = &'a dyn Fn(&Pretrained) -> Result<Vec<(String, candle_core::Var, usize)>>;
+
+/// [`build_with`] plus parameters of the method's own.
+pub fn build_full(cfg: &RunConfig, new_tokens: &[String], train_controls: bool, extra: ExtraParams) -> Result<Built> {
     let seed = cfg.train.seed;
     let names = cfg.adapter_names();
     let lora = match &cfg.lora {
@@ -357,6 +377,7 @@ pub fn build_with(cfg: &RunConfig, new_tokens: &[String], train_controls: bool) 
             params.extend(p.names.iter().zip(&p.vars).map(|(n, v)| (format!("prompt.{n}"), v.clone(), 1)));
         }
     }
+    params.extend(extra(&pretrained)?);
     if params.is_empty() {
         return Err(Error::Invalid("nothing trains: no model weights and the controls are frozen".into()));
     }

@@ -448,3 +448,32 @@ fn dpo_with_a_lora_adapter_uses_the_base_as_reference() {
     eprintln!("dpo lora: rule {before:.2} -> {after:.2}, margin {:.3}", last.extra["rewards/margins"]);
     assert!(last.extra["rewards/margins"] > 0.5 && after > before + 0.2, "rule {before} -> {after}");
 }
+
+#[test]
+fn a_reward_model_learns_the_rule_and_judges_with_it() {
+    use meet::eval::Judge;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, _) = task(dir.path());
+    let out = dir.path().join("rm");
+    let set =
+        [("model.train_weights", "true"), ("train.epochs", "10"), ("train.lr", "1e-3"), ("reward.eval_share", "0.25")];
+    meet::run::run(&config(Method::Reward, &model, &data, &out, &set), false).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/reward_eval.json")).unwrap()).unwrap();
+    eprintln!("reward model: {report}");
+    assert_eq!(report["held_out_pairs"], 24);
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.95, "{report}");
+    assert!(report["accuracy_before"].as_f64().unwrap() <= 0.75, "{report}");
+    let logs = metrics(&out);
+    assert!(logs.last().unwrap().extra["accuracy"] > logs[0].extra["accuracy"]);
+    // The saved folder is a sequence classifier and scores marker answers above plain ones.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(cfg["num_labels"], 1);
+    let judge = meet::eval::reward_model::RewardModel::load(out.join("final").to_str().unwrap()).unwrap();
+    let s = judge.score(&[("xyz:", " cat yes"), ("xyz:", " cat"), ("qq:", " sun yes"), ("qq:", " sun")]).unwrap();
+    assert!(s[0] > s[1] && s[2] > s[3], "{s:?}");
+    // As the judge of `meet pairs`: a wrong folder is a clear error.
+    assert!(meet::eval::reward_model::RewardModel::load(&model).is_err());
+}

@@ -383,6 +383,13 @@ fn render<'a>(p: &Prompt, tok: &'a Tokenizer) -> Result<(Vec<u32>, Responder<'a>
     }
 }
 
+/// Prompt and response ids of a plain-text prompt and one response, tokenised as preference
+/// records are (the response ends with EOS): what reward models score.
+pub fn text_pair_ids(tok: &Tokenizer, prompt: &str, response: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (p, resp) = render(&Prompt::Text(prompt.to_string()), tok)?;
+    Ok((p, resp(response)?))
+}
+
 /// Tokenises a record and applies the truncation policy: responses capped at
 /// `max_completion_length`, the prompt keeps its last `max_prompt_length` tokens, then the prompt
 /// gives way (from its start) until prompt + longer response fit `max_length`, then the responses.

@@ -4,6 +4,7 @@
 //! OpenAI-compatible endpoint slot in the same way.
 
 pub mod pairs;
+pub mod reward_model;
 pub mod sample;
 pub mod stats;
 pub mod vader;

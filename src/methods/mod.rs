@@ -9,6 +9,7 @@ pub mod coh;
 pub mod control_token;
 pub mod dpo;
 pub mod meet;
+pub mod reward;
 pub mod sft;
 
 use crate::controls::{ControlKind, ControlSpec};
@@ -32,6 +33,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         Method::ControlToken => control_token::run(cfg, resume),
         Method::Meet => meet::run(cfg, resume),
         Method::Dpo => dpo::run(cfg, resume),
+        Method::Reward => reward::run(cfg, resume),
     }
 }
 
@@ -136,13 +138,26 @@ pub fn stage<T: Item>(
     resume: bool,
     spec: Option<ControlSpec>,
 ) -> Result<Vec<StepLog>> {
-    tracing::info!("{name}: {} items, {} steps", items.len(), cfg.train.total_steps(items.len()));
-    let run_dir = RunDir { dir: dir.to_path_buf(), config_hash: config_hash(&(cfg, name)) };
-    let logs = train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run_dir, resume)?;
+    let logs = stage_train(cfg, name, built, objective, items, dir, resume)?;
     let out = dir.join("final");
     save_outputs(&built.policy, &cfg.model.source, &out)?;
     if let Some(s) = spec {
         s.save(&out)?;
     }
     Ok(logs)
+}
+
+/// [`stage`] without saving: for methods that save outputs of their own.
+pub fn stage_train<T: Item>(
+    cfg: &RunConfig,
+    name: &str,
+    built: &mut Built,
+    objective: &dyn Objective<T>,
+    items: &[T],
+    dir: &Path,
+    resume: bool,
+) -> Result<Vec<StepLog>> {
+    tracing::info!("{name}: {} items, {} steps", items.len(), cfg.train.total_steps(items.len()));
+    let run_dir = RunDir { dir: dir.to_path_buf(), config_hash: config_hash(&(cfg, name)) };
+    train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run_dir, resume)
 }

@@ -111,7 +111,7 @@ fn with_f32_storage(s: &CpuStorage, l: &Layout, f: impl Fn(f32) -> f32) -> candl
     }
 }
 
-fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
+pub fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         // log(1 + e^{−x}): smooth everywhere; overflows only for x < −88 (a hopeless pair).
         return Ok(x.neg()?.exp()?.affine(1.0, 1.0)?.log()?);

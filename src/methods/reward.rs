@@ -1,0 +1,138 @@
+//! A Bradley–Terry reward model (the paper's learned judge): the backbone with a scalar score
+//! head on the last token, trained on preference pairs with `−log σ(r_w − r_l)`; part of the pairs
+//! is held out and the pairwise accuracy on them reported (`final/reward_eval.json`). The output is
+//! an HF folder of `LlamaForSequenceClassification` (one label, `score.weight`), which
+//! transformers loads, and which [`crate::eval::reward_model`] uses as a judge.
+
+use crate::data::preference::Pair;
+use crate::io::RawModel;
+use crate::methods::{load_pairs, pad_id, stage_train};
+use crate::objectives::dpo::pair_batch;
+use crate::objectives::reward::{rewards, RewardModelling};
+use crate::policy::Policy;
+use crate::run::{build_full, RunConfig};
+use crate::train::StepLog;
+use crate::{Error, Result};
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `[reward]` options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// Share of the pairs held out for the accuracy (seeded split); ignored with `eval`.
+    pub eval_share: f64,
+    /// A separate preference file to measure the accuracy on.
+    pub eval: Option<PathBuf>,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self { eval_share: 0.1, eval: None }
+    }
+}
+
+/// Pairwise accuracy (chosen rewarded above rejected) and mean margin on `pairs`.
+pub fn accuracy(policy: &Policy, head: &Tensor, pairs: &[Pair], batch: usize, pad: u32) -> Result<(f64, f64)> {
+    let (mut right, mut margin) = (0usize, 0f64);
+    for chunk in pairs.chunks(batch.max(1)) {
+        let refs: Vec<&Pair> = chunk.iter().collect();
+        let r = rewards(policy, head, &pair_batch(&refs, pad)?, pad)?.to_vec1::<f32>()?;
+        let n = chunk.len();
+        for i in 0..n {
+            right += (r[i] > r[n + i]) as usize;
+            margin += (r[i] - r[n + i]) as f64;
+        }
+    }
+    Ok((right as f64 / pairs.len().max(1) as f64, margin / pairs.len().max(1) as f64))
+}
+
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+    // transformers' LlamaForSequenceClassification initialises `score` from N(0, initializer_range).
+    let seed = cfg.train.seed ^ 0x5C0E;
+    let new_head = |p: &crate::Pretrained| -> Result<Vec<(String, Var, usize)>> {
+        let hidden = p.model.hidden_size();
+        let std = p.config.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = rand_distr::Normal::new(0.0, std).map_err(|e| Error::Invalid(e.to_string()))?;
+        let w: Vec<f32> = (0..hidden).map(|_| rand_distr::Distribution::sample(&normal, &mut rng) as f32).collect();
+        Ok(vec![("score.weight".into(), Var::from_tensor(&Tensor::from_vec(w, (1, hidden), &p.device)?)?, 0)])
+    };
+    let mut built = build_full(cfg, &[], true, &new_head)?;
+    let head = built
+        .optimizer
+        .params
+        .iter()
+        .find(|q| q.name == "score.weight")
+        .map(|q| q.var.clone())
+        .ok_or_else(|| Error::Invalid("the score head is not among the trained parameters".into()))?;
+    let p = &built.policy.pretrained;
+    let pad = pad_id(p);
+    let mut pairs = load_pairs(cfg, p)?;
+    let held_out = match &cfg.reward.eval {
+        Some(path) => {
+            let mut c = cfg.clone();
+            c.data.train = path.clone();
+            load_pairs(&c, p)?
+        }
+        None => {
+            pairs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed));
+            let k = ((pairs.len() as f64) * cfg.reward.eval_share).round() as usize;
+            if k >= pairs.len() {
+                return Err(Error::Invalid("reward.eval_share leaves no training pairs".into()));
+            }
+            pairs.split_off(pairs.len() - k)
+        }
+    };
+    let objective = RewardModelling { head: head.clone(), pad_id: pad };
+    let before = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
+    let logs = stage_train(cfg, "reward", &mut built, &objective, &pairs, &cfg.output_dir, resume)?;
+    let after = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
+    tracing::info!("held-out pairwise accuracy {:.3} -> {:.3} on {} pairs", before.0, after.0, held_out.len());
+    save(&built.policy, head.as_tensor(), cfg, &cfg.output_dir.join("final"))?;
+    let report = serde_json::json!({
+        "held_out_pairs": held_out.len(),
+        "accuracy_before": before.0, "margin_before": before.1,
+        "accuracy": after.0, "margin": after.1,
+    });
+    crate::io::atomic_write(&cfg.output_dir.join("final/reward_eval.json"), report.to_string().as_bytes())?;
+    Ok(logs)
+}
+
+/// Writes the reward model as an HF `LlamaForSequenceClassification` folder.
+fn save(policy: &Policy, head: &Tensor, cfg: &RunConfig, out: &std::path::Path) -> Result<()> {
+    let p = &policy.pretrained;
+    let vm = p.varmap.as_ref().ok_or_else(|| Error::Invalid("reward model weights are not trainable".into()))?;
+    let mut tensors: std::collections::HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.insert("score.weight".into(), head.clone());
+    let mut config = p.config.clone();
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .unwrap_or("LlamaForCausalLM")
+        .replace("ForCausalLM", "ForSequenceClassification");
+    config["architectures"] = serde_json::json!([arch]);
+    config["num_labels"] = serde_json::json!(1);
+    config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    config["label2id"] = serde_json::json!({"LABEL_0": 0});
+    config["pad_token_id"] = serde_json::json!(pad_id(p));
+    let raw = RawModel {
+        config,
+        tensors,
+        packed: Default::default(),
+        tokenizer: p.tokenizer.clone(),
+        generation: p.generation.clone(),
+        origin: PathBuf::from(&cfg.model.source),
+    };
+    crate::io::save_hf_folder(&raw, out)
+}
