@@ -11,6 +11,7 @@ pub mod controls;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod generate;
 pub mod io;
 pub mod methods;

@@ -38,6 +38,15 @@ enum Command {
     },
     /// Train as a TOML run configuration says: sft, coh, control-token, meet or dpo.
     Train(TrainArgs),
+    /// The controlled-sentiment experiment from an experiment file: task, judged pairs, every
+    /// method × seed, evaluations × temperatures, report.md. Resumable: finished steps are kept.
+    Experiment {
+        /// The experiment file (examples/sentiment.toml).
+        config: PathBuf,
+        /// A small profile of the same steps (minutes), in output_dir/quick.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Sample responses to prompts (under a control), score them with a judge, report the mean
     /// score, length, cut share and KL to a reference with 95% bootstrap intervals.
     Eval(EvalArgs),
@@ -600,6 +609,14 @@ fn run() -> anyhow::Result<ExitCode> {
                 "{}",
                 serde_json::json!({"a": a, "b": b, "win_rate": w, "length_a": len(&sa), "length_b": len(&sb)})
             );
+        }
+        Command::Experiment { config, quick } => {
+            let mut cfg = meet::experiment::ExperimentConfig::from_file(&config)?;
+            if quick {
+                cfg.quick();
+            }
+            let report = meet::experiment::run(&cfg).with_context(|| format!("experiment {}", config.display()))?;
+            eprintln!("report: {}", report.display());
         }
         Command::Convert { model, out } => {
             let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;

@@ -1,0 +1,81 @@
+//! The experiment end to end on a tiny model and made-up rated snippets: every step runs, the
+//! report holds its tables, and a second invocation reuses everything (resumable).
+
+mod common;
+
+use meet::experiment::{run, ExperimentConfig};
+
+#[test]
+fn the_experiment_runs_every_step_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    meet::io::save_hf_folder(&common::tiny_raw(3, 96), &model).unwrap();
+    let words = ["great", "awful", "fine", "boring", "lovely", "bad", "good", "dull"];
+    let snippets: String = (0..80)
+        .map(|i| {
+            format!("{i}\t{}\tthis film is {} and {} overall\n", (i % 9) as f64 - 4.0, words[i % 8], words[(i / 8) % 8])
+        })
+        .collect();
+    let sn = dir.path().join("snippets.txt");
+    std::fs::write(&sn, snippets).unwrap();
+    let out = dir.path().join("exp");
+    let text = format!(
+        r#"
+output_dir = {out:?}
+model = {model:?}
+snippets = {sn:?}
+seeds = [0]
+temperatures = [0.5, 1.0]
+methods = ["sft", "dpo", "meet-prompt", "control-token"]
+[task]
+train = 16
+eval = 6
+human_pairs = 10
+[pairs]
+samples = 3
+max_new_tokens = 6
+[eval]
+samples = 2
+max_new_tokens = 6
+[train]
+max_steps = 2
+batch_size = 4
+lr = 1e-3
+[method.meet-prompt]
+prompt = {{ n = 2 }}
+"#,
+        out = out.to_string_lossy(),
+        model = model.to_string_lossy(),
+        sn = sn.to_string_lossy()
+    );
+    let cfg_path = dir.path().join("exp.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg = ExperimentConfig::from_file(&cfg_path).unwrap();
+    let report = run(&cfg).unwrap();
+    let md = std::fs::read_to_string(&report).unwrap();
+    for want in [
+        "## Mean vader score",
+        "| sft |",
+        "| dpo |",
+        "| meet-prompt (good) |",
+        "## Controllability",
+        "| control-token |",
+    ] {
+        assert!(md.contains(want), "report lacks {want:?}:\n{md}");
+    }
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    // base + 4 methods at 2 temperatures, plus `bad` at the last one for the 2 controllable ones.
+    assert_eq!(results.lines().count(), 5 * 2 + 2);
+    assert!(out.join("runs/dpo-seed0/reference_logps.json").is_file());
+    // Resumed: nothing is redone, the report is the same.
+    let stamp = std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap();
+    let eval_stamp = std::fs::metadata(out.join("eval/sft-seed0-plain-t1.jsonl")).unwrap().modified().unwrap();
+    run(&cfg).unwrap();
+    assert_eq!(std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap(), stamp);
+    assert_eq!(std::fs::metadata(out.join("eval/sft-seed0-plain-t1.jsonl")).unwrap().modified().unwrap(), eval_stamp);
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), md);
+    // An unknown method is refused with the file named.
+    std::fs::write(&cfg_path, std::fs::read_to_string(&cfg_path).unwrap().replace("\"dpo\"", "\"ppo\"")).unwrap();
+    let e = ExperimentConfig::from_file(&cfg_path).unwrap_err().to_string();
+    assert!(e.contains("exp.toml") && e.contains("unknown experiment method 'ppo'"), "{e}");
+}
