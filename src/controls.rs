@@ -157,8 +157,9 @@ impl Controlled {
                 let tok = p.tokenizer.token_id(&spec.markers[i]).ok_or_else(|| {
                     Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
                 })?;
+                let prefix = crate::methods::control_token::special_prefix(&p.tokenizer)?;
                 for x in out.ids.iter_mut() {
-                    *x = crate::methods::control_token::with_token(&p.tokenizer, x, tok)?;
+                    *x = crate::methods::control_token::with_token(&prefix, x, tok);
                 }
             }
             ControlKind::Text => {
@@ -236,8 +237,7 @@ impl Controlled {
             let controls: Option<Vec<Option<usize>>> = a.prompt.or(a.adapter).map(|i| vec![Some(i); rows.len()]);
             b.controls = controls;
             // A row with an empty response has no labels: its log-probability is 0.
-            let has_labels: Vec<bool> = rs.iter().map(|r| !r.is_empty()).collect();
-            if !has_labels.iter().any(|&h| h) {
+            if rs.iter().all(|r| r.is_empty()) {
                 out.extend(std::iter::repeat_n(0.0, rows.len()));
                 continue;
             }

@@ -7,13 +7,12 @@
 //! an interrupted experiment continues where it stopped (training runs resume from checkpoints).
 
 use crate::controls::Controlled;
-use crate::data::sentiment::{read_snippets, sentiment_task, TaskOptions};
-use crate::eval::sample::{evaluate, paired_scores, summarize, EvalOptions, Sample, Summary};
+use crate::data::sentiment::{read_snippets, sentiment_task, write_task, TaskOptions};
+use crate::eval::judge_by_name;
+use crate::eval::sample::{evaluate, paired_scores, read_prompts, summarize, EvalOptions, Sample, Summary};
 use crate::eval::stats::{across_seeds, win_rate, Estimate};
-use crate::eval::vader::{Scope, Vader};
-use crate::eval::Judge;
 use crate::generate::SamplingParams;
-use crate::io::atomic_write;
+use crate::io::{atomic_write, read_jsonl, write_jsonl};
 use crate::run::RunConfig;
 use crate::{Error, LoadOptions, Result};
 use serde::{Deserialize, Serialize};
@@ -91,14 +90,6 @@ pub struct SampleSection {
 impl Default for SampleSection {
     fn default() -> Self {
         Self { samples: 4, max_new_tokens: 32, temperature: 1.0, judge: "vader-full".into(), batch: 16 }
-    }
-}
-
-fn judge(name: &str) -> Result<Vader> {
-    match name {
-        "vader" => Ok(Vader::new(Scope::Response)),
-        "vader-full" => Ok(Vader::new(Scope::Full)),
-        other => Err(Error::Invalid(format!("experiment judge '{other}': vader or vader-full"))),
     }
 }
 
@@ -198,19 +189,6 @@ fn merge(dst: &mut toml::Table, src: &toml::Table) {
     }
 }
 
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let text: String = rows.iter().map(|r| format!("{}\n", serde_json::json!(r))).collect();
-    atomic_write(path, text.as_bytes())
-}
-
-fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::parse(path, format!("line {}: {e}", i + 1))))
-        .collect()
-}
-
 /// One evaluation: method, seed, control, temperature.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
@@ -238,22 +216,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             seed: t.seed,
             ..Default::default()
         };
-        let task = sentiment_task(&snippets, &o)?;
-        let rows = |p: &[String]| p.iter().map(|x| serde_json::json!({"prompt": x})).collect::<Vec<_>>();
-        write_jsonl(
-            &cfg.dir(&["data", "human_pairs.jsonl"]),
-            &task
-                .rating_pairs
-                .iter()
-                .map(|(i, c, r)| serde_json::json!({"prompt": i, "chosen": c, "rejected": r}))
-                .collect::<Vec<_>>(),
-        )?;
-        write_jsonl(&train_prompts_path, &rows(&task.train_prompts))?;
-        write_jsonl(&prompts_path, &rows(&task.eval_prompts))?;
+        write_task(&sentiment_task(&snippets, &o)?, &cfg.dir(&["data"]))?;
     }
-    let prompt_list = |p: &Path| -> Result<Vec<String>> {
-        Ok(read_jsonl::<serde_json::Value>(p)?.iter().filter_map(|v| v["prompt"].as_str().map(String::from)).collect())
-    };
     // 2. Judge-scored pairs from the base model.
     let pairs_path = cfg.dir(&["data", "pairs.jsonl"]);
     if !pairs_path.is_file() {
@@ -272,8 +236,12 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             },
             batch: p.batch,
         };
-        let (pairs, ties) =
-            crate::eval::pairs::best_worst_pairs(&base, &judge(&p.judge)?, &prompt_list(&train_prompts_path)?, &opts)?;
+        let (pairs, ties) = crate::eval::pairs::best_worst_pairs(
+            &base,
+            judge_by_name(&p.judge)?.as_ref(),
+            &read_prompts(&train_prompts_path)?,
+            &opts,
+        )?;
         tracing::info!("{} pairs ({ties} prompts without a score difference)", pairs.len());
         write_jsonl(&pairs_path, &pairs)?;
     }
@@ -292,8 +260,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     // 4. Evaluations: each run × temperature under `good` (and `bad` at the last temperature for
     // the controllable methods), and the base model.
     let ev = &cfg.eval;
-    let judge = judge(&ev.judge)?;
-    let prompts = prompt_list(&prompts_path)?;
+    let judge = judge_by_name(&ev.judge)?;
+    let prompts = read_prompts(&prompts_path)?;
     let base = Controlled::load(&cfg.model, &LoadOptions::default())?;
     let mut cells = Vec::new();
     let mut jobs: Vec<(String, u64, String)> =
@@ -333,7 +301,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                         },
                         batch: ev.batch,
                     };
-                    let s = evaluate(model, Some(&base), &judge, &prompts, &opts)?;
+                    let s = evaluate(model, Some(&base), judge.as_ref(), &prompts, &opts)?;
                     std::fs::create_dir_all(cfg.dir(&["eval"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
                     write_jsonl(&out, &s)?;
                     s

@@ -314,58 +314,6 @@ struct EvalArgs {
     out: Option<PathBuf>,
 }
 
-/// A judge by name: `vader` (the response's compound sentiment), `vader-full` (of prompt +
-/// response), `reward:PATH` (a reward-model folder).
-fn make_judge(name: &str) -> anyhow::Result<Box<dyn meet::eval::Judge>> {
-    use meet::eval::vader::{Scope, Vader};
-    Ok(match name {
-        "vader" => Box::new(Vader::new(Scope::Response)),
-        "vader-full" => Box::new(Vader::new(Scope::Full)),
-        other => match other.strip_prefix("reward:") {
-            Some(path) => Box::new(
-                meet::eval::reward_model::RewardModel::load(path)
-                    .with_context(|| format!("loading the reward model {path}"))?,
-            ),
-            None => bail!("unknown judge '{other}' (vader, vader-full, reward:PATH)"),
-        },
-    })
-}
-
-/// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
-fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if jsonl {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}: line {}: invalid JSON", path.display(), i + 1))?;
-            match v.get("prompt").and_then(|p| p.as_str()) {
-                Some(p) => out.push(p.to_string()),
-                None => bail!("{}: line {}: field 'prompt' must be a string", path.display(), i + 1),
-            }
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts", path.display());
-    }
-    Ok(out)
-}
-
-fn read_samples(path: &std::path::Path) -> anyhow::Result<Vec<meet::eval::sample::Sample>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
-        .collect()
-}
-
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s at several batch sizes; ends with one JSON line.
@@ -495,8 +443,8 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Eval(a) => {
             use meet::eval::sample::{evaluate, summarize, EvalOptions};
-            let judge = make_judge(&a.judge)?;
-            let prompts = read_prompts(&a.prompts)?;
+            let judge = meet::eval::judge_by_name(&a.judge)?;
+            let prompts = meet::eval::sample::read_prompts(&a.prompts)?;
             let model = a.model.load_controlled()?;
             let reference = match &a.reference {
                 Some(r) => {
@@ -519,8 +467,7 @@ fn run() -> anyhow::Result<ExitCode> {
             };
             let samples = evaluate(&model, reference.as_ref(), judge.as_ref(), &prompts, &opts)?;
             if let Some(out) = &a.out {
-                let text: String = samples.iter().map(|s| format!("{}\n", serde_json::json!(s))).collect();
-                meet::io::atomic_write(out, text.as_bytes())?;
+                meet::io::write_jsonl(out, &samples)?;
             }
             let s = summarize(&samples, a.seed)?;
             eprintln!(
@@ -542,8 +489,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Pairs { model, prompts, judge, samples, temperature, max_new_tokens, seed, batch, out } => {
             use meet::eval::pairs::best_worst_pairs;
             use meet::eval::sample::EvalOptions;
-            let judge = make_judge(&judge)?;
-            let prompts = read_prompts(&prompts)?;
+            let judge = meet::eval::judge_by_name(&judge)?;
+            let prompts = meet::eval::sample::read_prompts(&prompts)?;
             let m = model.load_controlled()?;
             let opts = EvalOptions {
                 control: None,
@@ -553,8 +500,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 batch,
             };
             let (pairs, ties) = best_worst_pairs(&m, judge.as_ref(), &prompts, &opts)?;
-            let text: String = pairs.iter().map(|p| format!("{}\n", serde_json::json!(p))).collect();
-            meet::io::atomic_write(&out, text.as_bytes())?;
+            meet::io::write_jsonl(&out, &pairs)?;
             eprintln!("wrote {} pairs to {} ({ties} prompts without a score difference)", pairs.len(), out.display());
         }
         Command::PrepareSentiment { snippets, words, train, eval, pairs, min_gap, seed, out } => {
@@ -562,21 +508,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let s = read_snippets(&snippets)?;
             let o = TaskOptions { words, train, eval, pairs, min_gap, seed, ..Default::default() };
             let t = sentiment_task(&s, &o)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let write = |name: &str, rows: Vec<serde_json::Value>| -> anyhow::Result<()> {
-                let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-                Ok(meet::io::atomic_write(&out.join(name), text.as_bytes())?)
-            };
-            let prompts = |p: &[String]| p.iter().map(|x| serde_json::json!({"prompt": x})).collect();
-            write("train_prompts.jsonl", prompts(&t.train_prompts))?;
-            write("eval_prompts.jsonl", prompts(&t.eval_prompts))?;
-            write(
-                "human_pairs.jsonl",
-                t.rating_pairs
-                    .iter()
-                    .map(|(i, c, r)| serde_json::json!({"prompt": i, "chosen": c, "rejected": r}))
-                    .collect(),
-            )?;
+            meet::data::sentiment::write_task(&t, &out)?;
             eprintln!(
                 "{}: {} train prompts, {} held-out prompts, {} human-rating pairs (from {} snippets)",
                 out.display(),
@@ -587,8 +519,8 @@ fn run() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Compare { a, b, seed } => {
-            use meet::eval::sample::paired_scores;
-            let (sa, sb) = (read_samples(&a)?, read_samples(&b)?);
+            use meet::eval::sample::{paired_scores, Sample};
+            let (sa, sb): (Vec<Sample>, Vec<Sample>) = (meet::io::read_jsonl(&a)?, meet::io::read_jsonl(&b)?);
             let (xa, xb) =
                 paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
             let w = meet::eval::stats::win_rate(&xa, &xb, seed)?;

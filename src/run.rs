@@ -396,22 +396,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
 /// adapters under `out/lora`, soft prompts under `out/prompts` (PEFT layouts).
 pub fn save_outputs(policy: &Policy, base: &str, out: &Path) -> Result<()> {
     let p = &policy.pretrained;
-    if let Some(vm) = &p.varmap {
-        let tensors = vm
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let raw = RawModel {
-            config: p.config.clone(),
-            tensors,
-            packed: Default::default(),
-            tokenizer: p.tokenizer.clone(),
-            generation: p.generation.clone(),
-            origin: PathBuf::from(base),
-        };
+    if let Some(raw) = trained_model(policy, base)? {
         io::save_hf_folder(&raw, out)?;
     }
     let layers = p.config.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
@@ -423,6 +408,28 @@ pub fn save_outputs(policy: &Policy, base: &str, out: &Path) -> Result<()> {
         folder::save_prompts(pr, &out.join("prompts"), base, layers, heads)?;
     }
     Ok(())
+}
+
+/// The current weights of `policy` as a model to save, when its weights train (`None` when they
+/// are frozen: then only adapters / prompts are outputs). `base` is where it came from.
+pub fn trained_model(policy: &Policy, base: &str) -> Result<Option<RawModel>> {
+    let p = &policy.pretrained;
+    let Some(vm) = &p.varmap else { return Ok(None) };
+    let tensors = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    Ok(Some(RawModel {
+        config: p.config.clone(),
+        tensors,
+        packed: Default::default(),
+        tokenizer: p.tokenizer.clone(),
+        generation: p.generation.clone(),
+        origin: PathBuf::from(base),
+    }))
 }
 
 /// The base model of `source` with a LoRA adapter (`config` and its tensors under model-relative

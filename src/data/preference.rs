@@ -17,11 +17,11 @@
 //!
 //! Files are JSON Lines or one JSON array (`.json`), plain or `.gz`.
 
+use crate::data::read_records;
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::Read;
 use std::path::Path;
 
 /// Preference data layouts.
@@ -94,40 +94,6 @@ pub struct PreferenceStats {
     pub skipped: Vec<String>,
     pub prompts_cut: usize,
     pub responses_cut: usize,
-}
-
-/// Records of a JSON Lines file or a JSON array, with where each came from (`line N` /
-/// `record N`). Bytes that are not UTF-8 are an error naming the line.
-pub fn read_records(path: &Path) -> Result<Vec<(String, Value)>> {
-    let mut bytes = Vec::new();
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    reader.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    if first == Some(b'[') {
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-            Error::parse(path, format!("line {line}: not valid UTF-8"))
-        })?;
-        let v: Vec<Value> = serde_json::from_str(text).map_err(|e| Error::parse(path, format!("invalid JSON: {e}")))?;
-        return Ok(v.into_iter().enumerate().map(|(i, v)| (format!("record {}", i + 1), v)).collect());
-    }
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(line)
-            .map_err(|e| Error::parse(path, format!("line {}: not valid UTF-8 (byte {})", i + 1, e.valid_up_to())))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v =
-            serde_json::from_str(line).map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-        out.push((format!("line {}", i + 1), v));
-    }
-    Ok(out)
 }
 
 fn detect(v: &Value) -> Format {
@@ -440,7 +406,16 @@ pub fn read_preferences(
     tok: &Tokenizer,
     opts: &PreferenceOptions,
 ) -> Result<(Vec<Pair>, PreferenceStats)> {
-    let records = read_records(path)?;
+    preferences_from_records(path, read_records(path)?, tok, opts)
+}
+
+/// [`read_preferences`] on the records of `path` (see [`read_records`]).
+pub fn preferences_from_records(
+    path: &Path,
+    records: Vec<(String, Value)>,
+    tok: &Tokenizer,
+    opts: &PreferenceOptions,
+) -> Result<(Vec<Pair>, PreferenceStats)> {
     let format = match (opts.format, records.first()) {
         (Format::Auto, Some((_, v))) => detect(v),
         (f, _) => f,

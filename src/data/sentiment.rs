@@ -124,6 +124,18 @@ pub fn sentiment_task(snippets: &[Snippet], o: &TaskOptions) -> Result<Sentiment
     Ok(SentimentTask { train_prompts: prompts(train), eval_prompts: prompts(eval), rating_pairs })
 }
 
+/// Writes a task into `dir`: `human_pairs.jsonl` (TRL preference records), `train_prompts.jsonl`
+/// and, last (its presence marks a whole task), `eval_prompts.jsonl` (`{"prompt"}` lines).
+pub fn write_task(t: &SentimentTask, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let pairs: Vec<_> =
+        t.rating_pairs.iter().map(|(i, c, r)| serde_json::json!({"prompt": i, "chosen": c, "rejected": r})).collect();
+    crate::io::write_jsonl(&dir.join("human_pairs.jsonl"), &pairs)?;
+    let prompts = |p: &[String]| p.iter().map(|x| serde_json::json!({ "prompt": x })).collect::<Vec<_>>();
+    crate::io::write_jsonl(&dir.join("train_prompts.jsonl"), &prompts(&t.train_prompts))?;
+    crate::io::write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts(&t.eval_prompts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ pub mod sample;
 pub mod stats;
 pub mod vader;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Something that scores a response to a prompt (higher = better by its measure).
 pub trait Judge {
@@ -19,4 +19,18 @@ pub trait Judge {
     /// Scores of `(prompt, response)` pairs, in order. Batched, since model-based judges run
     /// many at once.
     fn score(&self, items: &[(&str, &str)]) -> Result<Vec<f64>>;
+}
+
+/// A judge by name: `vader` (the response's compound sentiment), `vader-full` (of prompt +
+/// response), `reward:PATH` (a reward-model folder).
+pub fn judge_by_name(name: &str) -> Result<Box<dyn Judge>> {
+    use vader::{Scope, Vader};
+    Ok(match name {
+        "vader" => Box::new(Vader::new(Scope::Response)),
+        "vader-full" => Box::new(Vader::new(Scope::Full)),
+        other => match other.strip_prefix("reward:") {
+            Some(path) => Box::new(reward_model::RewardModel::load(path)?),
+            None => return Err(Error::Invalid(format!("unknown judge '{other}' (vader, vader-full, reward:PATH)"))),
+        },
+    })
 }

@@ -141,3 +141,29 @@ pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<(Vec<f64>, Vec<f64>)>
     }
     Ok((xa, xb))
 }
+
+/// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
+pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !jsonl {
+            out.push(line.to_string());
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
+        match v.get("prompt").and_then(|p| p.as_str()) {
+            Some(p) => out.push(p.to_string()),
+            None => return Err(Error::parse(path, format!("line {}: field 'prompt' must be a string", i + 1))),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::parse(path, "no prompts"));
+    }
+    Ok(out)
+}

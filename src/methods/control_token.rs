@@ -72,14 +72,19 @@ pub fn add_tokens(raw: &mut RawModel, tokens: &[String], seed: u64) -> Result<()
     Ok(())
 }
 
-/// `ids` with `token` in front, after any tokens the tokenizer itself puts first (a BOS).
-pub fn with_token(tok: &Tokenizer, ids: &[u32], token: u32) -> Result<Vec<u32>> {
-    let auto = tok.encode("a", true)?.len().saturating_sub(tok.encode("a", false)?.len());
-    let at = if ids.len() >= auto && tok.encode("a", true)?[..auto] == ids[..auto] { auto } else { 0 };
+/// The tokens the tokenizer itself puts before any text (a BOS, for Llama tokenizers).
+pub fn special_prefix(tok: &Tokenizer) -> Result<Vec<u32>> {
+    let (with, without) = (tok.encode("a", true)?, tok.encode("a", false)?);
+    Ok(with[..with.len().saturating_sub(without.len())].to_vec())
+}
+
+/// `ids` with `token` in front, after `prefix` (see [`special_prefix`]) when `ids` starts with it.
+pub fn with_token(prefix: &[u32], ids: &[u32], token: u32) -> Vec<u32> {
+    let at = if ids.starts_with(prefix) { prefix.len() } else { 0 };
     let mut out = ids[..at].to_vec();
     out.push(token);
     out.extend(&ids[at..]);
-    Ok(out)
+    out
 }
 
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
@@ -91,9 +96,9 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         .iter()
         .map(|t| p.tokenizer.token_id(t).ok_or_else(|| Error::Invalid(format!("token {t} was not added"))))
         .collect::<Result<_>>()?;
+    let prefix = special_prefix(&p.tokenizer)?;
     let prefixed = |seq: &[u32], start: usize, c: usize| -> Result<Example> {
-        let ids = with_token(&p.tokenizer, seq, ids[c])?;
-        Ok(Example { ids, start: start + 1, ..Default::default() })
+        Ok(Example { ids: with_token(&prefix, seq, ids[c]), start: start + 1, ..Default::default() })
     };
     let examples: Vec<Example> = match load_data(cfg, p)? {
         TrainingData::Pairs(pairs) => {

@@ -13,8 +13,8 @@ pub mod reward;
 pub mod sft;
 
 use crate::controls::{ControlKind, ControlSpec};
-use crate::data::preference::{read_preferences, read_records, Pair};
-use crate::data::{read_supervised, Example, SupervisedOptions};
+use crate::data::preference::{preferences_from_records, Pair};
+use crate::data::{read_records, supervised_from_records, Example, SupervisedOptions};
 use crate::objectives::{Item, Objective};
 use crate::run::{save_outputs, Built, Method, RunConfig};
 use crate::train::{config_hash, train, RunDir, StepLog};
@@ -52,9 +52,9 @@ fn is_preference(v: &serde_json::Value) -> bool {
 /// [`crate::data::preference`]) as pairs, otherwise supervised rows (controls by name).
 pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
     let path = &cfg.data.train;
-    let first = read_records(path)?.into_iter().next();
-    if first.as_ref().is_some_and(|(_, v)| is_preference(v)) {
-        let (pairs, _) = read_preferences(path, &p.tokenizer, &cfg.data.preference_options())?;
+    let records = read_records(path)?;
+    if records.first().is_some_and(|(_, v)| is_preference(v)) {
+        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &cfg.data.preference_options())?;
         return Ok(TrainingData::Pairs(pairs));
     }
     let opts = SupervisedOptions {
@@ -63,7 +63,7 @@ pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
         default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
         eos_id: p.generation.eos_token_ids.first().copied(),
     };
-    Ok(TrainingData::Supervised(read_supervised(path, &p.tokenizer, &opts)?.0))
+    Ok(TrainingData::Supervised(supervised_from_records(path, records, &p.tokenizer, &opts)?.0))
 }
 
 /// Pairs only: the methods that learn from a chosen and a rejected response.

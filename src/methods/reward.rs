@@ -5,12 +5,11 @@
 //! transformers loads, and which [`crate::eval::reward_model`] uses as a judge.
 
 use crate::data::preference::Pair;
-use crate::io::RawModel;
 use crate::methods::{load_pairs, pad_id, stage_train};
 use crate::objectives::dpo::pair_batch;
 use crate::objectives::reward::{rewards, RewardModelling};
 use crate::policy::Policy;
-use crate::run::{build_full, RunConfig};
+use crate::run::{build_full, trained_model, RunConfig};
 use crate::train::StepLog;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -104,17 +103,10 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
 
 /// Writes the reward model as an HF `LlamaForSequenceClassification` folder.
 fn save(policy: &Policy, head: &Tensor, cfg: &RunConfig, out: &std::path::Path) -> Result<()> {
-    let p = &policy.pretrained;
-    let vm = p.varmap.as_ref().ok_or_else(|| Error::Invalid("reward model weights are not trainable".into()))?;
-    let mut tensors: std::collections::HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    tensors.insert("score.weight".into(), head.clone());
-    let mut config = p.config.clone();
+    let mut raw = trained_model(policy, &cfg.model.source)?
+        .ok_or_else(|| Error::Invalid("reward model weights are not trainable".into()))?;
+    raw.tensors.insert("score.weight".into(), head.clone());
+    let config = &mut raw.config;
     let arch = config
         .get("architectures")
         .and_then(|a| a.get(0))
@@ -125,14 +117,6 @@ fn save(policy: &Policy, head: &Tensor, cfg: &RunConfig, out: &std::path::Path) 
     config["num_labels"] = serde_json::json!(1);
     config["id2label"] = serde_json::json!({"0": "LABEL_0"});
     config["label2id"] = serde_json::json!({"LABEL_0": 0});
-    config["pad_token_id"] = serde_json::json!(pad_id(p));
-    let raw = RawModel {
-        config,
-        tensors,
-        packed: Default::default(),
-        tokenizer: p.tokenizer.clone(),
-        generation: p.generation.clone(),
-        origin: PathBuf::from(&cfg.model.source),
-    };
+    config["pad_token_id"] = serde_json::json!(pad_id(&policy.pretrained));
     crate::io::save_hf_folder(&raw, out)
 }
