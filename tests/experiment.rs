@@ -43,6 +43,12 @@ batch_size = 4
 lr = 1e-3
 [method.meet-prompt]
 prompt = {{ n = 2 }}
+[sweep]
+prompt_n = [1, 2]
+lora_r = [2]
+[reward_model]
+train = {{ lr = 1e-3 }}
+reward = {{ eval_share = 0.3 }}
 "#,
         out = out.to_string_lossy(),
         model = model.to_string_lossy(),
@@ -60,12 +66,35 @@ prompt = {{ n = 2 }}
         "| meet-prompt (good) |",
         "## Controllability",
         "| control-token |",
+        "## Mean reward model score",
+        "held-out pairwise accuracy",
+        "win rate of MEET over each method",
+        "## Control size",
+        "| meet-prompt | 1 |",
+        "| meet-prompt | 2 |",
+        "| meet-lora | 2 |",
+        "| meet-prompt-n1-seed0 step 1 |",
+        "| reward-model |",
     ] {
         assert!(md.contains(want), "report lacks {want:?}:\n{md}");
     }
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    // base + 4 methods at 2 temperatures, plus `bad` at the last one for the 2 controllable ones.
-    assert_eq!(results.lines().count(), 5 * 2 + 2);
+    // base + 4 methods at 2 temperatures, `bad` at the last one for the 2 controllable ones, and
+    // the two new sweep sizes (n = 1, r = 2; n = 2 is the main run) under good and bad.
+    assert_eq!(results.lines().count(), 5 * 2 + 2 + 4);
+    assert!(results.lines().all(|l| l.contains("\"reward_model\"")), "{results}");
+    assert!(out.join("runs/meet-prompt-n1-seed0/final").is_dir() && out.join("runs/meet-lora-r2-seed0/final").is_dir());
+    assert!(!out.join("runs/meet-prompt-n2-seed0").exists(), "the main size is reused");
+    let lora =
+        std::fs::read_to_string(out.join("runs/meet-lora-r2-seed0/final/lora/good/adapter_config.json")).unwrap();
+    assert!(lora.contains("\"r\": 2") || lora.contains("\"r\":2"), "{lora}");
+    for png in
+        ["score_vs_temperature", "rm_score_vs_temperature", "win_rates", "score_vs_kl", "control_size", "loss_curves"]
+    {
+        let b = std::fs::read(out.join(format!("{png}.png"))).unwrap();
+        assert!(b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 10_000, "{png}.png");
+        assert!(md.contains(&format!("![]({png}.png)")), "report lacks {png}.png");
+    }
     assert!(out.join("runs/dpo-seed0/reference_logps.json").is_file());
     // Resumed: nothing is redone, the report is the same.
     let stamp = std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap();

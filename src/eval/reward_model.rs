@@ -18,6 +18,9 @@ pub struct RewardModel {
     pub batch: usize,
     /// The config's `pad_token_id`: the reward sits on the last token that is not this one.
     pub pad: u32,
+    /// Judge prompt + response as one text under this instruction (how a reward model trained on
+    /// instruction → whole-review pairs reads a continuation); `None` scores (prompt, response).
+    pub instruction: Option<String>,
 }
 
 impl RewardModel {
@@ -33,7 +36,7 @@ impl RewardModel {
         let pad = raw.config.get("pad_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         let pretrained = Pretrained::from_raw(raw, &LoadOptions::default())?;
         let pad = pad.unwrap_or_else(|| crate::methods::pad_id(&pretrained));
-        Ok(Self { policy: Policy { pretrained, prompts: None }, head, batch: 16, pad })
+        Ok(Self { policy: Policy { pretrained, prompts: None }, head, batch: 16, pad, instruction: None })
     }
 }
 
@@ -50,7 +53,10 @@ impl Judge for RewardModel {
             let rows = chunk
                 .iter()
                 .map(|(p, r)| {
-                    let (p, r) = text_pair_ids(tok, p, r)?;
+                    let (p, r) = match &self.instruction {
+                        Some(i) => text_pair_ids(tok, i, &format!("{p}{r}"))?,
+                        None => text_pair_ids(tok, p, r)?,
+                    };
                     Ok(([p.as_slice(), &r].concat(), p.len()))
                 })
                 .collect::<Result<Vec<_>>>()?;

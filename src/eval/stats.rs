@@ -19,7 +19,7 @@ pub struct Estimate {
 /// Bootstrap resamples used by default.
 pub const RESAMPLES: usize = 2000;
 
-fn mean(xs: &[f64]) -> f64 {
+pub fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
