@@ -195,6 +195,11 @@ impl Controlled {
         let a = self.apply(prompts, control)?;
         let mut params = params.clone();
         params.stop_strings.extend(a.stop_strings);
+        // Control tokens are inputs: never generate them (the reference model does not know them).
+        if let Some(spec) = self.spec.as_ref().filter(|s| s.kind == ControlKind::Token) {
+            let tok = &self.policy.pretrained.tokenizer;
+            params.suppress_tokens.extend(spec.markers.iter().filter_map(|m| tok.token_id(m)));
+        }
         self.route(a.adapter);
         let prefix = match (a.prompt, &self.policy.prompts) {
             (Some(i), Some(sp)) => Some(sp.vars[i].as_tensor().clone()),

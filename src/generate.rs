@@ -132,6 +132,9 @@ pub struct SamplingParams {
     pub min_new_tokens: usize,
     /// Generation stops when the new text contains one of these; the text is cut before it.
     pub stop_strings: Vec<String>,
+    /// Token ids never generated (transformers' `suppress_tokens`), e.g. control tokens, which
+    /// are inputs only and unknown to the reference model.
+    pub suppress_tokens: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -144,6 +147,7 @@ impl Default for SamplingParams {
             max_new_tokens: 128,
             min_new_tokens: 0,
             stop_strings: vec![],
+            suppress_tokens: vec![],
         }
     }
 }
@@ -283,6 +287,9 @@ pub enum FinishReason {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
+    /// Log-probability of each token of `tokens` under the model's own distribution (temperature
+    /// 1, before suppression): what a KL estimate needs, without a second forward pass.
+    pub logps: Vec<f32>,
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
@@ -382,6 +389,7 @@ pub fn generate_with_prefix(
         .iter()
         .map(|p| Generation {
             tokens: vec![],
+            logps: vec![],
             text: String::new(),
             finish: FinishReason::Length,
             prompt_tokens: p.len(),
@@ -399,12 +407,24 @@ pub fn generate_with_prefix(
         let h = model.forward_embeds(&embeds, &inp, Some(&mut cache))?;
         let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
         let mut logits = logits.to_vec2::<f32>()?;
+        // log Σ exp of each live row, before any masking: log π(token) = logit − lse.
+        let lse: Vec<f32> = logits
+            .iter()
+            .zip(&done)
+            .map(|(row, &d)| {
+                if d {
+                    return 0.0;
+                }
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut w = row.clone();
+                max + crate::nn::simd::exp_shifted_sum(&mut w, max).ln()
+            })
+            .collect();
         for (r, row) in logits.iter_mut().enumerate() {
-            if !done[r] && out[r].tokens.len() < params.min_new_tokens {
-                for &e in &defaults.eos_token_ids {
-                    if let Some(v) = row.get_mut(e as usize) {
-                        *v = f32::NEG_INFINITY;
-                    }
+            let eos = (!done[r] && out[r].tokens.len() < params.min_new_tokens).then_some(&defaults.eos_token_ids);
+            for &e in params.suppress_tokens.iter().chain(eos.into_iter().flatten()) {
+                if let Some(v) = row.get_mut(e as usize) {
+                    *v = f32::NEG_INFINITY;
                 }
             }
         }
@@ -419,6 +439,7 @@ pub fn generate_with_prefix(
                 continue;
             }
             out[r].tokens.push(tok);
+            out[r].logps.push(logits[r][tok as usize] - lse[r]);
             on_token(r, tok)?;
             if !params.stop_strings.is_empty() {
                 let text = tokenizer.decode(&out[r].tokens, true)?;

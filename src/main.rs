@@ -181,6 +181,9 @@ struct GenerateArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     min_new_tokens: usize,
+    /// Token ids never to generate (comma-separated), as transformers' `suppress_tokens`.
+    #[arg(long, value_delimiter = ',')]
+    suppress_tokens: Vec<u32>,
     /// 0 = greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -408,6 +411,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 max_new_tokens: a.max_new_tokens,
                 min_new_tokens: a.min_new_tokens,
                 stop_strings: a.stop_strings.clone(),
+                suppress_tokens: a.suppress_tokens.clone(),
             };
             let mut stream = TextStream::new(&p.tokenizer);
             let mut stdout = std::io::stdout().lock();

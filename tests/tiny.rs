@@ -119,6 +119,17 @@ fn sampling_is_seeded_and_stops_where_asked() {
     let stopped = gen(&SamplingParams { max_new_tokens: 16, stop_strings: vec![stop.clone()], ..Default::default() });
     assert_eq!(stopped[0].finish, meet::generate::FinishReason::Stop);
     assert_eq!(stopped[0].text, text[..text.find(&stop).unwrap()]);
+    // Suppressed tokens are never picked, greedy or sampled.
+    let banned: Vec<u32> = free[0].tokens.clone();
+    for t in [0.0, 1.0] {
+        let g = gen(&SamplingParams {
+            temperature: t,
+            max_new_tokens: 16,
+            suppress_tokens: banned.clone(),
+            ..sampled.clone()
+        });
+        assert!(g[0].tokens.iter().all(|x| !banned.contains(x)), "{:?} vs {banned:?}", g[0].tokens);
+    }
     // The token budget.
     assert_eq!(free[0].tokens.len(), 16);
     assert_eq!(free[0].finish, meet::generate::FinishReason::Length);

@@ -65,10 +65,12 @@ pub fn evaluate(
         let gens = model.generate(&batch_ids, opts.control.as_deref(), &params, |_, _| Ok(()))?;
         let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.tokens.clone()).collect();
         let kl = match reference {
+            // The model itself without a control: the estimate is 0 by definition.
+            Some(r) if std::ptr::eq(r, model) && opts.control.is_none() => vec![Some(0.0); gens.len()],
             Some(r) => {
-                let own = model.response_logps(&batch_ids, &responses, opts.control.as_deref(), opts.batch)?;
+                // log π(y|c, x) comes with the sampling; the reference needs one forward pass.
                 let rref = r.response_logps(&batch_ids, &responses, None, opts.batch)?;
-                own.iter().zip(&rref).map(|(a, b)| Some(a - b)).collect()
+                gens.iter().zip(&rref).map(|(g, b)| Some(g.logps.iter().map(|&x| x as f64).sum::<f64>() - b)).collect()
             }
             None => vec![None; gens.len()],
         };

@@ -241,13 +241,22 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
             for m in &meet {
                 let _ = write!(r, "| {} |", label(m));
                 for o in &others {
-                    let (a, b) = Cells::paired(&cells.main(m, t), &cells.main(o, t), j)?;
-                    let cell = if a.is_empty() { "–".into() } else { fmt(&win_rate(&a, &b, 0)?) };
+                    let (ga, gb) = (cells.main(m, t), cells.main(o, t));
+                    let (a, b) = Cells::paired(&ga, &gb, j)?;
+                    let len = |g: &[&Evaluated]| {
+                        let s = Cells::pooled(g, j);
+                        s.iter().map(|x| x.tokens as f64).sum::<f64>() / s.len().max(1) as f64
+                    };
+                    let cell = if a.is_empty() {
+                        "–".into()
+                    } else {
+                        format!("{} ({:.1} vs {:.1} tok)", fmt(&win_rate(&a, &b, 0)?), len(&ga), len(&gb))
+                    };
                     let _ = write!(r, " {cell} |");
                 }
                 let _ = writeln!(r);
             }
-            let _ = writeln!(r);
+            let _ = writeln!(r, "\nIn brackets: mean response length of MEET and of the other method.\n");
         }
     }
 
