@@ -39,6 +39,7 @@ samples = 2
 max_new_tokens = 6
 [train]
 max_steps = 2
+save_every = 1
 batch_size = 4
 lr = 1e-3
 [method.meet-prompt]
@@ -85,6 +86,18 @@ reward = {{ eval_share = 0.3 }}
     assert!(results.lines().all(|l| l.contains("\"reward_model\"")), "{results}");
     assert!(out.join("runs/meet-prompt-n1-seed0/final").is_dir() && out.join("runs/meet-lora-r2-seed0/final").is_dir());
     assert!(!out.join("runs/meet-prompt-n2-seed0").exists(), "the main size is reused");
+    // Finished runs keep their outputs and metrics, not their checkpoints.
+    for run in ["sft-seed0", "meet-prompt-seed0", "meet-prompt-seed0/step1", "reward-model"] {
+        let names: Vec<String> = std::fs::read_dir(out.join("runs").join(run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.contains(&"final".to_string()) && names.contains(&"metrics.jsonl".to_string()),
+            "{run}: {names:?}"
+        );
+        assert!(!names.iter().any(|n| n.starts_with("checkpoint-")), "{run}: {names:?}");
+    }
     let lora =
         std::fs::read_to_string(out.join("runs/meet-lora-r2-seed0/final/lora/good/adapter_config.json")).unwrap();
     assert!(lora.contains("\"r\": 2") || lora.contains("\"r\":2"), "{lora}");

@@ -390,6 +390,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
         if !rc.output_dir.join("final").is_dir() {
             tracing::info!("training {m} (seed {seed})");
             crate::methods::run(&rc, true)?;
+            remove_checkpoints(&rc.output_dir)?;
         }
     }
     let reward_model = match &cfg.reward_model {
@@ -398,6 +399,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             if !rc.output_dir.join("final").is_dir() {
                 tracing::info!("training the reward model on the human-rating pairs");
                 crate::methods::run(&rc, true)?;
+                remove_checkpoints(&rc.output_dir)?;
             }
             let path = rc.output_dir.join("final");
             let mut rm = RewardModel::load(&path.to_string_lossy())?;
@@ -479,6 +481,21 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     write_jsonl(&cfg.dir(&["results.jsonl"]), &cells.iter().map(|c| &c.cell).collect::<Vec<_>>())?;
     tracing::info!("experiment pass finished in {:.0} s", started.elapsed().as_secs_f64());
     Ok(path)
+}
+
+/// Removes the checkpoints of a finished run (and of its MEET step 1): they exist for resuming,
+/// and a full model with its optimizer state is ~1.6 GB per checkpoint for SmolLM2, dozens per
+/// experiment. `final/` and `metrics.jsonl` stay.
+fn remove_checkpoints(run: &Path) -> Result<()> {
+    for dir in [run.to_path_buf(), run.join("step1")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir() {
+                std::fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The reward model's scores of `samples` (cached in `path`, a JSON array aligned with them).
