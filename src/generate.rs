@@ -396,6 +396,8 @@ pub fn generate_with_prefix(
         })
         .collect();
     let mut done = vec![false; b];
+    // exp_shifted_sum works in place; one row-sized buffer serves every row and step.
+    let mut scratch: Vec<f32> = Vec::new();
     for _ in 0..budget {
         let mut embeds = model.embed(&input)?;
         if let (Some(p), 0) = (prefix, cache.len) {
@@ -416,8 +418,9 @@ pub fn generate_with_prefix(
                     return 0.0;
                 }
                 let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut w = row.clone();
-                max + crate::nn::simd::exp_shifted_sum(&mut w, max).ln()
+                scratch.clear();
+                scratch.extend_from_slice(row);
+                max + crate::nn::simd::exp_shifted_sum(&mut scratch, max).ln()
             })
             .collect();
         for (r, row) in logits.iter_mut().enumerate() {

@@ -109,7 +109,27 @@ reward = {{ eval_share = 0.3 }}
         assert!(md.contains(&format!("![]({png}.png)")), "report lacks {png}.png");
     }
     assert!(out.join("runs/dpo-seed0/reference_logps.json").is_file());
-    // Resumed: nothing is redone, the report is the same.
+    // Every computed step has its wall time, and the report sums them.
+    let times: Vec<serde_json::Value> = std::fs::read_to_string(out.join("timings.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names = |kind: &str| -> Vec<String> {
+        times.iter().filter(|t| t["kind"] == kind).map(|t| t["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names("data"), ["task", "pairs"]);
+    for run in ["sft-seed0", "dpo-seed0", "meet-prompt-n1-seed0", "meet-lora-r2-seed0", "reward-model"] {
+        assert!(names("train").contains(&run.to_string()), "{run}: {times:?}");
+    }
+    assert_eq!(names("eval").len(), 1 + 4 + 2, "{times:?}");
+    assert!(times.iter().all(|t| t["seconds"].as_f64().unwrap() > 0.0));
+    assert!(md.contains("## Wall time") && md.contains("| **total** |"), "{md}");
+    // Resumed: nothing is redone, the report is the same (a stray run folder in `runs/` is not
+    // one of the experiment's runs and stays out of it).
+    let stray = out.join("runs/other-seed0");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::copy(out.join("runs/sft-seed0/metrics.jsonl"), stray.join("metrics.jsonl")).unwrap();
     let stamp = std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap();
     let eval_stamp = std::fs::metadata(out.join("eval/sft-seed0-plain-t1.jsonl")).unwrap().modified().unwrap();
     run(&cfg).unwrap();

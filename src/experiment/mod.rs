@@ -26,6 +26,7 @@ use crate::run::RunConfig;
 use crate::{Error, LoadOptions, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// `[task]`, `[pairs]`, `[eval]` and the method list of an experiment file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -326,12 +327,13 @@ pub struct Evaluated {
 
 /// Runs (or continues) the experiment; returns the path of `report.md`.
 pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     std::fs::create_dir_all(cfg.dir(&["data"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
     // 1. The task: prompts and human-rating pairs.
     let prompts_path = cfg.dir(&["data", "eval_prompts.jsonl"]);
     let train_prompts_path = cfg.dir(&["data", "train_prompts.jsonl"]);
     if !prompts_path.is_file() {
+        let t0 = Instant::now();
         let snippets = read_snippets(&cfg.snippets)?;
         let t = &cfg.task;
         let o = TaskOptions {
@@ -344,12 +346,16 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             ..Default::default()
         };
         write_task(&sentiment_task(&snippets, &o)?, &cfg.dir(&["data"]))?;
+        record_time(cfg, "data", "task", t0)?;
     }
     // 2. Judge-scored pairs from the base model.
     let pairs_path = cfg.dir(&["data", "pairs.jsonl"]);
+    // The base model samples the pairs and is the reference of every evaluation: loaded once.
+    let mut base: Option<Controlled> = None;
     if !pairs_path.is_file() {
+        let t0 = Instant::now();
         tracing::info!("building preference pairs from {}", cfg.model);
-        let base = Controlled::load(&cfg.model, &LoadOptions::default())?;
+        let base = base.insert(Controlled::load(&cfg.model, &LoadOptions::default())?);
         let p = &cfg.pairs;
         let opts = EvalOptions {
             control: None,
@@ -364,13 +370,14 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             batch: p.batch,
         };
         let (pairs, ties) = crate::eval::pairs::best_worst_pairs(
-            &base,
+            base,
             judge_by_name(&p.judge)?.as_ref(),
             &read_prompts(&train_prompts_path)?,
             &opts,
         )?;
         tracing::info!("{} pairs ({ties} prompts without a score difference)", pairs.len());
         write_jsonl(&pairs_path, &pairs)?;
+        record_time(cfg, "data", "pairs", t0)?;
     }
     // 3. Every method with every seed (SFT first: DPO starts from it), then the sweep's extra
     // sizes with the first seed, then the reward-model judge.
@@ -388,18 +395,22 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     for (m, seed) in &trainings {
         let rc = cfg.run_config(m, *seed)?;
         if !rc.output_dir.join("final").is_dir() {
+            let t0 = Instant::now();
             tracing::info!("training {m} (seed {seed})");
             crate::methods::run(&rc, true)?;
             remove_checkpoints(&rc.output_dir)?;
+            record_time(cfg, "train", &format!("{m}-seed{seed}"), t0)?;
         }
     }
     let reward_model = match &cfg.reward_model {
         Some(_) => {
             let rc = cfg.reward_config()?;
             if !rc.output_dir.join("final").is_dir() {
+                let t0 = Instant::now();
                 tracing::info!("training the reward model on the human-rating pairs");
                 crate::methods::run(&rc, true)?;
                 remove_checkpoints(&rc.output_dir)?;
+                record_time(cfg, "train", "reward-model", t0)?;
             }
             let path = rc.output_dir.join("final");
             let mut rm = RewardModel::load(&path.to_string_lossy())?;
@@ -413,7 +424,10 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     let ev = &cfg.eval;
     let judge = judge_by_name(&ev.judge)?;
     let prompts = read_prompts(&prompts_path)?;
-    let base = Controlled::load(&cfg.model, &LoadOptions::default())?;
+    let base = match base {
+        Some(b) => b,
+        None => Controlled::load(&cfg.model, &LoadOptions::default())?,
+    };
     let last_t = *cfg.temperatures.last().unwrap_or(&1.0);
     let mut jobs: Vec<(String, u64, String, Vec<f64>)> =
         cfg.seeds.iter().map(|&s| ("base".to_string(), s, cfg.model.clone(), cfg.temperatures.clone())).collect();
@@ -425,6 +439,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     std::fs::create_dir_all(cfg.dir(&["eval"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
     let mut cells = Vec::new();
     for (m, seed, path, temps) in &jobs {
+        let (t0, mut computed) = (Instant::now(), false);
         let model = if m == "base" { None } else { Some(Controlled::load(path, &LoadOptions::default())?) };
         let model = model.as_ref().unwrap_or(&base);
         let controls: Vec<Option<String>> = match &model.spec {
@@ -442,6 +457,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                     read_jsonl(&out)?
                 } else {
                     tracing::info!("evaluating {name}");
+                    computed = true;
                     let opts = EvalOptions {
                         control: c.clone(),
                         chat: false,
@@ -473,6 +489,9 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                 cells.push(Evaluated { cell, samples, rm });
             }
         }
+        if computed {
+            record_time(cfg, "eval", &format!("{m}-seed{seed}"), t0)?;
+        }
     }
     // 5. The report and its figures.
     let md = report::write(cfg, &cells, &sweep, judge.name())?;
@@ -481,6 +500,23 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     write_jsonl(&cfg.dir(&["results.jsonl"]), &cells.iter().map(|c| &c.cell).collect::<Vec<_>>())?;
     tracing::info!("experiment pass finished in {:.0} s", started.elapsed().as_secs_f64());
     Ok(path)
+}
+
+/// The wall time of one step of the experiment (`timings.jsonl`, kept across resumed passes so
+/// that the report can give what the whole experiment cost).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timing {
+    /// `data`, `train` or `eval`.
+    pub kind: String,
+    pub name: String,
+    pub seconds: f64,
+}
+
+fn record_time(cfg: &ExperimentConfig, kind: &str, name: &str, started: Instant) -> Result<()> {
+    let path = cfg.dir(&["timings.jsonl"]);
+    let mut all: Vec<Timing> = if path.is_file() { read_jsonl(&path)? } else { Vec::new() };
+    all.push(Timing { kind: kind.into(), name: name.into(), seconds: started.elapsed().as_secs_f64() });
+    write_jsonl(&path, &all)
 }
 
 /// Removes the checkpoints of a finished run (and of its MEET step 1): they exist for resuming,

@@ -3,7 +3,7 @@
 //! size sweep and the training curves — each table under both judges where a reward model exists.
 
 use super::plots::{bars, lines, Point, Series};
-use super::{Evaluated, ExperimentConfig, SweepPoint};
+use super::{Evaluated, ExperimentConfig, SweepPoint, Timing};
 use crate::eval::sample::{paired_scores, summarize, Sample};
 use crate::eval::stats::{across_seeds, mean_ci, win_rate, Estimate};
 use crate::io::read_jsonl;
@@ -334,14 +334,24 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
 
     // Training.
     let _ = writeln!(r, "## Training\n\n| run | steps | final loss | train time (s) |\n|---|---|---|---|");
-    let mut runs: Vec<String> = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(cfg.dir(&["runs"])) {
-        runs = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // The experiment's own runs (not whatever else sits in `runs/`): every method with every seed,
+    // the sweep's extra sizes and the reward model; the curves show the first seed's methods.
+    let first_seed = cfg.seeds.first().copied().unwrap_or(0);
+    let first = format!("seed{first_seed}");
+    let mut runs: Vec<(String, bool)> = cfg
+        .seeds
+        .iter()
+        .flat_map(|&s| cfg.methods.iter().map(move |m| (format!("{m}-seed{s}"), s == first_seed)))
+        .collect();
+    for p in sweep.iter().filter(|p| !cfg.methods.contains(&p.method)) {
+        runs.push((format!("{}-{first}", p.method), false));
+    }
+    if cfg.reward_model.is_some() {
+        runs.push(("reward-model".into(), true));
     }
     runs.sort();
     let mut curves = Vec::new();
-    let first = format!("seed{}", cfg.seeds.first().copied().unwrap_or(0));
-    for run in &runs {
+    for (run, curve) in &runs {
         for (stage, file) in [("step 1", "step1/metrics.jsonl"), ("", "metrics.jsonl")] {
             let path = cfg.dir(&["runs", run, file]);
             let logs: Vec<StepLog> = match path.is_file() {
@@ -354,7 +364,7 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
             let name = if stage.is_empty() { run.clone() } else { format!("{run} {stage}") };
             let secs: f64 = logs.iter().map(|l| l.fwd_s + l.bwd_s + l.opt_s).sum();
             let _ = writeln!(r, "| {name} | {} | {:.4} | {secs:.0} |", logs.len(), final_loss(&logs));
-            if run.ends_with(&first) && !run.contains("-n") && !run.contains("-r") || run == "reward-model" {
+            if *curve {
                 curves.push(Series {
                     name: name.trim_end_matches(&format!("-{first}")).replace(&format!("-{first} "), " "),
                     points: logs.iter().map(|l| Point::exact(l.step as f64, l.loss)).collect(),
@@ -367,6 +377,29 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
         r,
         "\nLosses are each method's own (cross-entropy on responses; DPO's and the reward model's pairwise loss).\n\n![](loss_curves.png)\n"
     );
+    // Cost: the steps' wall times, summed over the passes that computed them.
+    let tpath = cfg.dir(&["timings.jsonl"]);
+    if tpath.is_file() {
+        let times: Vec<Timing> = read_jsonl(&tpath)?;
+        let sum = |k: &str| times.iter().filter(|t| t.kind == k).map(|t| t.seconds).sum::<f64>();
+        let n = |k: &str| times.iter().filter(|t| t.kind == k).count();
+        let total: f64 = times.iter().map(|t| t.seconds).sum();
+        let _ = writeln!(
+            r,
+            "## Wall time\n\n| step | count | minutes |\n|---|---|---|\n\
+             | task and pairs | {} | {:.1} |\n| training | {} | {:.1} |\n| evaluation (sampling, judges, KL) | {} | {:.1} |\n\
+             | **total** | | **{:.1}** |\n\n\
+             Summed over the passes that computed each step (`timings.jsonl`); model loading outside the \
+             evaluations and the report itself are not counted.\n",
+            n("data"),
+            sum("data") / 60.0,
+            n("train"),
+            sum("train") / 60.0,
+            n("eval"),
+            sum("eval") / 60.0,
+            total / 60.0
+        );
+    }
     let _ = writeln!(r, "Raw figures: `results.jsonl`; every scored response: `eval/`; training runs: `runs/`.");
     Ok(r)
 }
