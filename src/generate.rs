@@ -335,6 +335,21 @@ pub fn generate(
     generate_with_prefix(model, tokenizer, prompts, None, params, defaults, device, on_token)
 }
 
+/// `log Σ exp` of each row of logits not yet `done` (0 for those), rows spread over the team: a
+/// batch of 16 rows is 800k exponentials per decoding step.
+fn row_log_sum_exp(rows: &[Vec<f32>], done: &[bool]) -> Vec<f32> {
+    let mut lse = vec![0f32; rows.len()];
+    let dst = crate::nn::team::SharedMut(lse.as_mut_ptr());
+    crate::nn::team::Team::global().for_ranges(rows.len(), 1, &|range| {
+        let dst = &dst;
+        for r in range.filter(|&r| !done[r]) {
+            // Safety: each row index is written by one thread only.
+            unsafe { *dst.0.add(r) = crate::nn::simd::log_sum_exp(&rows[r]) };
+        }
+    });
+    lse
+}
+
 /// [`generate`] with `prefix` `(n, hidden)` embeddings (a soft prompt) before every prompt. The
 /// prefix goes first in each row, then the left padding (masked), then the prompt: positions
 /// count real entries only, so each row sees the prefix at 0..n and its prompt after it, as in
@@ -396,8 +411,6 @@ pub fn generate_with_prefix(
         })
         .collect();
     let mut done = vec![false; b];
-    // exp_shifted_sum works in place; one row-sized buffer serves every row and step.
-    let mut scratch: Vec<f32> = Vec::new();
     for _ in 0..budget {
         let mut embeds = model.embed(&input)?;
         if let (Some(p), 0) = (prefix, cache.len) {
@@ -410,19 +423,7 @@ pub fn generate_with_prefix(
         let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
         let mut logits = logits.to_vec2::<f32>()?;
         // log Σ exp of each live row, before any masking: log π(token) = logit − lse.
-        let lse: Vec<f32> = logits
-            .iter()
-            .zip(&done)
-            .map(|(row, &d)| {
-                if d {
-                    return 0.0;
-                }
-                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                scratch.clear();
-                scratch.extend_from_slice(row);
-                max + crate::nn::simd::exp_shifted_sum(&mut scratch, max).ln()
-            })
-            .collect();
+        let lse = row_log_sum_exp(&logits, &done);
         for (r, row) in logits.iter_mut().enumerate() {
             let eos = (!done[r] && out[r].tokens.len() < params.min_new_tokens).then_some(&defaults.eos_token_ids);
             for &e in params.suppress_tokens.iter().chain(eos.into_iter().flatten()) {

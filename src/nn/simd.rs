@@ -19,6 +19,18 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
+/// `log Σ exp(x[i])` of a row, which stays as it is (no scratch copy): the log-probability
+/// normaliser of a row of logits. Sums in the same order as [`exp_shifted_sum`].
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the features were detected.
+        return unsafe { x86::log_sum_exp(x) };
+    }
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
 /// Whether the CPU has AVX2, FMA and F16C (every x86 core since Haswell / Zen), which all the
 /// vector kernels here and in `packed` are compiled for.
 pub(crate) fn has_avx2() -> bool {
@@ -109,6 +121,34 @@ mod x86 {
             sum += v;
         }
         sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn log_sum_exp(x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = x.as_ptr();
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let max = lanes.iter().chain(&x[i..]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let sh = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        i = 0;
+        while i + 8 <= n {
+            acc = _mm256_add_ps(acc, exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), sh)));
+            i += 8;
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut sum: f32 = lanes.iter().sum();
+        for &v in &x[i..] {
+            sum += (v - max).exp();
+        }
+        max + sum.ln()
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -230,6 +270,23 @@ mod tests {
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    fn log_sum_exp_matches_f64() {
+        for n in [1, 7, 8, 9, 67, 4099] {
+            // Logit-like values far from 0, with the maximum in the scalar tail for some n.
+            let x: Vec<f32> =
+                (0..n).map(|i| 90.0 + 12.0 * (i as f32 * 0.731).sin() + (i == n - 1) as u8 as f32 * 9.0).collect();
+            let max = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let want = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let got = log_sum_exp(&x) as f64;
+            assert!((got - want).abs() < 1e-4, "n={n}: {got} vs {want}");
+            // The same value as the in-place routine it replaces.
+            let mut w = x.clone();
+            let m = max as f32;
+            assert_eq!(got as f32, m + exp_shifted_sum(&mut w, m).ln(), "n={n}");
         }
     }
 

@@ -7,7 +7,7 @@
 
 use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
-use crate::nn::simd::exp_shifted_sum;
+use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
 use crate::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -30,13 +30,6 @@ struct TokenLogps {
     lse: Mutex<Vec<f32>>,
 }
 
-fn row_lse(row: &[f32], scratch: &mut Vec<f32>) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    scratch.clear();
-    scratch.extend_from_slice(row);
-    max + exp_shifted_sum(scratch, max).ln()
-}
-
 impl CustomOp1 for TokenLogps {
     fn name(&self) -> &'static str {
         "meet-token-logps"
@@ -54,10 +47,9 @@ impl CustomOp1 for TokenLogps {
         let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
         Team::global().for_chunks(n, 1, &|rows| {
             let (po, pl) = (&po, &pl);
-            let mut scratch = Vec::with_capacity(v);
             for r in rows {
                 let row = &x[r * v..(r + 1) * v];
-                let z = row_lse(row, &mut scratch);
+                let z = log_sum_exp(row);
                 // Safety: row r is written by this thread only.
                 unsafe {
                     *pl.0.add(r) = z;
