@@ -12,7 +12,7 @@
 
 use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::ops::{softmax_last_dim, with_f32};
-use crate::nn::simd::{axpy, dot, exp_shifted_sum};
+use crate::nn::simd::{dot, exp_shifted_sum, weighted_rows};
 use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,9 @@ pub struct Mask {
 struct Attention {
     mask: Option<Mask>,
     scale: f32,
+    /// Whether a backward pass may follow (an input tracks gradients): only then are the
+    /// probabilities kept (decoding skips writing `b·h·t·T` of them per layer and step).
+    keep_probs: bool,
     /// Probabilities `(b, h, t, T)` kept by a long forward pass for the backward pass.
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -137,7 +140,7 @@ impl CustomOp3 for Attention {
         let blocks = rows.div_ceil(RB);
         // Probabilities `(b, h, t, T)` for the backward pass (dropped with the op when nothing
         // tracks gradients, as in generation).
-        let mut probs = vec![0f32; b * h * t * total];
+        let mut probs = if self.keep_probs { vec![0f32; b * h * t * total] } else { Vec::new() };
         let pp = SharedMut(probs.as_mut_ptr());
         Team::global().for_chunks(b * kvh * blocks, 1, &|range| {
             let (dst, pp) = (&dst, &pp);
@@ -174,19 +177,17 @@ impl CustomOp3 for Attention {
                     let (ti, head) = at(r);
                     // Safety: output row (bi, ti, head) and its probabilities belong to this unit.
                     let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((bi * t + ti) * h + head) * d), d) };
-                    unsafe { std::slice::from_raw_parts_mut(pp.0.add(((bi * h + head) * t + ti) * total), total) }
-                        .copy_from_slice(&p[r * total..(r + 1) * total]);
-                    o.fill(0.0);
-                    for j in 0..total {
-                        let w = p[r * total + j];
-                        if w != 0.0 {
-                            axpy(w, &v[vbase + j * vst[1]..][..d], o);
-                        }
+                    if self.keep_probs {
+                        unsafe { std::slice::from_raw_parts_mut(pp.0.add(((bi * h + head) * t + ti) * total), total) }
+                            .copy_from_slice(&p[r * total..(r + 1) * total]);
                     }
+                    weighted_rows(&p[r * total..(r + 1) * total], &v[vbase..], vst[1], o);
                 }
             }
         });
-        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        if self.keep_probs {
+            *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
     }
 
@@ -317,7 +318,8 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
 /// (`h` a multiple of `kvh`); returns `(b, t, h, d)`. Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        let op = Attention { mask: mask.cloned(), scale: scale as f32, probs: Mutex::new(None) };
+        let keep_probs = q.track_op() || k.track_op() || v.track_op();
+        let op = Attention { mask: mask.cloned(), scale: scale as f32, keep_probs, probs: Mutex::new(None) };
         q.apply_op3(k, v, op)
     } else {
         attention_composed(q, k, v, mask, scale)

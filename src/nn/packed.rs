@@ -558,10 +558,18 @@ mod x86 {
             i += 8;
         }
         for (s, row) in acc.iter().enumerate() {
-            for (t, v) in row.iter().enumerate() {
-                *y.add((r + s) * ldy + t) = hsum(*v);
-            }
+            _mm_storeu_ps(y.add((r + s) * ldy), hsum4(*row));
         }
+    }
+
+    /// The four horizontal sums of `a` as one vector (the tile's four adjacent outputs of a row):
+    /// three `hadd`s and one add instead of four separate reductions, which cost a tenth of the
+    /// tile time at 16 rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum4(a: [__m256; 4]) -> __m128 {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
     }
 
     /// Four rows of `w` against every row of `x`. Three rows of `x` at a time keep 12
@@ -600,9 +608,11 @@ mod x86 {
                     acc[0][t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(wp.add(t * k + i)), acc[0][t]);
                 }
             }
+            let mut sums = [_mm256_setzero_ps(); 4];
             for t in 0..4 {
-                *y.add(r * ldy + t) = hsum(_mm256_add_ps(acc[0][t], acc[1][t]));
+                sums[t] = _mm256_add_ps(acc[0][t], acc[1][t]);
             }
+            _mm_storeu_ps(y.add(r * ldy), hsum4(sums));
         }
     }
 }

@@ -67,6 +67,30 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(yi, xi)| *yi += alpha * xi);
 }
 
+/// `out = Σ_j p[j] · src[j * stride ..][.. out.len()]`, rows with weight 0 skipped: attention's
+/// probability-weighted sum of value rows (a strided view of one kv head of a cache). Each 64-column
+/// stripe of `out` stays in registers over all rows instead of being loaded and stored per row;
+/// the sums are those of [`axpy`] row by row, in the same order.
+pub fn weighted_rows(p: &[f32], src: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    if p.is_empty() {
+        out.fill(0.0);
+        return;
+    }
+    assert!(src.len() >= (p.len() - 1) * stride + d, "weighted_rows: source too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Safety: the features were detected; every row read is inside `src` (checked above).
+        return unsafe { x86::weighted_rows(p, src, stride, out) };
+    }
+    out.fill(0.0);
+    for (j, &w) in p.iter().enumerate() {
+        if w != 0.0 {
+            axpy(w, &src[j * stride..][..d], out);
+        }
+    }
+}
+
 /// `out[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))` (the SwiGLU gate).
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     debug_assert!(g.len() == u.len() && u.len() == out.len());
@@ -173,6 +197,38 @@ mod x86 {
             sum += *pa.add(j) * *pb.add(j);
         }
         sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_rows(p: &[f32], src: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
+        let (ps, po) = (src.as_ptr(), out.as_mut_ptr());
+        let mut c = 0;
+        while c + 64 <= d {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &w) in p.iter().enumerate() {
+                if w != 0.0 {
+                    let (wv, row) = (_mm256_set1_ps(w), ps.add(j * stride + c));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *a);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(po.add(c + 8 * i), *a);
+            }
+            c += 64;
+        }
+        if c < d {
+            // Columns past the last full stripe, row by row.
+            let tail = &mut out[c..];
+            tail.fill(0.0);
+            for (j, &w) in p.iter().enumerate() {
+                if w != 0.0 {
+                    axpy(w, &src[j * stride + c..][..d - c], tail);
+                }
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -287,6 +343,23 @@ mod tests {
             let mut w = x.clone();
             let m = max as f32;
             assert_eq!(got as f32, m + exp_shifted_sum(&mut w, m).ln(), "n={n}");
+        }
+    }
+
+    #[test]
+    fn weighted_rows_equal_axpy_row_by_row() {
+        for (rows, d, stride) in [(0, 64, 64), (1, 64, 192), (37, 64, 192), (5, 72, 80), (9, 8, 8), (3, 130, 130)] {
+            let src: Vec<f32> = (0..rows.max(1) * stride).map(|i| (i as f32 * 0.173).sin()).collect();
+            let p: Vec<f32> = (0..rows).map(|j| if j % 4 == 2 { 0.0 } else { (j as f32 * 0.61).cos().abs() }).collect();
+            let mut want = vec![0f32; d];
+            for (j, &w) in p.iter().enumerate() {
+                if w != 0.0 {
+                    axpy(w, &src[j * stride..][..d], &mut want);
+                }
+            }
+            let mut got = vec![f32::NAN; d];
+            weighted_rows(&p, &src, stride, &mut got);
+            assert_eq!(got, want, "rows={rows} d={d}");
         }
     }
 
