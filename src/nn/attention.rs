@@ -138,8 +138,8 @@ impl CustomOp3 for Attention {
         // value row is loaded once per block, not once per query row.
         const RB: usize = 8;
         let blocks = rows.div_ceil(RB);
-        // Probabilities `(b, h, t, T)` for the backward pass (dropped with the op when nothing
-        // tracks gradients, as in generation).
+        // Probabilities `(b, h, t, T)` for the backward pass, only when one may follow (not in
+        // generation).
         let mut probs = if self.keep_probs { vec![0f32; b * h * t * total] } else { Vec::new() };
         let pp = SharedMut(probs.as_mut_ptr());
         Team::global().for_chunks(b * kvh * blocks, 1, &|range| {
