@@ -1,5 +1,6 @@
-// What one core of this machine can do with AVX2 FMAs: pure register FMAs (the peak) and the
-// 3x4 dot-product tile meet's packed kernel uses (7 loads per 12 FMAs, data in L1).
+// What one core of this machine can do with AVX2 FMAs: pure register FMAs (the peak), the 3x4
+// dot-product tile of meet's row-major kernels (7 loads per 12 FMAs), and the 6x16 broadcast tile
+// of its batched packed kernel (2 panel loads + 6 broadcasts per 12 FMAs), data in L1.
 //   gcc -O3 -mavx2 -mfma scripts/fma_ceiling.c -o /tmp/fma_ceiling && /tmp/fma_ceiling
 #include <immintrin.h>
 #include <stdio.h>
@@ -66,8 +67,43 @@ static double tile(int k) {
     return 1000.0 * 12 * k * 2 / best / 1e9;
 }
 
+// 6 rows of x (each value broadcast) against a [k][16] panel: 12 named accumulators, as the Rust
+// kernel's registers (an array of them makes gcc spill).
+static double panel(int k) {
+    float *x = aligned_alloc(64, 6 * k * 4), *w = aligned_alloc(64, 16 * k * 4);
+    for (int i = 0; i < 6 * k; i++) x[i] = i * 1e-3f;
+    for (int i = 0; i < 16 * k; i++) w[i] = i * 1e-4f;
+    double best = 1e9;
+    volatile float sink = 0;
+    for (int rep = 0; rep < 200; rep++) {
+        double t0 = now();
+        for (int it = 0; it < 1000; it++) {
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+                   a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+            for (int i = 0; i < k; i++) {
+                __m256 w0 = _mm256_load_ps(w + 16 * i), w1 = _mm256_load_ps(w + 16 * i + 8), b;
+                b = _mm256_broadcast_ss(x + i); a00 = _mm256_fmadd_ps(b, w0, a00); a01 = _mm256_fmadd_ps(b, w1, a01);
+                b = _mm256_broadcast_ss(x + k + i); a10 = _mm256_fmadd_ps(b, w0, a10); a11 = _mm256_fmadd_ps(b, w1, a11);
+                b = _mm256_broadcast_ss(x + 2 * k + i); a20 = _mm256_fmadd_ps(b, w0, a20); a21 = _mm256_fmadd_ps(b, w1, a21);
+                b = _mm256_broadcast_ss(x + 3 * k + i); a30 = _mm256_fmadd_ps(b, w0, a30); a31 = _mm256_fmadd_ps(b, w1, a31);
+                b = _mm256_broadcast_ss(x + 4 * k + i); a40 = _mm256_fmadd_ps(b, w0, a40); a41 = _mm256_fmadd_ps(b, w1, a41);
+                b = _mm256_broadcast_ss(x + 5 * k + i); a50 = _mm256_fmadd_ps(b, w0, a50); a51 = _mm256_fmadd_ps(b, w1, a51);
+            }
+            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a00, a01), _mm256_add_ps(a10, a11)),
+                                     _mm256_add_ps(_mm256_add_ps(a20, a21), _mm256_add_ps(a30, a31)));
+            sink += _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a40, a41), _mm256_add_ps(a50, a51)))[0];
+        }
+        double t = now() - t0;
+        if (t < best) best = t;
+    }
+    free(x);
+    free(w);
+    return 1000.0 * k * 12 * 8 * 2 / best / 1e9; // 12 FMAs of 8 lanes per column
+}
+
 int main(void) {
     printf("register FMAs (peak): %.1f GFLOP/s per core\n", peak());
     printf("3x4 dot tile, k=576, L1: %.1f GFLOP/s per core\n", tile(576));
+    printf("6x16 broadcast tile, k=576, L1 and L2: %.1f GFLOP/s per core\n", panel(576));
     return 0;
 }

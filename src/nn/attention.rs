@@ -12,7 +12,7 @@
 
 use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::ops::{softmax_last_dim, with_f32};
-use crate::nn::simd::{dot, exp_shifted_sum, weighted_rows};
+use crate::nn::simd::{dot_block, exp_shifted_sum, weighted_rows};
 use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -145,6 +145,7 @@ impl CustomOp3 for Attention {
         Team::global().for_chunks(b * kvh * blocks, 1, &|range| {
             let (dst, pp) = (&dst, &pp);
             let mut p = vec![0f32; RB * total];
+            let mut qs = vec![0f32; RB * d];
             for unit in range {
                 let (bh, r0) = (unit / blocks, (unit % blocks) * RB);
                 let nr = RB.min(rows - r0);
@@ -157,17 +158,19 @@ impl CustomOp3 for Attention {
                 };
                 let kbase = ko + bi * kst[0] + hi * kst[2];
                 let vbase = vo + bi * vst[0] + hi * vst[2];
-                for j in 0..total {
-                    let kj = &k[kbase + j * kst[1]..][..d];
-                    for r in 0..nr {
-                        p[r * total + j] = dot(qrow(r), kj) * self.scale;
-                    }
+                // The block's query rows side by side, then every key against all of them.
+                for r in 0..nr {
+                    qs[r * d..(r + 1) * d].copy_from_slice(qrow(r));
                 }
+                dot_block(&qs, d, nr, &k[kbase..], kst[1], total, d, &mut p, total);
                 for r in 0..nr {
                     let pr = &mut p[r * total..(r + 1) * total];
-                    if let Some(m) = &self.mask {
-                        let mrow = &m.data[(bi * t + at(r).0) * total..][..total];
-                        pr.iter_mut().zip(mrow).for_each(|(x, mv)| *x += mv);
+                    match &self.mask {
+                        Some(m) => {
+                            let mrow = &m.data[(bi * t + at(r).0) * total..][..total];
+                            pr.iter_mut().zip(mrow).for_each(|(x, mv)| *x = *x * self.scale + mv);
+                        }
+                        None => pr.iter_mut().for_each(|x| *x *= self.scale),
                     }
                     let max = pr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let inv = 1.0 / exp_shifted_sum(pr, max);

@@ -11,7 +11,7 @@
 //! Q4_0 `{d: f16, qs: [u8; 16]}`, Q4_1 `{d: f16, m: f16, qs: [u8; 16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`,
 //! exactly as in GGUF files, so rows are copied from the file as they are.
 
-use crate::nn::simd::has_avx2;
+use crate::nn::simd::{dot_block_raw, has_avx2};
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
 use candle_core::quantized::GgmlDType;
@@ -81,6 +81,9 @@ pub struct PackedWeight {
     n: usize,
     k: usize,
     data: Vec<u8>,
+    /// `data` holds the blocks regrouped by [`interleave`] (block formats with `n` a multiple
+    /// of 8, on AVX2 machines) rather than GGUF's row-major order.
+    interleaved: bool,
 }
 
 impl PackedWeight {
@@ -95,7 +98,40 @@ impl PackedWeight {
                 data.len()
             )));
         }
-        Ok(Self { format, n, k, data })
+        Ok(Self::new(format, n, k, data))
+    }
+
+    /// Takes row-major blocks and regroups them when the octet kernels can serve the matrix.
+    fn new(format: PackedFormat, n: usize, k: usize, data: Vec<u8>) -> Self {
+        if n.is_multiple_of(OCTET) && has_octet_kernel(format) {
+            Self { format, n, k, data: interleave(format, n, k, &data), interleaved: true }
+        } else {
+            Self { format, n, k, data, interleaved: false }
+        }
+    }
+
+    /// Row `j`'s blocks in GGUF order.
+    fn raw_row(&self, j: usize) -> std::borrow::Cow<'_, [u8]> {
+        let rb = self.row_bytes();
+        if !self.interleaved {
+            return std::borrow::Cow::Borrowed(&self.data[j * rb..(j + 1) * rb]);
+        }
+        let (bb, nb) = (self.format.block_bytes(), self.k / 32);
+        let head = octet_head(self.format);
+        let r = j % OCTET;
+        let group = &self.data[j / OCTET * OCTET * rb..][..OCTET * rb];
+        let mut row = vec![0u8; rb];
+        for (b, blk) in row.chunks_exact_mut(bb).enumerate().take(nb) {
+            let sb = &group[b * OCTET * bb..][..OCTET * bb];
+            blk[..2].copy_from_slice(&sb[2 * r..2 * r + 2]);
+            if head == 4 {
+                blk[2..4].copy_from_slice(&sb[16 + 2 * r..18 + 2 * r]);
+            }
+            for (i, q) in blk[head..].iter_mut().enumerate() {
+                *q = sb[OCTET * head + OCTET * i + r];
+            }
+        }
+        std::borrow::Cow::Owned(row)
     }
 
     /// Quantizes/rounds an f32 `[n, k]` matrix (row-major) the way ggml's reference quantizers do.
@@ -149,8 +185,17 @@ impl PackedWeight {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
             return None;
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Some(Self { format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k, data })
+        let (format, n, k) = (first.format, parts.iter().map(|p| p.n).sum(), first.k);
+        if parts.iter().all(|p| p.interleaved) {
+            // Whole octets one after another are the octets of the stacked rows.
+            let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+            return Some(Self { format, n, k, data, interleaved: true });
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            (0..p.n).for_each(|j| data.extend_from_slice(&p.raw_row(j)));
+        }
+        Some(Self::new(format, n, k, data))
     }
 
     /// Storage format.
@@ -174,8 +219,7 @@ impl PackedWeight {
 
     /// Expands row `j` into `out` (`k` values).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        dequantize_row(self.format, &self.data[j * rb..(j + 1) * rb], out)
+        dequantize_row(self.format, &self.raw_row(j), out)
     }
 
     /// The whole matrix in f32, row-major.
@@ -193,7 +237,9 @@ impl PackedWeight {
         // write every element through `out`, and only then does y get its length.
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let out = SharedMut(y.as_mut_ptr());
-        if m == 1 && self.has_gemv() {
+        if self.interleaved {
+            self.matmul_octets(x, m, &out);
+        } else if m == 1 && self.has_gemv() {
             self.gemv(x, &out);
         } else {
             // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are
@@ -212,8 +258,9 @@ impl PackedWeight {
                     for t in 0..rows {
                         self.dequantize_row(j + t, &mut buf[t * k..(t + 1) * k]);
                     }
-                    // Safety: this thread alone writes columns j..j+rows of every row of y.
-                    unsafe { dot_tile(x, m, k, &buf[..rows * k], rows, out.0.add(j), n) };
+                    // Safety: this thread alone writes columns j..j+rows of every row of y; x holds
+                    // m rows of k and buf `rows` rows of k.
+                    unsafe { dot_block_raw(x.as_ptr(), k, m, buf.as_ptr(), k, rows, k, out.0.add(j), n) };
                     j += rows;
                 }
             });
@@ -226,9 +273,7 @@ impl PackedWeight {
 
 impl PackedWeight {
     fn has_gemv(&self) -> bool {
-        cfg!(target_arch = "x86_64")
-            && has_avx2()
-            && matches!(self.format, PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q8_0)
+        has_octet_kernel(self.format)
     }
 
     /// One row of x against every row of w without expanding w: per block,
@@ -254,6 +299,116 @@ impl PackedWeight {
 }
 
 const TILE_N: usize = 4;
+
+/// Rows per group in the interleaved layout: one AVX2 vector of f32.
+const OCTET: usize = 8;
+
+/// Bytes before the quants in a block: `d`, and `m` for Q4_1.
+fn octet_head(format: PackedFormat) -> usize {
+    if format == PackedFormat::Q4_1 {
+        4
+    } else {
+        2
+    }
+}
+
+fn has_octet_kernel(format: PackedFormat) -> bool {
+    cfg!(target_arch = "x86_64")
+        && has_avx2()
+        && matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q8_0)
+}
+
+/// Regroups the blocks of each 8 rows so that the batched kernel can expand them column-major.
+/// For each group of 8 rows and each 32-column block, the 8 blocks become: their 8 scales `d`
+/// (f16), for Q4_1 their 8 minima `m` (f16), then the quant bytes position-major (byte `i` of row
+/// `r` at `8 i + r`). One 8-byte load then holds column `i` (and, for 4-bit formats, `i + 16`)
+/// of all 8 rows, which expands straight into the `[k][8]` panel the kernel broadcasts against:
+/// no transposition, and the same bytes as the GGUF blocks (so the same memory).
+fn interleave(format: PackedFormat, n: usize, k: usize, data: &[u8]) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let nb = k / format.block_size();
+    let rb = nb * bb;
+    let head = octet_head(format);
+    let nq = bb - head;
+    let mut out = vec![0u8; data.len()];
+    for g in 0..n / OCTET {
+        for b in 0..nb {
+            let sb = &mut out[(g * nb + b) * OCTET * bb..][..OCTET * bb];
+            for r in 0..OCTET {
+                let blk = &data[(g * OCTET + r) * rb + b * bb..][..bb];
+                sb[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                if head == 4 {
+                    sb[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
+                }
+                for i in 0..nq {
+                    sb[OCTET * head + i * OCTET + r] = blk[head + i];
+                }
+            }
+        }
+    }
+    out
+}
+
+impl PackedWeight {
+    /// `y = x wᵀ` from the interleaved layout. One row of x: fused expand-and-multiply per
+    /// block, 16 rows of w at a time ([`x86::gemv_octets`]). Several rows: each thread expands
+    /// 16 rows of w into a k-major panel (`[k][16]`, two octets) and runs every row of x against
+    /// it, 6 at a time, each x value broadcast to 12 accumulators of 8 outputs. Both operands are
+    /// reused from registers (x 16 times, the panel 6 times), so neither needs to stay in L1: the
+    /// row-major tile kernel re-reads its 16 x rows (36 KB at k = 576, more than L1) for every
+    /// 4 rows of w, and runs ~15% slower at a batch of 16.
+    fn matmul_octets(&self, x: &[f32], m: usize, out: &SharedMut<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (n, k) = (self.n, self.k);
+            let sb = OCTET * self.row_bytes();
+            let team = Team::global();
+            let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
+            if m == 1 {
+                let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+                team.for_chunks(n, chunk, &|r| {
+                    let data = &self.data[r.start / OCTET * sb..r.end / OCTET * sb];
+                    // Safety: AVX2 present (the layout is only chosen then); this thread alone
+                    // writes outputs r.
+                    unsafe { x86::gemv_octets(self.format, data, sb, x, &xsum, out.0.add(r.start)) };
+                });
+                return;
+            }
+            // Finer chunks than the one-row product's: a thread finishing last waits alone, and a
+            // panel costs the same whatever the chunk size.
+            let chunk = (n / (team.threads() * 32)).next_multiple_of(16).max(16);
+            team.for_chunks(n, chunk, &|range| {
+                PANEL.with_borrow_mut(|buf| {
+                    if buf.len < 2 * OCTET * k {
+                        *buf = AlignedBuf::zeros(2 * OCTET * k);
+                    }
+                    let panel = buf.as_mut();
+                    let mut j = range.start;
+                    while j < range.end {
+                        let p = if range.end - j >= 2 * OCTET { 2 } else { 1 };
+                        for q in 0..p {
+                            let src = &self.data[(j / OCTET + q) * sb..][..sb];
+                            // Safety: AVX2 present (the layout is only chosen then); the panel
+                            // holds two [k][8] halves.
+                            unsafe { x86::expand_octet(self.format, src, &mut panel[q * OCTET * k..][..OCTET * k]) };
+                        }
+                        // Safety: this thread alone writes columns j..j+8p of every row of y.
+                        unsafe { x86::panel_rows(x, m, k, panel, p, out.0.add(j), n) };
+                        j += p * OCTET;
+                    }
+                })
+            });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (x, m, out);
+    }
+}
+
+thread_local! {
+    /// Each team thread's panel buffer, kept between products (allocating and zeroing it per
+    /// chunk showed up as memset in profiles).
+    static PANEL: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeros(0));
+}
 
 /// An f32 buffer on 64-byte boundaries: 32-byte loads from a 16-byte aligned Vec split across
 /// cache lines half the time, which was measured to cost the tile kernel a quarter of its speed.
@@ -335,24 +490,6 @@ fn dequantize_row_scalar(format: PackedFormat, src: &[u8], out: &mut [f32]) {
                     o[j + 16] = ((q >> 4) as f32).mul_add(d, m);
                 }
             }
-        }
-    }
-}
-
-/// `y[r * ldy + t] = dot(x[r], w[t])` for `r < m`, `t < rows`.
-///
-/// Safety: `y` must be valid for writes at those offsets.
-unsafe fn dot_tile(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, y: *mut f32, ldy: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && rows == TILE_N && k.is_multiple_of(8) {
-        x86::dot_tile4(x, m, k, w, y, ldy);
-        return;
-    }
-    for r in 0..m {
-        let xr = &x[r * k..(r + 1) * k];
-        for t in 0..rows {
-            let wt = &w[t * k..(t + 1) * k];
-            *y.add(r * ldy + t) = xr.iter().zip(wt).map(|(a, b)| a * b).sum();
         }
     }
 }
@@ -440,6 +577,205 @@ mod x86 {
                     nibbles_to_f32(blk.add(4), d, m, o.add(b * 32));
                 }
             }
+        }
+    }
+
+    /// Expands one interleaved octet row-group (see `interleave`) into a `[k][8]` panel, with the
+    /// same arithmetic as `dequantize_row` (so the same f32 values).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand_octet(format: PackedFormat, src: &[u8], out: &mut [f32]) {
+        let bb = format.block_bytes();
+        let s = src.as_ptr();
+        let o = out.as_mut_ptr();
+        for b in 0..out.len() / (32 * 8) {
+            let sb = s.add(b * 8 * bb);
+            let ob = o.add(b * 32 * 8);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+            match format {
+                PackedFormat::Q8_0 => {
+                    for i in 0..32 {
+                        let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sb.add(16 + 8 * i) as *const __m128i));
+                        _mm256_store_ps(ob.add(8 * i), _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+                    }
+                }
+                _ => {
+                    let (m, qs) = if format == PackedFormat::Q4_1 {
+                        (_mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i)), sb.add(32))
+                    } else {
+                        (_mm256_mul_ps(d, _mm256_set1_ps(-8.0)), sb.add(16))
+                    };
+                    let low = _mm256_set1_epi32(0x0f);
+                    for i in 0..16 {
+                        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8 * i) as *const __m128i));
+                        let (lo, hi) = (_mm256_and_si256(v, low), _mm256_srli_epi32(v, 4));
+                        _mm256_store_ps(ob.add(8 * i), _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), d, m));
+                        _mm256_store_ps(ob.add(8 * (i + 16)), _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), d, m));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` rows of x against `P` octet panels (`[k][8]` each, one after the other), writing
+    /// `y[r * ldy + 8p + t]`. (Blocking k so that the panel slice stays in L1 was measured
+    /// slower: the prefetchers serve the long sequential panel stream from L2 well.)
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn panel_tile<const R: usize, const P: usize>(
+        xp: *const f32,
+        k: usize,
+        wp: *const f32,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); P]; R];
+        for i in 0..k {
+            let mut w = [_mm256_setzero_ps(); P];
+            for p in 0..P {
+                w[p] = _mm256_load_ps(wp.add(p * k * 8 + i * 8));
+            }
+            for r in 0..R {
+                let b = _mm256_broadcast_ss(&*xp.add(r * k + i));
+                for p in 0..P {
+                    acc[r][p] = _mm256_fmadd_ps(b, w[p], acc[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                _mm256_storeu_ps(y.add(r * ldy + p * 8), acc[r][p]);
+            }
+        }
+    }
+
+    /// Every row of `x` (`[m, k]`) against `p` (1 or 2) panels: 6 rows at a time (12 accumulators,
+    /// 2 panel vectors and a broadcast fill the 16 registers).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn panel_rows(x: &[f32], m: usize, k: usize, panel: &[f32], p: usize, y: *mut f32, ldy: usize) {
+        let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(6);
+            let (xr, yr) = (xp.add(r * k), y.add(r * ldy));
+            macro_rules! go {
+                ($($n:literal),*) => {
+                    match (rows, p) {
+                        $(($n, 2) => panel_tile::<$n, 2>(xr, k, wp, yr, ldy),
+                          ($n, _) => panel_tile::<$n, 1>(xr, k, wp, yr, ldy),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(1, 2, 3, 4, 5, 6);
+            r += rows;
+        }
+    }
+
+    /// One x row against octets of Q4_0/Q4_1/Q8_0 rows (`data`, `sb` bytes each), writing 8
+    /// outputs per octet. Per block: column i of 8 rows is widened to f32 and multiplied by
+    /// x[i] broadcast, then the block's sum is scaled by d and `m * sum(x)` added (as the
+    /// row-major `gemv`). Two octets share each broadcast; four partial sums per octet keep 8 FMA
+    /// chains in flight.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_octets(
+        format: PackedFormat,
+        data: &[u8],
+        sb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        y: *mut f32,
+    ) {
+        let octets = data.len() / sb;
+        let (mut g, src, xp, xs) = (0, data.as_ptr(), x.as_ptr(), xsum.as_ptr());
+        macro_rules! go {
+            ($p:literal) => {
+                match format {
+                    PackedFormat::Q8_0 => gemv_octet_tile::<Q8, $p>(src.add(g * sb), sb, xp, xs, y.add(8 * g), x.len()),
+                    PackedFormat::Q4_0 => {
+                        gemv_octet_tile::<Q40, $p>(src.add(g * sb), sb, xp, xs, y.add(8 * g), x.len())
+                    }
+                    PackedFormat::Q4_1 => {
+                        gemv_octet_tile::<Q41, $p>(src.add(g * sb), sb, xp, xs, y.add(8 * g), x.len())
+                    }
+                    _ => unreachable!("octets are only built for block formats"),
+                }
+            };
+        }
+        while g + 2 <= octets {
+            go!(2);
+            g += 2;
+        }
+        if g < octets {
+            go!(1);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn gemv_octet_tile<const F: u8, const P: usize>(
+        src: *const u8,
+        stride: usize,
+        xp: *const f32,
+        xsum: *const f32,
+        y: *mut f32,
+        k: usize,
+    ) {
+        let bb = match F {
+            Q8 => 34,
+            Q40 => 18,
+            _ => 20,
+        };
+        let head = if F == Q41 { 32 } else { 16 };
+        let low = _mm256_set1_epi32(0x0f);
+        let mut acc = [_mm256_setzero_ps(); P];
+        for b in 0..k / 32 {
+            let xb = xp.add(32 * b);
+            let q0 = src.add(b * 8 * bb + head);
+            let mut t = [[_mm256_setzero_ps(); 4]; P];
+            if F == Q8 {
+                for i in (0..32).step_by(4) {
+                    for c in 0..4 {
+                        let xv = _mm256_broadcast_ss(&*xb.add(i + c));
+                        for p in 0..P {
+                            let q = q0.add(p * stride + 8 * (i + c));
+                            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)));
+                            t[p][c] = _mm256_fmadd_ps(xv, v, t[p][c]);
+                        }
+                    }
+                }
+            } else {
+                for i in (0..16).step_by(2) {
+                    for c in 0..2 {
+                        let xlo = _mm256_broadcast_ss(&*xb.add(i + c));
+                        let xhi = _mm256_broadcast_ss(&*xb.add(i + c + 16));
+                        for p in 0..P {
+                            let q = q0.add(p * stride + 8 * (i + c));
+                            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i));
+                            let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+                            let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                            t[p][2 * c] = _mm256_fmadd_ps(xlo, lo, t[p][2 * c]);
+                            t[p][2 * c + 1] = _mm256_fmadd_ps(xhi, hi, t[p][2 * c + 1]);
+                        }
+                    }
+                }
+            }
+            for p in 0..P {
+                let sbp = src.add(p * stride + b * 8 * bb);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sbp as *const __m128i));
+                let s = _mm256_add_ps(_mm256_add_ps(t[p][0], t[p][1]), _mm256_add_ps(t[p][2], t[p][3]));
+                acc[p] = _mm256_fmadd_ps(s, d, acc[p]);
+                if F != Q8 {
+                    let m = if F == Q41 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(sbp.add(16) as *const __m128i))
+                    } else {
+                        _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                    };
+                    acc[p] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(&*xsum.add(b)), acc[p]);
+                }
+            }
+        }
+        for p in 0..P {
+            _mm256_storeu_ps(y.add(8 * p), acc[p]);
         }
     }
 
@@ -537,84 +873,6 @@ mod x86 {
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
-
-    /// `R` rows of `x` (starting at row `r`) against 4 rows of `w`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn tile<const R: usize>(xp: *const f32, r: usize, k: usize, wp: *const f32, y: *mut f32, ldy: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let mut i = 0;
-        while i < k {
-            let mut a = [_mm256_setzero_ps(); R];
-            for (s, av) in a.iter_mut().enumerate() {
-                *av = _mm256_loadu_ps(xp.add((r + s) * k + i));
-            }
-            for t in 0..4 {
-                let wt = _mm256_loadu_ps(wp.add(t * k + i));
-                for (s, av) in a.iter().enumerate() {
-                    acc[s][t] = _mm256_fmadd_ps(*av, wt, acc[s][t]);
-                }
-            }
-            i += 8;
-        }
-        for (s, row) in acc.iter().enumerate() {
-            _mm_storeu_ps(y.add((r + s) * ldy), hsum4(*row));
-        }
-    }
-
-    /// The four horizontal sums of `a` as one vector (the tile's four adjacent outputs of a row):
-    /// three `hadd`s and one add instead of four separate reductions, which cost a tenth of the
-    /// tile time at 16 rows.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn hsum4(a: [__m256; 4]) -> __m128 {
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
-    }
-
-    /// Four rows of `w` against every row of `x`. Three rows of `x` at a time keep 12
-    /// accumulators plus 4 loads within the 16 ymm registers; a remainder of 1 or 2 rows is
-    /// paired up so that at least 8 FMA chains stay in flight.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_tile4(x: &[f32], m: usize, k: usize, w: &[f32], y: *mut f32, ldy: usize) {
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut r = 0;
-        let threes = if m % 3 == 1 && m >= 4 { m / 3 - 1 } else { m / 3 };
-        for _ in 0..threes {
-            tile::<3>(xp, r, k, wp, y, ldy);
-            r += 3;
-        }
-        while m - r >= 2 {
-            tile::<2>(xp, r, k, wp, y, ldy);
-            r += 2;
-        }
-        if r < m {
-            // A single row: two accumulators per w row hide the FMA latency.
-            let x0 = xp.add(r * k);
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-            let mut i = 0;
-            while i + 16 <= k {
-                let a0 = _mm256_loadu_ps(x0.add(i));
-                let a1 = _mm256_loadu_ps(x0.add(i + 8));
-                for t in 0..4 {
-                    acc[0][t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(wp.add(t * k + i)), acc[0][t]);
-                    acc[1][t] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(wp.add(t * k + i + 8)), acc[1][t]);
-                }
-                i += 16;
-            }
-            if i < k {
-                let a0 = _mm256_loadu_ps(x0.add(i));
-                for t in 0..4 {
-                    acc[0][t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(wp.add(t * k + i)), acc[0][t]);
-                }
-            }
-            let mut sums = [_mm256_setzero_ps(); 4];
-            for t in 0..4 {
-                sums[t] = _mm256_add_ps(acc[0][t], acc[1][t]);
-            }
-            _mm_storeu_ps(y.add(r * ldy), hsum4(sums));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -633,16 +891,15 @@ mod tests {
 
     #[test]
     fn avx2_and_scalar_dequantization_agree() {
-        let (n, k) = (3, 96);
+        let (n, k) = (8, 96);
         let w = sample(n * k, 7);
         for f in [PackedFormat::F16, PackedFormat::Bf16, PackedFormat::Q4_0, PackedFormat::Q4_1, PackedFormat::Q8_0] {
             let p = PackedWeight::quantize(f, n, k, &w).unwrap();
-            let rb = p.row_bytes();
             for j in 0..n {
                 let mut a = vec![0f32; k];
                 let mut b = vec![0f32; k];
-                dequantize_row(f, &p.data[j * rb..(j + 1) * rb], &mut a);
-                dequantize_row_scalar(f, &p.data[j * rb..(j + 1) * rb], &mut b);
+                dequantize_row(f, &p.raw_row(j), &mut a);
+                dequantize_row_scalar(f, &p.raw_row(j), &mut b);
                 assert_eq!(a, b, "{f:?}");
             }
         }
@@ -650,7 +907,9 @@ mod tests {
 
     #[test]
     fn quantization_error_is_within_format_resolution() {
-        let (n, k) = (2, 64);
+        // 16 rows: stored interleaved where the octet kernels apply, so this also checks that
+        // regrouping and reading rows back lose nothing.
+        let (n, k) = (16, 64);
         let w = sample(n * k, 3);
         // Half a step of each format's grid for values in [-1, 1].
         for (f, tol) in [
@@ -668,10 +927,23 @@ mod tests {
 
     #[test]
     fn matmul_matches_dequantized_reference() {
-        // m covers the 3-row blocks and the 1-row tail; n covers a partial tile.
-        for (m, n, k) in [(1, 9, 64), (5, 13, 96), (16, 7, 32), (2, 3, 40)] {
+        // Row-major kernel: m covers the 3-row blocks and the 1-row tail; n covers a partial tile.
+        // Interleaved kernel (n a multiple of 8): m covers 6-row groups and every tail (1..5),
+        // n an odd number of octets (one panel alone) and a long run of panel pairs.
+        for (m, n, k) in [
+            (1, 9, 64),
+            (5, 13, 96),
+            (16, 7, 32),
+            (2, 3, 40),
+            (16, 24, 96),
+            (7, 8, 32),
+            (11, 40, 64),
+            (3, 136, 32),
+            (1, 24, 64),
+            (1, 32, 96),
+        ] {
             let x = sample(m * k, 11);
-            for f in [PackedFormat::Q4_1, PackedFormat::Q8_0, PackedFormat::F16] {
+            for f in [PackedFormat::Q4_1, PackedFormat::Q4_0, PackedFormat::Q8_0, PackedFormat::F16] {
                 if !k.is_multiple_of(f.block_size()) {
                     continue;
                 }
@@ -686,6 +958,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn interleaved_octets_expand_to_the_dequantized_rows() {
+        let (n, k) = (16, 64);
+        for f in [PackedFormat::Q4_0, PackedFormat::Q4_1, PackedFormat::Q8_0] {
+            let p = PackedWeight::quantize(f, n, k, &sample(n * k, 9)).unwrap();
+            if !p.interleaved {
+                return; // no AVX2: the row-major kernels serve every product
+            }
+            let w = p.dequantize();
+            let sb = p.data.len() / (n / OCTET);
+            for g in 0..n / OCTET {
+                let mut panel = AlignedBuf::zeros(OCTET * k);
+                // Safety: octets are only built when AVX2 is present.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::expand_octet(f, &p.data[g * sb..(g + 1) * sb], panel.as_mut())
+                };
+                for i in 0..k {
+                    for t in 0..OCTET {
+                        assert_eq!(panel.as_ref()[i * OCTET + t], w[(g * OCTET + t) * k + i], "{f:?} row {t} col {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_rows_equal_the_parts_in_either_layout() {
+        // 8 + 3 + 5 + 8 rows: interleaved and row-major parts make an interleaved result; two
+        // interleaved parts are stacked as they are.
+        let k = 64;
+        for f in [PackedFormat::Q4_1, PackedFormat::Q8_0, PackedFormat::F16] {
+            let parts: Vec<PackedWeight> = [(8, 1), (3, 2), (5, 3), (8, 4)]
+                .iter()
+                .map(|&(n, seed)| PackedWeight::quantize(f, n, k, &sample(n * k, seed)).unwrap())
+                .collect();
+            let all = PackedWeight::concat_rows(&parts.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(all.dims(), (24, k));
+            let octets = PackedWeight::concat_rows(&[&parts[0], &parts[3]]).unwrap();
+            assert_eq!(octets.dequantize(), [parts[0].dequantize(), parts[3].dequantize()].concat(), "{f:?}");
+            let want: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+            assert_eq!(all.dequantize(), want, "{f:?}");
         }
     }
 
