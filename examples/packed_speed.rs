@@ -3,16 +3,13 @@
 //! own weights (85 MB in all, more than the last-level cache, as in real decoding), run in that
 //! order for a batch of `m` rows (default 16). Prints the best of `reps` steps and the GFLOP/s.
 //!     cargo run --release --example packed_speed [m] [reps]
+use candle_core::{Device, Tensor};
 use meet::nn::packed::{PackedFormat, PackedWeight};
 use std::time::Instant;
 
-fn sample(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13).wrapping_mul(40503);
-            (h % 20000) as f32 / 10000.0 - 1.0
-        })
-        .collect()
+/// Random values (a timing needs no particular ones).
+fn sample(n: usize) -> Vec<f32> {
+    Tensor::randn(0f32, 0.5, n, &Device::Cpu).unwrap().to_vec1().unwrap()
 }
 
 fn main() {
@@ -22,14 +19,14 @@ fn main() {
     // (out, in) of one layer's products, then the LM head.
     let layer = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
     let mut weights = Vec::new();
-    for l in 0..30u32 {
-        for (i, &(n, k)) in layer.iter().enumerate() {
-            let w = PackedWeight::quantize(PackedFormat::Q4_1, n, k, &sample(n * k, l * 8 + i as u32)).unwrap();
+    for _ in 0..30 {
+        for &(n, k) in &layer {
+            let w = PackedWeight::quantize(PackedFormat::Q4_1, n, k, &sample(n * k)).unwrap();
             weights.push(w);
         }
     }
-    weights.push(PackedWeight::quantize(PackedFormat::Q8_0, 49152, 576, &sample(49152 * 576, 999)).unwrap());
-    let xs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| sample(m * k, 11)).collect();
+    weights.push(PackedWeight::quantize(PackedFormat::Q8_0, 49152, 576, &sample(49152 * 576)).unwrap());
+    let xs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| sample(m * k)).collect();
     let flops: f64 = weights.iter().map(|w| 2.0 * (m * w.dims().0 * w.dims().1) as f64).sum();
     let mut times = Vec::new();
     for _ in 0..reps + 1 {
