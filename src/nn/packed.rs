@@ -241,7 +241,7 @@ impl PackedWeight {
         let out = SharedMut(y.as_mut_ptr());
         if self.interleaved {
             self.matmul_octets(x, m, &out);
-        } else if m == 1 && self.has_gemv() {
+        } else if m == 1 && has_octet_kernel(self.format) {
             self.gemv(x, &out);
         } else {
             // Each thread owns a contiguous range of y's columns; 4 rows of w at a time are
@@ -274,12 +274,8 @@ impl PackedWeight {
 }
 
 impl PackedWeight {
-    fn has_gemv(&self) -> bool {
-        has_octet_kernel(self.format)
-    }
-
     /// One row of x against every row of w without expanding w: per block,
-    /// `d * dot(x, q) + m * sum(x)`. Writes all `n` outputs; only called when [`Self::has_gemv`].
+    /// `d * dot(x, q) + m * sum(x)`. Writes all `n` outputs; only called when `has_octet_kernel` holds.
     fn gemv(&self, x: &[f32], out: &SharedMut<f32>) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -291,7 +287,7 @@ impl PackedWeight {
             let chunk = (self.n / (team.threads() * 8)).next_multiple_of(16).max(16);
             team.for_chunks(self.n, chunk, &|r| {
                 let data = &self.data[r.start * rb..r.end * rb];
-                // Safety: features detected (has_gemv); this thread alone writes outputs r.
+                // Safety: features detected (has_octet_kernel); this thread alone writes outputs r.
                 unsafe { x86::gemv(self.format, data, rb, x, &xsum, out.0.add(r.start), r.len()) };
             });
         }
@@ -366,8 +362,8 @@ impl PackedWeight {
             let (n, k) = (self.n, self.k);
             let sb = OCTET * self.row_bytes();
             let team = Team::global();
-            let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
             if m == 1 {
+                let chunk = (n / (team.threads() * 8)).next_multiple_of(16).max(16);
                 let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
                 team.for_chunks(n, chunk, &|r| {
                     let data = &self.data[r.start / OCTET * sb..r.end / OCTET * sb];
@@ -881,6 +877,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::simd::assert_row_dots;
 
     fn sample(n: usize, seed: u32) -> Vec<f32> {
         // Deterministic values in [-1, 1) without an RNG dependency.
@@ -953,13 +950,7 @@ mod tests {
                 let p = PackedWeight::quantize(f, n, k, &sample(n * k, 5)).unwrap();
                 let w = p.dequantize();
                 let y = p.matmul_t(&x, m);
-                for r in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
-                        let got = y[r * n + j] as f64;
-                        assert!((got - want).abs() < 1e-4, "{f:?} m={m} n={n} ({r},{j}): {got} vs {want}");
-                    }
-                }
+                assert_row_dots(&x, k, m, &w, k, n, k, &y, n, &format!("{f:?} m={m} n={n}"));
             }
         }
     }

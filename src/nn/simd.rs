@@ -118,6 +118,31 @@ pub(crate) unsafe fn dot_block_raw(
     }
 }
 
+/// Test check shared by the product kernels: `out[r * ldo + j]` equals `dot(a[r], b[j])` summed
+/// in f64 (rows strided as in [`dot_block`]) within 1e-4.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assert_row_dots(
+    a: &[f32],
+    sa: usize,
+    na: usize,
+    b: &[f32],
+    sb: usize,
+    nb: usize,
+    len: usize,
+    out: &[f32],
+    ldo: usize,
+    what: &str,
+) {
+    for r in 0..na {
+        for j in 0..nb {
+            let want: f64 = (0..len).map(|i| a[r * sa + i] as f64 * b[j * sb + i] as f64).sum();
+            let got = out[r * ldo + j] as f64;
+            assert!((got - want).abs() < 1e-4, "{what} ({r},{j}): {got} vs {want}");
+        }
+    }
+}
+
 /// `y[i] += alpha * x[i]`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
@@ -503,13 +528,7 @@ mod tests {
             let b: Vec<f32> = (0..(nb - 1) * sb + len).map(|i| (i as f32 * 0.11).cos()).collect();
             let mut out = vec![f32::NAN; (na - 1) * ldo + nb];
             dot_block(&a, sa, na, &b, sb, nb, len, &mut out, ldo);
-            for r in 0..na {
-                for j in 0..nb {
-                    let want: f64 = (0..len).map(|i| a[r * sa + i] as f64 * b[j * sb + i] as f64).sum();
-                    let got = out[r * ldo + j] as f64;
-                    assert!((got - want).abs() < 1e-4, "na={na} nb={nb} len={len} ({r},{j}): {got} vs {want}");
-                }
-            }
+            assert_row_dots(&a, sa, na, &b, sb, nb, len, &out, ldo, &format!("na={na} nb={nb} len={len}"));
         }
     }
 
