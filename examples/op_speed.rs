@@ -31,7 +31,7 @@ fn main() {
     let q = Var::from_tensor(&r(&[4, 128, 9, 64])).unwrap();
     let k = Var::from_tensor(&r(&[4, 128, 3, 64])).unwrap();
     let v = Var::from_tensor(&r(&[4, 128, 3, 64])).unwrap();
-    let inp = meet::models::AttentionInputs::new(4, 128, 0, None, &dev).unwrap();
+    let inp = meet::models::AttentionInputs::new(4, 128, 0, None).unwrap();
     time("attention", 30, &q, &|q| attention(q, k.as_tensor(), v.as_tensor(), inp.mask.as_ref(), 0.125).unwrap());
     let b = r(&[4, 128, 576]);
     time("residual add", 30, &x, &|a| (a + &b).unwrap());

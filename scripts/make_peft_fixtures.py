@@ -4,7 +4,9 @@ through them, so that `meet` is checked to load PEFT's folders and give the same
     $REF_HOME/venv/bin/python scripts/make_peft_fixtures.py
 
 Writes tests/fixtures/peft-lora/ (adapter "default" at the root, "bad" in bad/, as PEFT saves several
-adapters), tests/fixtures/peft-prompt/ and tests/fixtures/peft_expected.json.
+adapters), tests/fixtures/peft-prompt/ and tests/fixtures/peft_expected.json; and tests/fixtures/peft-lora-order/
+(target_modules=["q_proj", "v_proj", "down_proj"], which PEFT saves as a set, in its own order) with its
+logits in peft_expected.json as "lora_order".
 """
 import json, os
 import torch
@@ -44,6 +46,20 @@ with torch.no_grad():
 lora.save_pretrained(os.path.join(FIX, "peft-lora"), selected_adapters=["default", "bad"])
 
 model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
+order = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+with torch.no_grad():
+    for n, p in order.named_parameters():
+        if "lora_" in n:
+            p.normal_(0.0, 0.3)
+order.eval()
+with torch.no_grad():
+    out["lora_order"] = rows(order(ids).logits[0])
+order.save_pretrained(os.path.join(FIX, "peft-lora-order"))
+saved = json.load(open(os.path.join(FIX, "peft-lora-order", "adapter_config.json")))["target_modules"]
+print("peft-lora-order: PEFT saved target_modules as", saved)
+
+model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
 pt = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                               prompt_tuning_init=PromptTuningInit.RANDOM)).eval()
 with torch.no_grad():
@@ -52,6 +68,6 @@ with torch.no_grad():
 pt.save_pretrained(os.path.join(FIX, "peft-prompt"))
 with open(os.path.join(FIX, "peft_expected.json"), "w") as f:
     json.dump(out, f)
-for d in ["peft-lora", "peft-prompt"]:  # PEFT writes a model card; nothing reads it
+for d in ["peft-lora", "peft-prompt", "peft-lora-order"]:  # PEFT writes a model card; nothing reads it
     os.remove(os.path.join(FIX, d, "README.md"))
 print("wrote", FIX)

@@ -68,6 +68,54 @@ pub fn bench_generate(
     })
 }
 
+/// Figures of one prompt length in `meet bench prefill`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillFigures {
+    pub prompt_tokens: usize,
+    /// Median seconds of prefill plus one greedy token (transformers' `generate(max_new_tokens=1)`).
+    pub seconds_median: f64,
+    pub seconds_all: Vec<f64>,
+    pub tokens_per_s: f64,
+}
+
+/// Long-prompt prefill: for each length, a prompt of that many tokens (`pool` repeated end to
+/// end) and one greedy token, `reps` times; the first length is also run once untimed first.
+pub fn bench_prefill(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    defaults: &GenerationDefaults,
+    pool: &[u32],
+    lengths: &[usize],
+    reps: usize,
+    device: &Device,
+) -> Result<Vec<PrefillFigures>> {
+    if pool.is_empty() {
+        return Err(crate::Error::Invalid("no token ids to build prompts from".into()));
+    }
+    let params = SamplingParams { max_new_tokens: 1, min_new_tokens: 1, ..Default::default() };
+    let mut out = Vec::new();
+    for (i, &n) in lengths.iter().enumerate() {
+        let prompt: Vec<u32> = pool.iter().copied().cycle().take(n).collect();
+        let run = || -> Result<f64> {
+            let t = Instant::now();
+            generate(model, tokenizer, std::slice::from_ref(&prompt), &params, defaults, device, |_, _| Ok(()))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        if i == 0 {
+            run()?; // warm-up
+        }
+        let all: Vec<f64> = (0..reps.max(1)).map(|_| run()).collect::<Result<_>>()?;
+        let med = median(all.clone());
+        out.push(PrefillFigures {
+            prompt_tokens: n,
+            seconds_median: med,
+            seconds_all: all,
+            tokens_per_s: n as f64 / med,
+        });
+    }
+    Ok(out)
+}
+
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -186,7 +234,7 @@ fn timed_train<T: crate::objectives::Item>(
     warmup: usize,
 ) -> Result<Timed> {
     let dir = &cfg.output_dir;
-    let run = crate::train::RunDir { dir: dir.clone(), config_hash: String::new() };
+    let run = crate::train::RunDir { dir: dir.clone(), config_hash: String::new(), label: "bench".into() };
     let logs = crate::train::train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run, false);
     let _ = std::fs::remove_dir_all(dir);
     let logs = logs?;

@@ -66,6 +66,8 @@ impl ControlSpec {
 pub struct Controlled {
     pub policy: Policy,
     pub spec: Option<ControlSpec>,
+    /// What was loaded (`--model`), for messages.
+    pub source: String,
 }
 
 /// What a control does to a batch of prompts: their ids (with a control token or phrase), the
@@ -85,7 +87,7 @@ impl Controlled {
         let spec_path = dir.join(FILE);
         if !spec_path.is_file() {
             let policy = Policy { pretrained: Pretrained::load(model, opts)?, prompts: None };
-            return Ok(Self { policy, spec: None });
+            return Ok(Self { policy, spec: None, source: model.into() });
         }
         let text = std::fs::read_to_string(&spec_path).map_err(|e| Error::io(&spec_path, e))?;
         let spec: ControlSpec = serde_json::from_str(&text).map_err(|e| Error::parse(&spec_path, e.to_string()))?;
@@ -120,7 +122,7 @@ impl Controlled {
         } else {
             None
         };
-        Ok(Self { policy: Policy { pretrained, prompts }, spec: Some(spec) })
+        Ok(Self { policy: Policy { pretrained, prompts }, spec: Some(spec), source: model.into() })
     }
 
     /// The tokenizer.
@@ -135,7 +137,9 @@ impl Controlled {
             (None, _) => return Ok(out),
             (Some(c), None) => {
                 return Err(Error::Invalid(format!(
-                    "control '{c}' asked for, but this model has no {FILE} (not a meet run's output folder)"
+                    "control '{c}' asked for, but {} has no controls (no {FILE}): runs of method sft, dpo or \
+                     reward train none; controls come from meet, control-token and coh runs — leave out --control",
+                    self.source
                 )))
             }
             (Some(c), Some(spec)) => (c, spec),

@@ -6,13 +6,10 @@ use std::path::PathBuf;
 /// Errors raised by `meet`. Binaries wrap them with `anyhow` for display.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be opened, read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be opened, read or written. The OS reason is part of the message (not a
+    /// `source`), so `{:#}` chains print it once.
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: std::io::Error },
 
     /// A JSON/TOML file does not parse or lacks a required field.
     #[error("{path}: {msg}")]
@@ -46,7 +43,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Builds an [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), reason: source }
     }
 
     /// Builds an [`Error::Format`] for `path`.

@@ -319,6 +319,16 @@ impl<'a> TextStream<'a> {
         }
         Ok(None)
     }
+
+    /// The text not returned yet, at the end of generation: an incomplete character of the last
+    /// tokens comes out as U+FFFD, as transformers' `TextStreamer` flushes it and as the whole
+    /// decoded text (`Generation::text`) has it, so the streamed text equals the batch text.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        let rest = text.get(self.printed..).filter(|r| !r.is_empty()).map(String::from);
+        self.printed = text.len();
+        Ok(rest)
+    }
 }
 
 /// Generates continuations of `prompts` (token ids) in one left-padded batch. `on_token(row,
@@ -418,7 +428,7 @@ pub fn generate_with_prefix(
             embeds = Tensor::cat(&[p.unsqueeze(0)?.broadcast_as((b, n, hidden))?.contiguous()?, embeds], 1)?;
         }
         let t = embeds.dims()[1];
-        let inp = AttentionInputs::new(b, t, cache.len, Some(&mask), device)?;
+        let inp = AttentionInputs::new(b, t, cache.len, Some(&mask))?;
         let h = model.forward_embeds(&embeds, &inp, Some(&mut cache))?;
         let logits = model.lm_head(&h.i((.., t - 1..t, ..))?)?.squeeze(1)?; // (b, vocab)
         let mut logits = logits.to_vec2::<f32>()?;

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod run;
 pub mod tokenizer;
 pub mod train;
+pub mod ui;
 
 pub use error::{Error, Result};
 pub use io::{LoadOptions, Packing, Pretrained};

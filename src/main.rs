@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train as a TOML run configuration says: sft, coh, control-token, meet or dpo.
+    /// Train as a TOML run configuration (and flags) say: sft, coh, control-token, meet, dpo or reward.
     Train(TrainArgs),
     /// The controlled-sentiment experiment from an experiment file: task, judged pairs, every
     /// method × seed, evaluations × temperatures, report.md. Resumable: finished steps are kept.
@@ -64,14 +64,19 @@ enum Command {
         /// Responses sampled per prompt.
         #[arg(long, default_value_t = 4)]
         samples: usize,
+        /// Sampling temperature.
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
+        /// Longest response, in tokens.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
+        /// Seed of the sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Sequences generated together.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Where the pairs go (TRL preference JSONL).
         #[arg(long)]
         out: PathBuf,
     },
@@ -81,17 +86,22 @@ enum Command {
         /// The snippets file.
         #[arg(long, default_value = "data/sentiment/movieReviewSnippets_GroundTruth.txt")]
         snippets: PathBuf,
+        /// Words of a snippet that make a prompt.
         #[arg(long, default_value_t = 4)]
         words: usize,
+        /// Training prompts.
         #[arg(long, default_value_t = 2000)]
         train: usize,
+        /// Held-out prompts.
         #[arg(long, default_value_t = 200)]
         eval: usize,
+        /// Human-rating preference pairs.
         #[arg(long, default_value_t = 2000)]
         pairs: usize,
         /// Smallest rating gap (on -4..4) between the snippets of a pair.
         #[arg(long, default_value_t = 2.0)]
         min_gap: f64,
+        /// Seed of the draw.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Folder for train_prompts.jsonl, eval_prompts.jsonl, human_pairs.jsonl.
@@ -104,6 +114,7 @@ enum Command {
         a: PathBuf,
         /// `meet eval --out` file of method B.
         b: PathBuf,
+        /// Seed of the bootstrap resampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -112,7 +123,8 @@ enum Command {
         /// Base model: HF folder, GGUF file or Hub repo id.
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
-        /// PEFT LoRA adapter folder.
+        /// PEFT LoRA adapter folder (with adapter_config.json: a run's `final/lora`, or
+        /// `final/lora/NAME` for a named adapter).
         #[arg(long)]
         adapter: PathBuf,
         /// Output folder.
@@ -142,7 +154,7 @@ impl ModelArgs {
         let packing = match self.weights.as_str() {
             "auto" => Packing::Source,
             "f32" => Packing::Dense,
-            other => Packing::Quantize(PackedFormat::parse(other)?),
+            other => Packing::Quantize(PackedFormat::parse(other).map_err(|e| anyhow::anyhow!("--weights: {e}"))?),
         };
         Ok(LoadOptions { packing, ..Default::default() })
     }
@@ -153,13 +165,7 @@ impl ModelArgs {
     }
 
     fn load(&self) -> anyhow::Result<Pretrained> {
-        let packing = match self.weights.as_str() {
-            "auto" => Packing::Source,
-            "f32" => Packing::Dense,
-            other => Packing::Quantize(PackedFormat::parse(other)?),
-        };
-        let opts = LoadOptions { packing, ..Default::default() };
-        Pretrained::load(&self.model, &opts).with_context(|| format!("loading model '{}'", self.model))
+        Pretrained::load(&self.model, &self.options()?).with_context(|| format!("loading model '{}'", self.model))
     }
 }
 
@@ -174,26 +180,32 @@ struct GenerateArgs {
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// System message (with --chat).
-    #[arg(long)]
+    /// System message (a system turn of the chat template: needs --chat).
+    #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
+    /// Fewest tokens to generate (EOS is suppressed until then).
     #[arg(long, default_value_t = 0)]
     min_new_tokens: usize,
     /// Token ids never to generate (comma-separated), as transformers' `suppress_tokens`.
     #[arg(long, value_delimiter = ',')]
     suppress_tokens: Vec<u32>,
-    /// 0 = greedy decoding.
+    /// Sampling temperature; 0 = greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample among the k most likely tokens only.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities sum to p (nucleus sampling).
     #[arg(long)]
     top_p: Option<f64>,
+    /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop when the output contains this text (repeatable); the text is cut before it.
+    /// Stop when the output contains this text (repeatable); the text is cut before it. `\n`,
+    /// `\t`, `\r` and `\\` stand for a newline, a tab, a carriage return and a backslash.
     #[arg(long = "stop-strings")]
     stop_strings: Vec<String>,
     /// Generate under this control (`good`, `bad`, ...) of a `meet train` output folder.
@@ -206,12 +218,14 @@ struct TrainArgs {
     /// The run configuration (see the README and examples/); optional when the flags say enough.
     #[arg(value_name = "CONFIG")]
     config_pos: Option<PathBuf>,
+    /// The run configuration, as a flag (the same as the positional CONFIG).
     #[arg(long, conflicts_with = "config_pos")]
     config: Option<PathBuf>,
-    /// Continue every stage from its newest checkpoint in the output folder.
+    /// Continue every stage from its newest checkpoint in the output folder (a finished run is
+    /// left as it is).
     #[arg(long)]
     resume: bool,
-    /// sft | coh | control-token | meet | dpo (`method`).
+    /// sft | coh | control-token | meet | dpo | reward (`method`).
     #[arg(long)]
     method: Option<String>,
     /// `model.source`.
@@ -247,36 +261,110 @@ struct TrainArgs {
     set: Vec<String>,
 }
 
+/// A configuration value given on the command line: its dotted key, its TOML value, and the
+/// flag as the user wrote it (for error messages).
+#[derive(Clone)]
+struct Override {
+    key: String,
+    value: String,
+    flag: String,
+}
+
+/// The keys a run cannot do without, and the flags that give them.
+const REQUIRED: [(&str, &str); 3] =
+    [("model.source", "--model"), ("data.train", "--data"), ("output_dir", "--output-dir")];
+
 impl TrainArgs {
-    /// The configuration: the file (if any) with every flag applied over it.
+    /// The configuration: the file (if any) with every flag applied over it. Errors name the flag
+    /// or the file that caused them.
     fn config(&self) -> anyhow::Result<(meet::run::RunConfig, String)> {
-        let mut over: Vec<(String, String)> = Vec::new();
-        let q = |v: &str| format!("{:?}", v); // a TOML basic string
-        for (k, v) in [
-            ("method", self.method.as_deref().map(q)),
-            ("model.source", self.model.as_deref().map(q)),
-            ("data.train", self.data.as_deref().map(q)),
-            ("output_dir", self.output_dir.as_deref().map(q)),
-            ("train.lr", self.lr.map(|x| format!("{x:e}"))),
-            ("train.epochs", self.epochs.map(|x| x.to_string())),
-            ("train.max_steps", self.max_steps.map(|x| x.to_string())),
-            ("train.batch_size", self.batch_size.map(|x| x.to_string())),
-            ("train.seed", self.seed.map(|x| x.to_string())),
-            ("data.skip_invalid", self.skip_invalid.then(|| "true".to_string())),
+        let s = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let f = |x: f64| toml::Value::Float(x).to_string();
+        let mut over: Vec<Override> = Vec::new();
+        let show = |v: &dyn std::fmt::Display| format!(" {v}");
+        for (key, flag, value) in [
+            ("method", "--method", self.method.as_deref().map(|v| (s(v), show(&v)))),
+            ("model.source", "--model", self.model.as_deref().map(|v| (s(v), show(&v)))),
+            ("data.train", "--data", self.data.as_deref().map(|v| (s(v), show(&v)))),
+            ("output_dir", "--output-dir", self.output_dir.as_deref().map(|v| (s(v), show(&v)))),
+            ("train.lr", "--lr", self.lr.map(|v| (f(v), show(&v)))),
+            ("train.epochs", "--epochs", self.epochs.map(|v| (v.to_string(), show(&v)))),
+            ("train.max_steps", "--max-steps", self.max_steps.map(|v| (v.to_string(), show(&v)))),
+            ("train.batch_size", "--batch-size", self.batch_size.map(|v| (v.to_string(), show(&v)))),
+            ("train.seed", "--seed", self.seed.map(|v| (v.to_string(), show(&v)))),
+            ("data.skip_invalid", "--skip-invalid", self.skip_invalid.then(|| ("true".to_string(), String::new()))),
         ] {
-            if let Some(v) = v {
-                over.push((k.into(), v));
+            if let Some((value, shown)) = value {
+                over.push(Override { key: key.into(), flag: format!("{flag}{shown}"), value });
             }
         }
         for kv in &self.set {
             let Some((k, v)) = kv.split_once('=') else { bail!("--set {kv}: expected KEY=VALUE") };
-            over.push((k.trim().into(), v.trim().into()));
+            over.push(Override { key: k.trim().into(), value: v.trim().into(), flag: format!("--set {kv}") });
         }
-        match self.config.as_ref().or(self.config_pos.as_ref()) {
-            Some(path) => Ok((meet::run::RunConfig::from_file_with(path, &over)?, path.display().to_string())),
-            None => Ok((meet::run::RunConfig::from_table(Default::default(), &over)?, "the command line".into())),
+        let file = self.config.as_ref().or(self.config_pos.as_ref());
+        let table = match file {
+            Some(path) => meet::run::RunConfig::read_table(path)?,
+            None => {
+                let missing: Vec<&str> =
+                    REQUIRED.iter().filter(|(k, _)| !over.iter().any(|o| o.key == *k)).map(|(_, flag)| *flag).collect();
+                if !missing.is_empty() {
+                    bail!(
+                        "give a run file (`meet train examples/sft-lora.toml`; see examples/) or the flags --method, \
+                         --model, --data and --output-dir (missing: {})",
+                        missing.join(", ")
+                    );
+                }
+                Default::default()
+            }
+        };
+        let kv = |o: &[Override]| o.iter().map(|o| (o.key.clone(), o.value.clone())).collect::<Vec<_>>();
+        let from = file.map_or("the command line".to_string(), |p| p.display().to_string());
+        match meet::run::RunConfig::from_table(table.clone(), &kv(&over)) {
+            Ok(c) => Ok((c, from)),
+            Err(e) => {
+                let msg = e.to_string();
+                // The flag without which the configuration is valid is the culprit.
+                let culprit = (0..over.len()).rev().find(|&i| {
+                    let rest: Vec<Override> =
+                        over.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.clone()).collect();
+                    meet::run::RunConfig::from_table(table.clone(), &kv(&rest)).is_ok()
+                });
+                Err(explain_config_error(&msg, file, culprit.map(|i| &over[i]), &over))
+            }
         }
     }
+}
+
+/// Blames a configuration error on the flag that caused it, else on the run file; a missing key
+/// names the flag that gives it.
+fn explain_config_error(
+    msg: &str,
+    file: Option<&PathBuf>,
+    culprit: Option<&Override>,
+    over: &[Override],
+) -> anyhow::Error {
+    // toml's deserialisation errors end with "in `train.lr`" (the table or key at fault).
+    let (text, at) = match msg.rsplit_once("\nin `") {
+        Some((t, k)) => (t.trim_end(), Some(k.trim_end().trim_end_matches('`'))),
+        None => (msg.trim_end(), None),
+    };
+    let named =
+        |prefix: &str| text.split_once(prefix).and_then(|(_, r)| r.split_once('`')).map(|(name, _)| name.to_string());
+    let join = |field: String| at.map_or(field.clone(), |a| format!("{a}.{field}"));
+    if let Some(missing) = named("missing field `").map(join) {
+        let flag = REQUIRED.iter().find(|(k, _)| *k == missing || k.split('.').next() == Some(missing.as_str()));
+        let hint = flag.map(|(_, f)| format!(" (or give {f})")).unwrap_or_default();
+        let place = file.map_or("the command line".to_string(), |p| p.display().to_string());
+        return anyhow::anyhow!("{place}: missing `{missing}`{hint}");
+    }
+    let key = named("unknown field `").map(join).or(at.map(String::from));
+    if let Some(o) = key.as_deref().and_then(|k| over.iter().rev().find(|o| o.key == k)).or(culprit) {
+        return anyhow::anyhow!("{}: {text}", o.flag);
+    }
+    let place = file.map_or(String::new(), |p| format!("{}: ", p.display()));
+    let at = key.map(|k| format!(" (at `{k}`)")).unwrap_or_default();
+    anyhow::anyhow!("{place}{text}{at}")
 }
 
 #[derive(Args)]
@@ -302,14 +390,19 @@ struct EvalArgs {
     /// Responses per prompt.
     #[arg(long, default_value_t = 1)]
     samples: usize,
+    /// Sampling temperature.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
+    /// Nucleus sampling: the most likely tokens whose probabilities sum to p.
     #[arg(long)]
     top_p: Option<f64>,
+    /// Longest response, in tokens.
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
+    /// Seed of the sampling and of the bootstrap intervals.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sequences generated together.
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Where the scored responses go (JSONL), for `meet compare`.
@@ -326,15 +419,34 @@ enum BenchCommand {
         /// Batch-1 prompt (the Python reference's).
         #[arg(long, default_value = "The capital of France is")]
         prompt: String,
+        /// Tokens generated per row.
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
+        /// Batch sizes to measure (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         batches: Vec<usize>,
+        /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
         /// Sampling temperature for batches above 1 (batch 1 is greedy, as the reference).
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
+    },
+    /// Long-prompt prefill (plus one greedy token) at several prompt lengths; ends with one JSON
+    /// line. `scripts/bench-prefill-vs-reference.sh` races it against transformers.
+    Prefill {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths in tokens (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096,8000")]
+        lengths: Vec<usize>,
+        /// Timed runs per length (the median is reported).
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Token ids `{"input_ids": [[...], ...]}` whose rows, joined and repeated, make the prompts
+        /// (the Python reference reads the same file).
+        #[arg(long, default_value = "tests/fixtures/lm_batch_4x128.json")]
+        ids: PathBuf,
     },
     /// DPO steps (sigmoid, beta 0.1, full model, AdamW lr 1e-6) on the Python reference's fixed
     /// pairs; ends with one JSON line.
@@ -342,11 +454,14 @@ enum BenchCommand {
         /// Model: HF folder, GGUF file or Hub repo id (dense f32 weights are used).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
-        /// `[{"prompt_ids", "chosen_ids", "rejected_ids"}, ...]` (the reference's data file).
-        #[arg(long, default_value = "../shared/reference/data/dpo_pairs_4x64+64.json")]
+        /// `[{"prompt_ids", "chosen_ids", "rejected_ids"}, ...]` (the Python reference's
+        /// `data/dpo_pairs_4x64+64.json`, copied into the repository).
+        #[arg(long, default_value = "tests/fixtures/dpo_pairs_4x64+64.json")]
         pairs: PathBuf,
+        /// Timed steps (after the warm-up).
         #[arg(long, default_value_t = 6)]
         steps: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
@@ -358,11 +473,14 @@ enum BenchCommand {
         /// full, lora (r 64, alpha 128, all projections) or prompt (20 virtual tokens).
         #[arg(long, default_value = "full")]
         mode: String,
-        /// Token ids `{"input_ids": [[...], ...]}` (the reference's `data/lm_batch_4x128.json`).
-        #[arg(long, default_value = "../shared/reference/data/lm_batch_4x128.json")]
+        /// Token ids `{"input_ids": [[...], ...]}` (the Python reference's
+        /// `data/lm_batch_4x128.json`, copied into the repository).
+        #[arg(long, default_value = "tests/fixtures/lm_batch_4x128.json")]
         batch: PathBuf,
+        /// Timed steps (after the warm-up).
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
     },
@@ -389,9 +507,14 @@ const BATCH_PROMPTS: [&str; 16] = [
 ];
 
 fn run() -> anyhow::Result<ExitCode> {
+    // Warnings as plain `WARN text` lines: no colour codes when stderr is not a terminal, no
+    // timestamps or module paths (RUST_LOG=info,meet=debug still shows more).
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(meet::ui::is_terminal())
+        .without_time()
+        .with_target(false)
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -410,7 +533,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 seed: a.seed,
                 max_new_tokens: a.max_new_tokens,
                 min_new_tokens: a.min_new_tokens,
-                stop_strings: a.stop_strings.clone(),
+                stop_strings: a.stop_strings.iter().map(|s| unescape(s)).collect::<anyhow::Result<_>>()?,
                 suppress_tokens: a.suppress_tokens.clone(),
             };
             let mut stream = TextStream::new(&p.tokenizer);
@@ -429,7 +552,12 @@ fn run() -> anyhow::Result<ExitCode> {
                 Ok(())
             })?;
             if ids.len() == 1 {
-                if !streaming {
+                if streaming {
+                    // What the last tokens left unfinished, as the whole text has it.
+                    if let Some(rest) = stream.finish()? {
+                        write!(stdout, "{rest}")?;
+                    }
+                } else {
                     write!(stdout, "{}", out[0].text)?;
                 }
                 writeln!(stdout)?;
@@ -468,6 +596,7 @@ fn run() -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
                 batch: a.batch,
+                progress: Some("eval".into()),
             };
             let samples = evaluate(&model, reference.as_ref(), judge.as_ref(), &prompts, &opts)?;
             if let Some(out) = &a.out {
@@ -475,14 +604,18 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             let s = summarize(&samples, a.seed)?;
             eprintln!(
-                "{} responses: {} {:.4} [{:.4}, {:.4}], length {:.1} tokens, cut {:.1}%{}",
+                "{} responses: {} {:.4} [{:.4}, {:.4}], length {:.1} [{:.1}, {:.1}] tokens, cut {:.1}% [{:.1}, {:.1}]{} (95% bootstrap intervals)",
                 samples.len(),
                 a.judge,
                 s.score.value,
                 s.score.lo,
                 s.score.hi,
                 s.length.value,
-                100.0 * s.cut_share,
+                s.length.lo,
+                s.length.hi,
+                100.0 * s.cut_share.value,
+                100.0 * s.cut_share.lo,
+                100.0 * s.cut_share.hi,
                 s.kl.map(|k| format!(", KL {:.3} [{:.3}, {:.3}]", k.value, k.lo, k.hi)).unwrap_or_default()
             );
             println!(
@@ -502,6 +635,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 samples,
                 params: SamplingParams { temperature, seed, max_new_tokens, ..Default::default() },
                 batch,
+                progress: Some("pairs".into()),
             };
             let (pairs, ties) = best_worst_pairs(&m, judge.as_ref(), &prompts, &opts)?;
             meet::io::write_jsonl(&out, &pairs)?;
@@ -525,9 +659,19 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Compare { a, b, seed } => {
             use meet::eval::sample::{paired_scores, Sample};
             let (sa, sb): (Vec<Sample>, Vec<Sample>) = (meet::io::read_jsonl(&a)?, meet::io::read_jsonl(&b)?);
-            let (xa, xb) =
-                paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
-            let w = meet::eval::stats::win_rate(&xa, &xb, seed)?;
+            let p = paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
+            if p.only_a + p.only_b > 0 {
+                eprintln!(
+                    "note: comparing the {} (prompt, sample) responses both files have; left out {} of {} and {} of {} \
+                     (the evaluations drew different --samples)",
+                    p.a.len(),
+                    p.only_a,
+                    a.display(),
+                    p.only_b,
+                    b.display()
+                );
+            }
+            let w = meet::eval::stats::win_rate(&p.a, &p.b, seed)?;
             let len =
                 |s: &[meet::eval::sample::Sample]| s.iter().map(|x| x.tokens as f64).sum::<f64>() / s.len() as f64;
             eprintln!(
@@ -602,6 +746,32 @@ fn run() -> anyhow::Result<ExitCode> {
                 serde_json::json!({"bench": "dpo", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
+        Command::Bench { what: BenchCommand::Prefill { model, lengths, reps, ids } } => {
+            let p = model.load()?;
+            let v = meet::io::read_json(&ids)?;
+            let rows: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone())
+                .with_context(|| format!("{}: 'input_ids' must be rows of token ids", ids.display()))?;
+            let pool = rows.concat();
+            let figures = meet::bench::bench_prefill(
+                p.model.as_ref(),
+                &p.tokenizer,
+                &p.generation,
+                &pool,
+                &lengths,
+                reps,
+                &p.device,
+            )?;
+            for f in &figures {
+                println!(
+                    "prefill {:>5} tokens: {:.2} s (median of {}), {:.0} tok/s",
+                    f.prompt_tokens,
+                    f.seconds_median,
+                    f.seconds_all.len(),
+                    f.tokens_per_s
+                );
+            }
+            println!("{}", inference_bench_json("prefill", &model, &figures)?);
+        }
         Command::Bench { what: BenchCommand::Generate { model, prompt, new_tokens, batches, reps, temperature } } => {
             if new_tokens < 2 {
                 bail!("--new-tokens must be at least 2");
@@ -633,18 +803,50 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
                 results.push(f);
             }
-            let json = serde_json::json!({
-                "bench": "generate",
-                "model": model.model,
-                "weights": model.weights,
-                "threads": meet::nn::team::Team::global().threads(),
-                "results": results,
-                "peak_rss_mib": meet::bench::peak_rss_mib(),
-            });
-            println!("{json}");
+            println!("{}", inference_bench_json("generate", &model, &results)?);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The one JSON line an inference benchmark ends with.
+fn inference_bench_json(bench: &str, model: &ModelArgs, results: &impl serde::Serialize) -> anyhow::Result<String> {
+    Ok(serde_json::json!({
+        "bench": bench,
+        "model": model.model,
+        "weights": model.weights,
+        "threads": meet::nn::team::Team::global().threads(),
+        "results": serde_json::to_value(results)?,
+        "peak_rss_mib": meet::bench::peak_rss_mib(),
+    })
+    .to_string())
+}
+
+/// A command-line string with the escapes HF users write (`"\n"` for a newline): `\n`, `\t`,
+/// `\r`, `\\`; any other backslash sequence is an error rather than a silent literal.
+fn unescape(s: &str) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            other => bail!(
+                "--stop-strings {s:?}: unknown escape '\\{}' (use \\n, \\t, \\r or \\\\)",
+                other.map(String::from).unwrap_or_default()
+            ),
+        }
+    }
+    if out.is_empty() {
+        bail!("--stop-strings: an empty stop string would stop at once");
+    }
+    Ok(out)
 }
 
 fn main() -> ExitCode {
@@ -667,5 +869,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn stop_strings_unescape_as_hf_users_write_them() {
+        assert_eq!(unescape("\\n").unwrap(), "\n");
+        assert_eq!(unescape("a\\tb\\r\\n").unwrap(), "a\tb\r\n");
+        assert_eq!(unescape("C:\\\\x").unwrap(), "C:\\x");
+        assert_eq!(unescape("plain").unwrap(), "plain");
+        assert!(unescape("\\d").unwrap_err().to_string().contains("unknown escape '\\d'"));
+        assert!(unescape("end\\").is_err());
+        assert!(unescape("").is_err());
     }
 }

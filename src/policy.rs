@@ -138,7 +138,7 @@ impl Policy {
                 })
                 .collect()
         });
-        let inp = AttentionInputs::new(b, total, 0, mask.as_deref(), dev)?;
+        let inp = AttentionInputs::new(b, total, 0, mask.as_deref())?;
         Ok((model.forward_embeds(&embeds, &inp, None)?, n))
     }
 

@@ -228,9 +228,13 @@ impl RunConfig {
     /// Reads a TOML file (or nothing: `path` = `None` in [`Self::from_table`]) with `key=value`
     /// overrides applied first.
     pub fn from_file_with(path: &Path, overrides: &[(String, String)]) -> Result<Self> {
+        Self::from_table(Self::read_table(path)?, overrides).map_err(|e| Error::parse(path, e.to_string()))
+    }
+
+    /// The TOML table of a run file (syntax errors name the file and line).
+    pub fn read_table(path: &Path) -> Result<toml::Table> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
-        Self::from_table(table, overrides).map_err(|e| Error::parse(path, e.to_string()))
+        toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))
     }
 
     /// Builds a configuration from a TOML table and `key=value` overrides.
@@ -295,6 +299,61 @@ impl RunConfig {
         }
         if matches!(self.method, Method::Coh | Method::Dpo) && self.prompt.is_some() {
             return Err(Error::Invalid(format!("method {} does not take a [prompt] section", self.method.name())));
+        }
+        self.check_values()
+    }
+
+    /// Values the types allow but a run cannot use, found before anything is written.
+    fn check_values(&self) -> Result<()> {
+        self.train.check()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
+        if self.prompt.as_ref().is_some_and(|p| p.n == 0) {
+            return Err(Error::Invalid("prompt: n (virtual tokens) must be at least 1".into()));
+        }
+        if self.data.max_length == 0 {
+            return Err(Error::Invalid("data: max_length must be at least 1".into()));
+        }
+        for (step, o) in [("step1", &self.meet.step1), ("step2", &self.meet.step2)] {
+            for (k, v) in [("lr", o.lr), ("control_lr", o.control_lr)] {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                    return Err(Error::Invalid(format!("meet.{step}: {k} {v} must be a non-negative number")));
+                }
+            }
+            if o.max_steps == Some(0) || o.epochs == Some(0) || o.batch_size == Some(0) || o.grad_accum == Some(0) {
+                return Err(Error::Invalid(format!(
+                    "meet.{step}: epochs, max_steps, batch_size and grad_accum must be at least 1"
+                )));
+            }
+        }
+        let d = &self.dpo;
+        if !(d.beta.is_finite() && d.beta > 0.0) {
+            return Err(Error::Invalid(format!("dpo: beta {} must be a positive number", d.beta)));
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            return Err(Error::Invalid(format!("dpo: label_smoothing {} must be in [0, 0.5)", d.label_smoothing)));
+        }
+        if !(0.0..1.0).contains(&self.reward.eval_share) {
+            return Err(Error::Invalid(format!("reward: eval_share {} must be in [0, 1)", self.reward.eval_share)));
+        }
+        Ok(())
+    }
+
+    /// Checks that the files the run reads are there: the model (and DPO's reference), the
+    /// training data, a held-out file, adapters to start from. Run before anything is written.
+    pub fn check_sources(&self) -> Result<()> {
+        io::resolve(&self.model.source)?;
+        if let Some(r) = &self.dpo.reference {
+            io::resolve(r).map_err(|e| Error::Invalid(format!("dpo.reference: {e}")))?;
+        }
+        for (key, path) in [("data.train", Some(&self.data.train)), ("reward.eval", self.reward.eval.as_ref())] {
+            if let Some(p) = path.filter(|p| !p.is_file()) {
+                return Err(Error::Invalid(format!("{key}: {} is not a file", p.display())));
+            }
+        }
+        if let Some(p) = self.model.init_adapters.as_ref().filter(|p| !p.is_dir()) {
+            return Err(Error::Invalid(format!("model.init_adapters: {} is not a folder", p.display())));
         }
         Ok(())
     }

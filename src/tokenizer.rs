@@ -57,6 +57,31 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 const QWEN2_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The pre-tokenizer of a GGUF `tokenizer.ggml.pre` name, as the model family's own
+/// `tokenizer.json` has it (checked split for split against the Python `tokenizers` library:
+/// `tests/fixtures/pretokenizers.json`).
+pub fn gguf_pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> {
+    let split = |pattern: &str| -> std::result::Result<PreTokenizerWrapper, String> {
+        let s = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| format!("pre-tokenizer regex: {e}"))?;
+        Ok(s.into())
+    };
+    Ok(match pre {
+        "default" | "gpt-2" | "gpt2" => ByteLevel::new(false, true, true).into(),
+        // SmolLM/StarCoder: every numeric character is its own pre-token.
+        "smollm" | "starcoder" | "refact" => {
+            Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+        }
+        "llama-bpe" | "llama3" => {
+            Sequence::new(vec![split(LLAMA3_PATTERN)?, ByteLevel::new(false, true, false).into()]).into()
+        }
+        "qwen2" => Sequence::new(vec![split(QWEN2_PATTERN)?, ByteLevel::new(false, true, false).into()]).into(),
+        other => {
+            return Err(format!("GGUF pre-tokenizer '{other}' is not supported (smollm, gpt-2, llama-bpe, qwen2)"))
+        }
+    })
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
@@ -145,29 +170,8 @@ impl Tokenizer {
         let bpe =
             BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(format!("building BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-            let s = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| err(format!("pre-tokenizer regex: {e}")))?;
-            Ok(s.into())
-        };
         let pre = meta_str(md, "tokenizer.ggml.pre").unwrap_or("default");
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "default" | "gpt-2" | "gpt2" => byte_level.into(),
-            // SmolLM/StarCoder: every digit is its own pre-token.
-            "smollm" | "starcoder" | "refact" => {
-                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-            }
-            "llama-bpe" | "llama3" => {
-                Sequence::new(vec![split(LLAMA3_PATTERN)?, ByteLevel::new(false, true, false).into()]).into()
-            }
-            "qwen2" => Sequence::new(vec![split(QWEN2_PATTERN)?, ByteLevel::new(false, true, false).into()]).into(),
-            other => {
-                return Err(err(format!(
-                    "GGUF pre-tokenizer '{other}' is not supported (smollm, gpt-2, llama-bpe, qwen2)"
-                )))
-            }
-        };
+        let pre_tokenizer = gguf_pre_tokenizer(pre).map_err(err)?;
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched before BPE, as llama.cpp does.

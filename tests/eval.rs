@@ -82,6 +82,7 @@ fn opts() -> EvalOptions {
         samples: 2,
         params: SamplingParams { temperature: 1.0, seed: 3, max_new_tokens: 6, ..Default::default() },
         batch: 3,
+        progress: None,
     }
 }
 
@@ -129,9 +130,17 @@ fn evaluation_samples_scores_and_measures_kl() {
     assert_eq!(sum.score.n, 6);
     assert!(sum.kl.is_some() && sum.length.value > 0.0);
     // Pairing: an evaluation against itself; a mismatch is refused.
-    let (a, b) = paired_scores(&s, &s).unwrap();
-    assert_eq!(meet::eval::stats::win_rate(&a, &b, 0).unwrap().value, 0.5);
-    assert!(paired_scores(&s, &s[..3]).is_err());
+    let p = paired_scores(&s, &s).unwrap();
+    assert_eq!((p.only_a, p.only_b), (0, 0));
+    assert_eq!(meet::eval::stats::win_rate(&p.a, &p.b, 0).unwrap().value, 0.5);
+    // Fewer samples on one side: the shared ones are compared and the rest counted.
+    let p = paired_scores(&s, &s[..3]).unwrap();
+    assert_eq!((p.a.len(), p.only_a, p.only_b), (3, 3, 0));
+    // Another prompt list is refused.
+    let mut other_prompts = s.clone();
+    other_prompts[0].prompt.push_str(" (changed)");
+    let e = paired_scores(&s, &other_prompts).unwrap_err().to_string();
+    assert!(e.contains("different prompt files"), "{e}");
 }
 
 #[test]

@@ -166,8 +166,43 @@ fn bad_records_name_file_and_line_or_are_skipped_and_counted() {
     assert_eq!(pairs.len(), 2);
     assert_eq!(stats.skipped.len(), 2);
     assert!(stats.skipped[0].starts_with("line 2:") && stats.skipped[1].starts_with("line 3:"), "{:?}", stats.skipped);
+    // Malformed lines are per-record problems too: a line that is not JSON, one that is not
+    // UTF-8, a conversational record without an assistant turn, an empty response.
+    let good = json!({"prompt": "p", "chosen": "a", "rejected": "b"}).to_string();
+    let no_answer = json!({"prompt": [{"role": "user", "content": "hi"}],
+                           "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]});
+    let rows = [
+        good.as_bytes(),
+        b"\n{\"prompt\": \"p\", \"chosen\": \n",
+        b"{\"prompt\": \"\xff\", \"chosen\": \"a\", \"rejected\": \"b\"}\n",
+        format!("{no_answer}\n").as_bytes(),
+        format!("{}\n", json!({"prompt": "p", "chosen": "", "rejected": "b"})).as_bytes(),
+        format!("{good}\n").as_bytes(),
+    ]
+    .concat();
+    let m = dir.path().join("malformed.jsonl");
+    std::fs::write(&m, rows).unwrap();
+    let err = read_preferences(&m, &tok, &opts()).unwrap_err().to_string();
+    assert!(err.contains("malformed.jsonl") && err.contains("line 2: invalid JSON"), "{err}");
+    let (pairs, stats) = read_preferences(&m, &tok, &o).unwrap();
+    assert_eq!(pairs.len(), 2);
+    let at: Vec<&str> = stats.skipped.iter().map(|s| s.split(':').next().unwrap()).collect();
+    assert_eq!(at, ["line 2", "line 3", "line 4", "line 5"], "{:?}", stats.skipped);
+    assert!(
+        stats.skipped[1].contains("not valid UTF-8") && stats.skipped[2].contains("assistant"),
+        "{:?}",
+        stats.skipped
+    );
+    // File-level problems still stop: nothing usable, or no file.
+    std::fs::write(&m, "{not json\n").unwrap();
+    let err = read_preferences(&m, &tok, &o).unwrap_err().to_string();
+    assert!(err.contains("no usable preference records (1 skipped)"), "{err}");
+    assert!(read_preferences(&dir.path().join("absent.jsonl"), &tok, &o)
+        .unwrap_err()
+        .to_string()
+        .contains("absent.jsonl"));
     // A forced format that does not fit says which format it tried.
     let o = PreferenceOptions { format: Format::Tldr, ..opts() };
     let err = read_preferences(&p, &tok, &o).unwrap_err().to_string();
-    assert!(err.contains("line 1: missing field 'info'") && err.contains("Tldr"), "{err}");
+    assert!(err.contains("line 1: missing field 'info'") && err.contains("read as tldr records"), "{err}");
 }

@@ -58,7 +58,7 @@ fn kv_cache_steps_match_the_full_forward() {
     let full = p.model.forward(&ids(&[&seq])).unwrap(); // (1, 9, v)
     let mut cache = p.model.new_cache(1, 16, &Device::Cpu).unwrap();
     let step = |cache: &mut meet::models::KvCache, toks: &[u32]| {
-        let inp = AttentionInputs::new(1, toks.len(), cache.len, None, &Device::Cpu).unwrap();
+        let inp = AttentionInputs::new(1, toks.len(), cache.len, None).unwrap();
         let h = p.model.forward_embeds(&p.model.embed(&ids(&[toks])).unwrap(), &inp, Some(cache)).unwrap();
         p.model.lm_head(&h).unwrap()
     };
@@ -71,7 +71,7 @@ fn kv_cache_steps_match_the_full_forward() {
     // The cache refuses to overflow.
     let mut small = p.model.new_cache(1, 4, &Device::Cpu).unwrap();
     step(&mut small, &seq[..4]);
-    let inp = AttentionInputs::new(1, 1, 4, None, &Device::Cpu).unwrap();
+    let inp = AttentionInputs::new(1, 1, 4, None).unwrap();
     let err = p.model.forward_embeds(&p.model.embed(&ids(&[&[1]])).unwrap(), &inp, Some(&mut small));
     assert!(err.err().unwrap().to_string().contains("KV cache capacity"));
 }
@@ -93,7 +93,7 @@ fn left_padded_batches_generate_what_single_rows_do() {
     // Padded logits equal unpadded ones at the real positions.
     let padded = ids(&[&[256, 256, 256, 256, 5, 9, 13]]);
     let mask = vec![vec![0u8, 0, 0, 0, 1, 1, 1]];
-    let inp = AttentionInputs::new(1, 7, 0, Some(&mask), &Device::Cpu).unwrap();
+    let inp = AttentionInputs::new(1, 7, 0, Some(&mask)).unwrap();
     let h = p.model.forward_embeds(&p.model.embed(&padded).unwrap(), &inp, None).unwrap();
     let a = p.model.lm_head(&h.i((.., 4.., ..)).unwrap()).unwrap();
     let b = p.model.forward(&ids(&[&[5, 9, 13]])).unwrap();

@@ -189,6 +189,45 @@ fn lora_adapters_saved_by_peft_give_peft_logits() {
 }
 
 #[test]
+fn a_peft_adapter_saved_in_its_own_module_order_starts_a_run() {
+    // PEFT saves target_modules as a set, in its own order (here down_proj, v_proj, q_proj); a
+    // run listing the same modules in another order starts from it, with PEFT's logits.
+    let exp = expected();
+    let dir = fixtures().join("peft-lora-order");
+    let saved = folder::read_lora(&dir).unwrap().0.target_modules;
+    let listed = ["q_proj", "v_proj", "down_proj"];
+    assert_ne!(saved, listed, "the fixture must store another order than the run lists");
+    let model = fixtures().join("tiny-llama3");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"ab\"}\n").unwrap();
+    let cfg = |r: usize, targets: &[&str]| {
+        let mut c = meet::run::RunConfig::new(
+            meet::run::Method::Sft,
+            model.to_str().unwrap(),
+            meet::run::DataSection::new(&data),
+            tmp.path().join("run"),
+        );
+        c.lora = Some(lora_config(r, targets));
+        c.model.init_adapters = Some(dir.clone());
+        c
+    };
+    let built = meet::run::build(&cfg(4, &listed)).unwrap();
+    let p = &built.policy.pretrained;
+    p.lora.as_ref().unwrap().route(Routing::All(0));
+    let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let d = max_diff(&p.model.forward(&ids).unwrap(), &rows(&exp["lora_order"]));
+    assert!(d < 1e-4, "max |logit diff| {d} vs PEFT");
+    // A real difference is named, field by field.
+    let err = |c| meet::run::build(&c).err().expect("the adapter should be refused").to_string();
+    let e = err(cfg(8, &listed));
+    assert!(e.contains("adapter_config.json") && e.contains("r: 4 vs 8") && !e.contains("target_modules"), "{e}");
+    let e = err(cfg(4, &["q_proj", "k_proj", "down_proj"]));
+    assert!(e.contains("target_modules: [down_proj, q_proj, v_proj] vs [down_proj, k_proj, q_proj]"), "{e}");
+}
+
+#[test]
 fn merging_a_peft_adapter_gives_its_logits_without_the_adapter() {
     // PEFT's merge_and_unload: W + s B A. The merged HF folder alone must give PEFT's adapter logits.
     let exp = expected();
@@ -335,7 +374,7 @@ fn resumable_run(dir: &Path, name: &str, lr: f64) -> PathBuf {
     let cfg = format!(
         "output_dir = \"{out}\"\n[model]\nsource = \"{model}\"\ntrain_weights = true\n[lora]\nr = 2\nalpha = 4.0\ndropout = 0.1\n\
          [data]\ntrain = \"{data}\"\n[train]\nmax_steps = 120\nbatch_size = 3\ngrad_accum = 2\nlr = {lr}\nschedule = \"cosine\"\n\
-         warmup_steps = 5\nsave_every = 4\nseed = 3\n",
+         warmup_steps = 5\nsave_every = 4\nkeep_checkpoints = true\nseed = 3\n",
         out = dir.join(name).display(),
         model = model.display(),
         data = dir.join("data.jsonl").display(),
@@ -457,8 +496,13 @@ fn bad_training_data_is_refused_with_file_and_line() {
     use meet::data::{read_supervised, SupervisedOptions};
     let tok = common::tiny_tokenizer();
     let dir = tempfile::tempdir().unwrap();
-    let opts =
-        SupervisedOptions { max_length: 16, controls: vec!["good".into()], default_control: None, eos_id: Some(258) };
+    let opts = SupervisedOptions {
+        max_length: 16,
+        controls: vec!["good".into()],
+        default_control: None,
+        eos_id: Some(258),
+        skip_invalid: false,
+    };
     let cases = [
         ("{\"text\": \"ok\"}\n{not json\n", "line 2: invalid JSON"),
         ("{\"prompt\": \"a\"}\n", "line 1: field 'completion' must be a string"),
@@ -481,4 +525,28 @@ fn bad_training_data_is_refused_with_file_and_line() {
     .unwrap();
     let (ex, stats) = read_supervised(&path, &tok, &opts).unwrap();
     assert_eq!((ex[0].ids.len(), ex[0].start, ex[0].control, stats.truncated), (16, 2, Some(0), 1));
+    // With skip_invalid every per-record problem is skipped and counted: a line that is not
+    // JSON, bytes that are not UTF-8, messages without an assistant turn, a missing field.
+    let path = dir.path().join("mixed.jsonl");
+    let rows: Vec<u8> = [
+        &b"{\"text\": \"ok\"}\n{not json\n"[..],
+        b"{\"text\": \"\xff\"}\n",
+        b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        b"{\"prompt\": \"a\"}\n{\"prompt\": \"a\", \"completion\": \"b\"}\n",
+    ]
+    .concat();
+    std::fs::write(&path, &rows).unwrap();
+    let err = read_supervised(&path, &tok, &opts).unwrap_err().to_string();
+    assert!(err.contains("mixed.jsonl") && err.contains("line 2: invalid JSON"), "{err}");
+    let skip = SupervisedOptions { skip_invalid: true, ..opts.clone() };
+    let (ex, stats) = read_supervised(&path, &tok, &skip).unwrap();
+    assert_eq!(ex.len(), 2);
+    let at: Vec<&str> = stats.skipped.iter().map(|s| s.split(':').next().unwrap()).collect();
+    assert_eq!(at, ["line 2", "line 3", "line 4", "line 5"], "{:?}", stats.skipped);
+    assert!(stats.skipped[2].contains("no assistant message"), "{:?}", stats.skipped);
+    // Nothing usable left, or no file: still an error.
+    std::fs::write(&path, "{not json\n").unwrap();
+    let err = read_supervised(&path, &tok, &skip).unwrap_err().to_string();
+    assert!(err.contains("no usable records (1 skipped)"), "{err}");
+    assert!(read_supervised(&dir.path().join("absent.jsonl"), &tok, &skip).is_err());
 }

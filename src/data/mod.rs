@@ -28,9 +28,18 @@ pub struct Example {
     pub unlabelled: Vec<(usize, usize)>,
 }
 
-/// Records of a JSON Lines file or a JSON array (plain or gzip-compressed, `.gz`), with where each came from (`line N` /
-/// `record N`). Bytes that are not UTF-8 are an error naming the line.
-pub fn read_records(path: &Path) -> Result<Vec<(String, Value)>> {
+/// One record of a data file: where it is (`line N` / `record N`) and its JSON, or why that line
+/// is not usable JSON (a per-record problem, which `skip_invalid` skips).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub loc: String,
+    pub value: std::result::Result<Value, String>,
+}
+
+/// Records of a JSON Lines file or a JSON array (plain or gzip-compressed, `.gz`). A line that is
+/// not JSON or not UTF-8 is a record with an error (see [`Record`]); a file that cannot be read, or
+/// a JSON array that does not parse, is an error naming the file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let mut bytes = Vec::new();
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
@@ -46,20 +55,42 @@ pub fn read_records(path: &Path) -> Result<Vec<(String, Value)>> {
             Error::parse(path, format!("line {line}: not valid UTF-8"))
         })?;
         let v: Vec<Value> = serde_json::from_str(text).map_err(|e| Error::parse(path, format!("invalid JSON: {e}")))?;
-        return Ok(v.into_iter().enumerate().map(|(i, v)| (format!("record {}", i + 1), v)).collect());
+        return Ok(v
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| Record { loc: format!("record {}", i + 1), value: Ok(v) })
+            .collect());
     }
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(line)
-            .map_err(|e| Error::parse(path, format!("line {}: not valid UTF-8 (byte {})", i + 1, e.valid_up_to())))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v =
-            serde_json::from_str(line).map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-        out.push((format!("line {}", i + 1), v));
+        let loc = format!("line {}", i + 1);
+        let value = match std::str::from_utf8(line) {
+            Err(e) => Err(format!("not valid UTF-8 (byte {})", e.valid_up_to())),
+            Ok(l) if l.trim().is_empty() => continue,
+            Ok(l) => serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")),
+        };
+        out.push(Record { loc, value });
     }
     Ok(out)
+}
+
+/// The first record that is JSON (what formats are detected from).
+pub fn first_value(records: &[Record]) -> Option<&Value> {
+    records.iter().find_map(|r| r.value.as_ref().ok())
+}
+
+/// Records skipped with `skip_invalid`: `"{loc}: {reason}"` each. Logs how many and the first few.
+pub fn report_skipped(path: &Path, skipped: &[String], total: usize) {
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "{}: skipped {} of {} records: {}{}",
+            path.display(),
+            skipped.len(),
+            total,
+            skipped.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+            if skipped.len() > 5 { "; ..." } else { "" }
+        );
+    }
 }
 
 /// Reading options for supervised data.
@@ -73,6 +104,8 @@ pub struct SupervisedOptions {
     pub default_control: Option<usize>,
     /// Token appended after each response (EOS).
     pub eos_id: Option<u32>,
+    /// Skip (and count) invalid records instead of failing on the first.
+    pub skip_invalid: bool,
 }
 
 /// What reading cut.
@@ -80,10 +113,12 @@ pub struct SupervisedOptions {
 pub struct ReadStats {
     pub examples: usize,
     pub truncated: usize,
+    /// Records skipped with `skip_invalid`, each as `"{loc}: {reason}"`.
+    pub skipped: Vec<String>,
 }
 
-fn field<'a>(v: &'a Value, k: &str, path: &Path, loc: &str) -> Result<&'a str> {
-    v.get(k).and_then(Value::as_str).ok_or_else(|| Error::parse(path, format!("{loc}: field '{k}' must be a string")))
+fn field<'a>(v: &'a Value, k: &str) -> std::result::Result<&'a str, String> {
+    v.get(k).and_then(Value::as_str).ok_or_else(|| format!("field '{k}' must be a string"))
 }
 
 /// Reads a supervised JSONL file into examples.
@@ -91,69 +126,86 @@ pub fn read_supervised(path: &Path, tok: &Tokenizer, opts: &SupervisedOptions) -
     supervised_from_records(path, read_records(path)?, tok, opts)
 }
 
-/// Supervised examples from the records of `path` (see [`read_records`]).
+/// One supervised row as an example, or why it cannot be one.
+fn supervised_example(
+    v: &Value,
+    tok: &Tokenizer,
+    opts: &SupervisedOptions,
+    stats: &mut ReadStats,
+) -> std::result::Result<Example, String> {
+    let enc = |t: &str, special: bool| tok.encode(t, special).map_err(|e| e.to_string());
+    let (prompt, response): (Vec<u32>, Vec<u32>) = if v.get("text").is_some() {
+        (vec![], enc(field(v, "text")?, false)?)
+    } else if v.get("prompt").is_some() {
+        (enc(field(v, "prompt")?, false)?, enc(field(v, "completion")?, false)?)
+    } else if let Some(msgs) = v.get("messages") {
+        let msgs = msgs.as_array().ok_or("field 'messages' must be a list of messages")?;
+        let msgs: Vec<Message> = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match (m.get("role").and_then(Value::as_str), m.get("content").and_then(Value::as_str)) {
+                (Some(r), Some(c)) => Ok(Message::new(r, c)),
+                _ => Err(format!("messages[{i}] needs string 'role' and 'content'")),
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        let last =
+            msgs.iter().rposition(|m| m.role == "assistant").ok_or("'messages' has no assistant message to learn")?;
+        let head = tok.apply_chat_template(&msgs[..last], true).map_err(|e| e.to_string())?;
+        let full = tok.apply_chat_template(&msgs[..=last], false).map_err(|e| e.to_string())?;
+        let tail = full.strip_prefix(&head).ok_or("the chat template does not extend the prompt")?;
+        (enc(&head, false)?, enc(tail, false)?)
+    } else {
+        return Err("expected 'text', 'prompt'/'completion' or 'messages'".into());
+    };
+    if response.is_empty() {
+        return Err("the response is empty".into());
+    }
+    let control = match v.get("control") {
+        Some(Value::String(c)) => Some(
+            opts.controls
+                .iter()
+                .position(|n| n == c)
+                .ok_or_else(|| format!("unknown control '{c}' (have: {})", opts.controls.join(", ")))?,
+        ),
+        Some(_) => return Err("field 'control' must be a string".into()),
+        None => opts.default_control,
+    };
+    let mut ids = prompt.clone();
+    ids.extend(&response);
+    if v.get("messages").is_none() {
+        ids.extend(opts.eos_id);
+    }
+    let start = prompt.len();
+    if start > 0 && start + 1 >= ids.len().min(opts.max_length) {
+        return Err(format!("the prompt fills max_length ({}) and leaves no response token", opts.max_length));
+    }
+    if ids.len() > opts.max_length {
+        ids.truncate(opts.max_length);
+        stats.truncated += 1;
+    }
+    Ok(Example { ids, start, control, ..Default::default() })
+}
+
+/// Supervised examples from the records of `path` (see [`read_records`]). An invalid record
+/// stops with its file and line, or with `skip_invalid` is skipped and counted.
 pub fn supervised_from_records(
     path: &Path,
-    records: Vec<(String, Value)>,
+    records: Vec<Record>,
     tok: &Tokenizer,
     opts: &SupervisedOptions,
 ) -> Result<(Vec<Example>, ReadStats)> {
     let mut stats = ReadStats::default();
     let mut out = Vec::new();
-    for (loc, v) in records {
-        let line = loc.as_str();
-        let (prompt, response): (Vec<u32>, Vec<u32>) = if v.get("text").is_some() {
-            (vec![], tok.encode(field(&v, "text", path, line)?, false)?)
-        } else if v.get("prompt").is_some() {
-            (
-                tok.encode(field(&v, "prompt", path, line)?, false)?,
-                tok.encode(field(&v, "completion", path, line)?, false)?,
-            )
-        } else if let Some(Value::Array(msgs)) = v.get("messages") {
-            let msgs: Vec<Message> = msgs
-                .iter()
-                .map(|m| Ok(Message::new(field(m, "role", path, line)?, field(m, "content", path, line)?)))
-                .collect::<Result<_>>()?;
-            let last = msgs
-                .iter()
-                .rposition(|m| m.role == "assistant")
-                .ok_or_else(|| Error::parse(path, format!("{line}: 'messages' has no assistant message to learn")))?;
-            let head = tok.apply_chat_template(&msgs[..last], true)?;
-            let full = tok.apply_chat_template(&msgs[..=last], false)?;
-            let Some(tail) = full.strip_prefix(&head) else {
-                return Err(Error::parse(path, format!("{line}: the chat template does not extend the prompt")));
-            };
-            (tok.encode(&head, false)?, tok.encode(tail, false)?)
-        } else {
-            return Err(Error::parse(path, format!("{line}: expected 'text', 'prompt'/'completion' or 'messages'")));
-        };
-        let control = match v.get("control") {
-            Some(Value::String(c)) => Some(opts.controls.iter().position(|n| n == c).ok_or_else(|| {
-                Error::parse(path, format!("{line}: unknown control '{c}' (have: {})", opts.controls.join(", ")))
-            })?),
-            Some(_) => return Err(Error::parse(path, format!("{line}: field 'control' must be a string"))),
-            None => opts.default_control,
-        };
-        let mut ids = prompt.clone();
-        ids.extend(&response);
-        if v.get("messages").is_none() {
-            ids.extend(opts.eos_id);
+    for r in &records {
+        match r.value.as_ref().map_err(String::clone).and_then(|v| supervised_example(v, tok, opts, &mut stats)) {
+            Ok(e) => out.push(e),
+            Err(e) if opts.skip_invalid => stats.skipped.push(format!("{}: {e}", r.loc)),
+            Err(e) => return Err(Error::parse(path, format!("{}: {e} (skip_invalid skips such records)", r.loc))),
         }
-        if ids.len() > opts.max_length {
-            ids.truncate(opts.max_length);
-            stats.truncated += 1;
-        }
-        let start = prompt.len();
-        if start + 1 >= ids.len() && start > 0 {
-            return Err(Error::parse(
-                path,
-                format!("{line}: the prompt fills max_length ({}) and leaves no response token", opts.max_length),
-            ));
-        }
-        out.push(Example { ids, start, control, ..Default::default() });
     }
+    report_skipped(path, &stats.skipped, records.len());
     if out.is_empty() {
-        return Err(Error::parse(path, "no examples"));
+        return Err(Error::parse(path, format!("no usable records ({} skipped)", stats.skipped.len())));
     }
     stats.examples = out.len();
     if stats.truncated > 0 {

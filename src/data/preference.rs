@@ -17,7 +17,7 @@
 //!
 //! Files are JSON Lines or one JSON array (`.json`), plain or `.gz`.
 
-use crate::data::read_records;
+use crate::data::{first_value, read_records, report_skipped, Record};
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,19 @@ pub enum Format {
     Hh,
     Tldr,
     LlamaFactory,
+}
+
+impl Format {
+    /// The name `data.format` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Trl => "trl",
+            Format::Hh => "hh",
+            Format::Tldr => "tldr",
+            Format::LlamaFactory => "llama-factory",
+        }
+    }
 }
 
 /// A prompt: plain text, or chat messages rendered with the model's template.
@@ -412,52 +425,49 @@ pub fn read_preferences(
 /// [`read_preferences`] on the records of `path` (see [`read_records`]).
 pub fn preferences_from_records(
     path: &Path,
-    records: Vec<(String, Value)>,
+    records: Vec<Record>,
     tok: &Tokenizer,
     opts: &PreferenceOptions,
 ) -> Result<(Vec<Pair>, PreferenceStats)> {
-    let format = match (opts.format, records.first()) {
-        (Format::Auto, Some((_, v))) => detect(v),
+    let format = match (opts.format, first_value(&records)) {
+        (Format::Auto, Some(v)) => detect(v),
         (f, _) => f,
     };
     let mut stats = PreferenceStats::default();
     let mut pairs = Vec::with_capacity(records.len());
-    for (loc, v) in &records {
-        match parse_record(v, format) {
-            Ok(p) => {
-                pairs.push(tokenize(&p, tok, opts, &mut stats).map_err(|e| Error::parse(path, format!("{loc}: {e}")))?)
-            }
-            Err(e) if opts.skip_invalid => stats.skipped.push(format!("{loc}: {e}")),
+    for r in &records {
+        let pair = r
+            .value
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(|v| parse_record(v, format))
+            .and_then(|p| tokenize(&p, tok, opts, &mut stats).map_err(|e| e.to_string()));
+        match pair {
+            Ok(p) => pairs.push(p),
+            Err(e) if opts.skip_invalid => stats.skipped.push(format!("{}: {e}", r.loc)),
             Err(e) => {
                 return Err(Error::parse(
                     path,
-                    format!("{loc}: {e} (format {format:?}; use skip_invalid to skip such records)"),
+                    format!("{}: {e} (read as {} records; skip_invalid skips such records)", r.loc, format.name()),
                 ))
             }
         }
     }
+    report_skipped(path, &stats.skipped, records.len());
     if pairs.is_empty() {
         return Err(Error::parse(path, format!("no usable preference records ({} skipped)", stats.skipped.len())));
     }
     stats.pairs = pairs.len();
-    if !stats.skipped.is_empty() {
-        tracing::warn!(
-            "{}: skipped {} of {} records: {}",
-            path.display(),
-            stats.skipped.len(),
-            records.len(),
-            stats.skipped.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
-        );
-    }
     if stats.prompts_cut + stats.responses_cut > 0 {
+        let limit = |v: Option<usize>| v.map_or("none".to_string(), |n| n.to_string());
         tracing::warn!(
-            "{}: {} prompts and {} response pairs cut to fit (max_length {}, max_prompt_length {:?}, max_completion_length {:?})",
+            "{}: {} prompts and {} response pairs cut to fit (max_length {}, max_prompt_length {}, max_completion_length {})",
             path.display(),
             stats.prompts_cut,
             stats.responses_cut,
             opts.max_length,
-            opts.max_prompt_length,
-            opts.max_completion_length
+            limit(opts.max_prompt_length),
+            limit(opts.max_completion_length)
         );
     }
     Ok((pairs, stats))

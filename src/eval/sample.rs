@@ -22,6 +22,8 @@ pub struct EvalOptions {
     pub params: SamplingParams,
     /// Rows per generation / scoring batch.
     pub batch: usize,
+    /// Show progress under this label (responses done, rate, ETA); `None`: silent.
+    pub progress: Option<String>,
 }
 
 /// One scored response.
@@ -58,6 +60,7 @@ pub fn evaluate(
     let jobs: Vec<(usize, usize)> =
         (0..opts.samples.max(1)).flat_map(|s| (0..prompts.len()).map(move |p| (p, s))).collect();
     let mut out = Vec::with_capacity(jobs.len());
+    let mut progress = opts.progress.as_deref().map(|l| crate::ui::Progress::new(l, jobs.len(), "responses", 0));
     for (chunk_no, chunk) in jobs.chunks(opts.batch.max(1)).enumerate() {
         let batch_ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| ids[p].clone()).collect();
         // A fresh seed per batch: batches draw different tokens, and a rerun draws the same ones.
@@ -89,6 +92,14 @@ pub fn evaluate(
                 kl,
             });
         }
+        if let Some(p) = progress.as_mut() {
+            let mean = out.iter().map(|s| s.score).sum::<f64>() / out.len() as f64;
+            p.inc(chunk.len(), &format!("mean score {mean:.3}"));
+        }
+    }
+    if let Some(p) = progress {
+        let mean = out.iter().map(|s| s.score).sum::<f64>() / out.len().max(1) as f64;
+        p.finish(&format!("mean score {mean:.3}"));
     }
     out.sort_by_key(|s| (s.prompt_index, s.sample_index));
     Ok(out)
@@ -100,7 +111,7 @@ pub struct Summary {
     pub score: Estimate,
     pub length: Estimate,
     /// Share of responses cut at the token budget.
-    pub cut_share: f64,
+    pub cut_share: Estimate,
     pub kl: Option<Estimate>,
 }
 
@@ -111,7 +122,7 @@ pub fn summarize(samples: &[Sample], seed: u64) -> Result<Summary> {
     Ok(Summary {
         score: mean_ci(&col(&|s| s.score), seed)?,
         length: mean_ci(&col(&|s| s.tokens as f64), seed)?,
-        cut_share: samples.iter().filter(|s| s.cut).count() as f64 / samples.len().max(1) as f64,
+        cut_share: mean_ci(&col(&|s| s.cut as u8 as f64), seed)?,
         kl: match kls {
             Some(k) if !k.is_empty() => Some(mean_ci(&k, seed)?),
             _ => None,
@@ -119,29 +130,42 @@ pub fn summarize(samples: &[Sample], seed: u64) -> Result<Summary> {
     })
 }
 
-/// Scores of two evaluations on the same prompts, paired by (prompt, sample) index.
-pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<(Vec<f64>, Vec<f64>)> {
+/// Scores of two evaluations paired by (prompt, sample) index, on the responses both have (one
+/// evaluation may have drawn more samples per prompt than the other).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paired {
+    pub a: Vec<f64>,
+    pub b: Vec<f64>,
+    /// Responses only one of the two evaluations has (left out of the comparison).
+    pub only_a: usize,
+    pub only_b: usize,
+}
+
+/// Pairs two evaluations of the same prompts (see [`Paired`]). Different prompt lists, or no
+/// response in common, are errors.
+pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<Paired> {
     let key = |s: &Sample| (s.prompt_index, s.sample_index);
     let bmap: std::collections::HashMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
-    let mut xa = Vec::new();
-    let mut xb = Vec::new();
+    let mut out = Paired { a: vec![], b: vec![], only_a: 0, only_b: 0 };
     for s in a {
-        let o = bmap.get(&key(s)).ok_or_else(|| {
-            Error::Invalid(format!(
-                "prompt {} sample {} is in the first evaluation only",
-                s.prompt_index, s.sample_index
-            ))
-        })?;
+        let Some(o) = bmap.get(&key(s)) else {
+            out.only_a += 1;
+            continue;
+        };
         if o.prompt != s.prompt {
-            return Err(Error::Invalid(format!("prompt {} differs between the evaluations", s.prompt_index)));
+            return Err(Error::Invalid(format!(
+                "prompt {} differs between the evaluations: they were run on different prompt files",
+                s.prompt_index
+            )));
         }
-        xa.push(s.score);
-        xb.push(o.score);
+        out.a.push(s.score);
+        out.b.push(o.score);
     }
-    if xa.len() != b.len() {
-        return Err(Error::Invalid("the evaluations cover different prompts".into()));
+    out.only_b = b.len() - out.a.len();
+    if out.a.is_empty() {
+        return Err(Error::Invalid("the two evaluations have no (prompt, sample) in common".into()));
     }
-    Ok((xa, xb))
+    Ok(out)
 }
 
 /// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).

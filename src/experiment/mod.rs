@@ -9,7 +9,8 @@
 //! [`plots`]).
 //!
 //! Every step writes its outputs into `output_dir` and a step whose outputs exist is skipped, so
-//! an interrupted experiment continues where it stopped (training runs resume from checkpoints).
+//! an interrupted experiment continues where it stopped (a finished training run is kept, an
+//! unfinished one resumes from its checkpoints when `save_every` wrote any).
 
 pub mod plots;
 pub mod report;
@@ -23,7 +24,7 @@ use crate::eval::{judge_by_name, Judge};
 use crate::generate::SamplingParams;
 use crate::io::{atomic_write, read_jsonl, write_jsonl};
 use crate::run::RunConfig;
-use crate::{Error, LoadOptions, Result};
+use crate::{ui, Error, LoadOptions, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -325,13 +326,15 @@ pub struct Evaluated {
     pub rm: Option<Vec<f64>>,
 }
 
-/// Runs (or continues) the experiment; returns the path of `report.md`.
+/// Runs (or continues) the experiment; returns the path of `report.md`. Each of its five phases
+/// gets a header, progress and a one-line summary on stderr.
 pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     let started = Instant::now();
     std::fs::create_dir_all(cfg.dir(&["data"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
     // 1. The task: prompts and human-rating pairs.
     let prompts_path = cfg.dir(&["data", "eval_prompts.jsonl"]);
     let train_prompts_path = cfg.dir(&["data", "train_prompts.jsonl"]);
+    ui::header(&format!("[1/5] task: prompts and human-rating pairs from {}", cfg.snippets.display()));
     if !prompts_path.is_file() {
         let t0 = Instant::now();
         let snippets = read_snippets(&cfg.snippets)?;
@@ -345,18 +348,32 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             instruction: INSTRUCTION.into(),
             ..Default::default()
         };
-        write_task(&sentiment_task(&snippets, &o)?, &cfg.dir(&["data"]))?;
+        let task = sentiment_task(&snippets, &o)?;
+        write_task(&task, &cfg.dir(&["data"]))?;
+        ui::note(&format!(
+            "{} training prompts, {} held-out prompts, {} human-rating pairs (from {} snippets) in {}",
+            task.train_prompts.len(),
+            task.eval_prompts.len(),
+            task.rating_pairs.len(),
+            snippets.len(),
+            cfg.dir(&["data"]).display()
+        ));
         record_time(cfg, "data", "task", t0)?;
+    } else {
+        ui::note(&format!("kept from an earlier pass: {}", cfg.dir(&["data"]).display()));
     }
     // 2. Judge-scored pairs from the base model.
     let pairs_path = cfg.dir(&["data", "pairs.jsonl"]);
+    let p = &cfg.pairs;
+    ui::header(&format!(
+        "[2/5] preference pairs: best and worst of {} samples per training prompt from {}, judged by {}",
+        p.samples, cfg.model, p.judge
+    ));
     // The base model samples the pairs and is the reference of every evaluation: loaded once.
     let mut base: Option<Controlled> = None;
     if !pairs_path.is_file() {
         let t0 = Instant::now();
-        tracing::info!("building preference pairs from {}", cfg.model);
         let base = base.insert(Controlled::load(&cfg.model, &LoadOptions::default())?);
-        let p = &cfg.pairs;
         let opts = EvalOptions {
             control: None,
             chat: false,
@@ -368,6 +385,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                 ..Default::default()
             },
             batch: p.batch,
+            progress: Some("sampling".into()),
         };
         let (pairs, ties) = crate::eval::pairs::best_worst_pairs(
             base,
@@ -375,9 +393,15 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             &read_prompts(&train_prompts_path)?,
             &opts,
         )?;
-        tracing::info!("{} pairs ({ties} prompts without a score difference)", pairs.len());
+        ui::note(&format!(
+            "{} pairs ({ties} prompts without a score difference left out) in {}",
+            pairs.len(),
+            pairs_path.display()
+        ));
         write_jsonl(&pairs_path, &pairs)?;
         record_time(cfg, "data", "pairs", t0)?;
+    } else {
+        ui::note(&format!("kept from an earlier pass: {}", pairs_path.display()));
     }
     // 3. Every method with every seed (SFT first: DPO starts from it), then the sweep's extra
     // sizes with the first seed, then the reward-model judge.
@@ -392,25 +416,38 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             trainings.push((p.method.clone(), first_seed));
         }
     }
-    for (m, seed) in &trainings {
+    let total_runs = trainings.len() + cfg.reward_model.is_some() as usize;
+    ui::header(&format!(
+        "[3/5] training: {total_runs} runs ({} methods x {} seed(s), {} sweep sizes{})",
+        cfg.methods.len(),
+        cfg.seeds.len(),
+        trainings.len() - cfg.methods.len() * cfg.seeds.len(),
+        if cfg.reward_model.is_some() { ", the reward-model judge" } else { "" }
+    ));
+    let t3 = Instant::now();
+    let mut trained = 0;
+    for (k, (m, seed)) in trainings.iter().enumerate() {
         let rc = cfg.run_config(m, *seed)?;
-        if !rc.output_dir.join("final").is_dir() {
+        if crate::methods::finished(&rc).is_none() {
             let t0 = Instant::now();
-            tracing::info!("training {m} (seed {seed})");
+            ui::header(&format!("run {}/{total_runs}: {m} (seed {seed}) -> {}", k + 1, rc.output_dir.display()));
             crate::methods::run(&rc, true)?;
-            remove_checkpoints(&rc.output_dir)?;
             record_time(cfg, "train", &format!("{m}-seed{seed}"), t0)?;
+            trained += 1;
         }
     }
     let reward_model = match &cfg.reward_model {
         Some(_) => {
             let rc = cfg.reward_config()?;
-            if !rc.output_dir.join("final").is_dir() {
+            if crate::methods::finished(&rc).is_none() {
                 let t0 = Instant::now();
-                tracing::info!("training the reward model on the human-rating pairs");
+                ui::header(&format!(
+                    "run {total_runs}/{total_runs}: the reward model on the human-rating pairs -> {}",
+                    rc.output_dir.display()
+                ));
                 crate::methods::run(&rc, true)?;
-                remove_checkpoints(&rc.output_dir)?;
                 record_time(cfg, "train", "reward-model", t0)?;
+                trained += 1;
             }
             let path = rc.output_dir.join("final");
             let mut rm = RewardModel::load(&path.to_string_lossy())?;
@@ -419,6 +456,12 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
         }
         None => None,
     };
+    ui::header("[3/5] training done");
+    ui::note(&format!(
+        "{trained} runs trained in {}, {} kept from an earlier pass",
+        ui::duration(t3.elapsed().as_secs_f64()),
+        total_runs - trained
+    ));
     // 4. Evaluations: each run × temperature under `good` (and `bad` at the last temperature for
     // the controllable methods), the sweep's sizes at the last temperature, and the base model.
     let ev = &cfg.eval;
@@ -437,8 +480,18 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
         jobs.push((m.clone(), *seed, dir.to_string_lossy().into_owned(), temps));
     }
     std::fs::create_dir_all(cfg.dir(&["eval"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
+    ui::header(&format!(
+        "[4/5] evaluations: {} models on {} held-out prompts x {} samples, judged by {}{}",
+        jobs.len(),
+        prompts.len(),
+        ev.samples,
+        ev.judge,
+        if reward_model.is_some() { " and the reward model" } else { "" }
+    ));
+    let t4 = Instant::now();
     let mut cells = Vec::new();
-    for (m, seed, path, temps) in &jobs {
+    let mut computed_cells = 0;
+    for (k, (m, seed, path, temps)) in jobs.iter().enumerate() {
         let (t0, mut computed) = (Instant::now(), false);
         let model = if m == "base" { None } else { Some(Controlled::load(path, &LoadOptions::default())?) };
         let model = model.as_ref().unwrap_or(&base);
@@ -456,8 +509,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                 let samples: Vec<Sample> = if out.is_file() {
                     read_jsonl(&out)?
                 } else {
-                    tracing::info!("evaluating {name}");
                     computed = true;
+                    computed_cells += 1;
                     let opts = EvalOptions {
                         control: c.clone(),
                         chat: false,
@@ -469,6 +522,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                             ..Default::default()
                         },
                         batch: ev.batch,
+                        progress: Some(format!("eval {}/{}: {name}", k + 1, jobs.len())),
                     };
                     let s = evaluate(model, Some(&base), judge.as_ref(), &prompts, &opts)?;
                     write_jsonl(&out, &s)?;
@@ -493,12 +547,22 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
             record_time(cfg, "eval", &format!("{m}-seed{seed}"), t0)?;
         }
     }
+    ui::note(&format!(
+        "{} evaluations ({computed_cells} computed in {}, the rest kept from an earlier pass)",
+        cells.len(),
+        ui::duration(t4.elapsed().as_secs_f64())
+    ));
     // 5. The report and its figures.
+    ui::header("[5/5] report and figures");
     let md = report::write(cfg, &cells, &sweep, judge.name())?;
     let path = cfg.dir(&["report.md"]);
     atomic_write(&path, md.as_bytes())?;
     write_jsonl(&cfg.dir(&["results.jsonl"]), &cells.iter().map(|c| &c.cell).collect::<Vec<_>>())?;
-    tracing::info!("experiment pass finished in {:.0} s", started.elapsed().as_secs_f64());
+    ui::note(&format!(
+        "{} and its figures; this pass took {}",
+        path.display(),
+        ui::duration(started.elapsed().as_secs_f64())
+    ));
     Ok(path)
 }
 
@@ -517,21 +581,6 @@ fn record_time(cfg: &ExperimentConfig, kind: &str, name: &str, started: Instant)
     let mut all: Vec<Timing> = if path.is_file() { read_jsonl(&path)? } else { Vec::new() };
     all.push(Timing { kind: kind.into(), name: name.into(), seconds: started.elapsed().as_secs_f64() });
     write_jsonl(&path, &all)
-}
-
-/// Removes the checkpoints of a finished run (and of its MEET step 1): they exist for resuming,
-/// and a full model with its optimizer state is ~1.6 GB per checkpoint for SmolLM2, dozens per
-/// experiment. `final/` and `metrics.jsonl` stay.
-fn remove_checkpoints(run: &Path) -> Result<()> {
-    for dir in [run.to_path_buf(), run.join("step1")] {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir() {
-                std::fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The reward model's scores of `samples` (cached in `path`, a JSON array aligned with them).

@@ -63,9 +63,9 @@ impl<'a> Cells<'a> {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for ea in a {
             if let Some(eb) = b.iter().find(|eb| eb.cell.seed == ea.cell.seed) {
-                let (p, q) = paired_scores(&scored(ea, j), &scored(eb, j))?;
-                x.extend(p);
-                y.extend(q);
+                let p = paired_scores(&scored(ea, j), &scored(eb, j))?;
+                x.extend(p.a);
+                y.extend(p.b);
             }
         }
         Ok((x, y))
@@ -181,7 +181,7 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
             "| {} | {} | {:.1}% | {} |",
             label(m),
             fmt(&s.length),
-            100.0 * s.cut_share,
+            100.0 * s.cut_share.value,
             s.kl.as_ref().map(fmt).unwrap_or_else(|| "–".into())
         );
         for &(j, _) in &judges {

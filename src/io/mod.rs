@@ -162,7 +162,18 @@ pub fn read(model: &str, opts: &LoadOptions) -> Result<RawModel> {
 fn read_folder(dir: &Path, device: &Device) -> Result<RawModel> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
-        return Err(Error::format(dir, "no config.json in this folder"));
+        let has = |f: &str| dir.join(f).exists();
+        let hint = if has("adapter_config.json") || has("lora") {
+            " — it holds LoRA adapters, not a model: add one to its base model with `meet merge --model BASE \
+             --adapter FOLDER --out OUT`, or generate with the run's output folder (`--model RUN/final --control NAME`)"
+        } else if has("prompts") {
+            " — it holds soft prompts, not a model: generate with the run's output folder (`--model RUN/final --control NAME`)"
+        } else if has("final") {
+            " — it looks like a run's folder: its outputs are in final/"
+        } else {
+            ""
+        };
+        return Err(Error::format(dir, format!("no config.json in this folder{hint}")));
     }
     let config = read_json(&cfg_path)?;
     if !config.is_object() {

@@ -5,7 +5,7 @@
 
 use crate::controls::ControlKind;
 use crate::data::Example;
-use crate::methods::{load_pairs, pad_id, pair_controls, spec, stage};
+use crate::methods::{load_pairs, pad_id, pair_controls, spec, stage, Stage};
 use crate::objectives::lm::LanguageModeling;
 use crate::run::{build, RunConfig};
 use crate::train::StepLog;
@@ -95,5 +95,10 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     let objective = LanguageModeling { pad_id: pad_id(p) };
     let mut s = spec(cfg, ControlKind::Text, vec![c.positive[0].clone(), c.negative[0].clone()]);
     s.stop_strings = c.positive.iter().chain(&c.negative).cloned().collect();
-    stage(cfg, "coh", &mut built, &objective, &examples, &cfg.output_dir, resume, Some(s))
+    let st = Stage {
+        name: "coh",
+        label: "Chain-of-Hindsight: both responses behind feedback phrases",
+        dir: &cfg.output_dir,
+    };
+    stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
 }

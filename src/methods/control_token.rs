@@ -5,7 +5,7 @@
 use crate::controls::ControlKind;
 use crate::data::Example;
 use crate::io::RawModel;
-use crate::methods::{load_data, pad_id, pair_controls, spec, stage, TrainingData};
+use crate::methods::{load_data, pad_id, pair_controls, spec, stage, Stage, TrainingData};
 use crate::objectives::lm::LanguageModeling;
 use crate::run::{build_with, RunConfig};
 use crate::tokenizer::Tokenizer;
@@ -120,5 +120,10 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     };
     let objective = LanguageModeling { pad_id: pad_id(p) };
     let s = spec(cfg, ControlKind::Token, tokens);
-    stage(cfg, "control-token", &mut built, &objective, &examples, &cfg.output_dir, resume, Some(s))
+    let st = Stage {
+        name: "control-token",
+        label: "control tokens: the full model with one new token per control",
+        dir: &cfg.output_dir,
+    };
+    stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
 }

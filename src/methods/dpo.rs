@@ -4,7 +4,7 @@
 //! policy — full weights, or a LoRA adapter whose disabled state is the reference.
 
 use crate::data::preference::Pair;
-use crate::methods::{adapter_spec, load_pairs, pad_id, stage};
+use crate::methods::{adapter_spec, load_pairs, pad_id, stage, Stage};
 use crate::objectives::dpo::{reference_logps, Dpo, DpoPair};
 use crate::policy::Policy;
 use crate::run::{build, RunConfig};
@@ -27,10 +27,16 @@ pub fn cached_reference_logps(cfg: &RunConfig, pairs: &[Pair], pad: u32) -> Resu
     let path = cfg.output_dir.join("reference_logps.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<Cache>(&text) {
-            Ok(c) if c.fingerprint == fingerprint && c.logps.len() == pairs.len() => return Ok(c.logps),
+            Ok(c) if c.fingerprint == fingerprint && c.logps.len() == pairs.len() => {
+                crate::ui::header("DPO reference pass");
+                crate::ui::note(&format!("log-probabilities of {} pairs read from {}", pairs.len(), path.display()));
+                return Ok(c.logps);
+            }
             _ => tracing::warn!("{}: stale or unreadable, recomputing", path.display()),
         }
     }
+    crate::ui::header(&format!("DPO reference pass: log-probabilities of {} pairs under {reference}", pairs.len()));
+    crate::ui::note(&format!("computed once, cached in {}", path.display()));
     let model = Pretrained::load(&reference, &LoadOptions::default())?;
     let logps = reference_logps(&Policy { pretrained: model, prompts: None }, pairs, cfg.train.batch_size, pad)?;
     let cache = Cache { reference, fingerprint, logps };
@@ -48,5 +54,10 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     let items: Vec<DpoPair> =
         pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
     let objective = Dpo { config: cfg.dpo.clone(), pad_id: pad };
-    stage(cfg, "dpo", &mut built, &objective, &items, &cfg.output_dir, resume, adapter_spec(cfg))
+    let st = Stage {
+        name: "dpo",
+        label: "DPO: the policy against the cached reference log-probabilities",
+        dir: &cfg.output_dir,
+    };
+    stage(cfg, &st, &mut built, &objective, &items, resume, adapter_spec(cfg))
 }

@@ -12,7 +12,7 @@
 //! `output_dir/final`.
 
 use crate::data::Example;
-use crate::methods::{adapter_spec, load_data, pad_id, pair_controls, stage, TrainingData};
+use crate::methods::{adapter_spec, load_data, pad_id, pair_controls, stage, Stage, TrainingData};
 use crate::objectives::lm::LanguageModeling;
 use crate::run::{build_with, RunConfig};
 use crate::train::StepLog;
@@ -103,8 +103,13 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         let p = &built.policy.pretrained;
         let ex = examples(cfg, load_data(cfg, p)?)?;
         let objective = LanguageModeling { pad_id: pad_id(p) };
-        let dir = if m.steps == MeetSteps::Step1 { cfg.output_dir.clone() } else { step1_dir.clone() };
-        logs.extend(stage(&c, "meet-step1", &mut built, &objective, &ex, &dir, resume, adapter_spec(cfg))?);
+        let (dir, label) = if m.steps == MeetSteps::Step1 {
+            (cfg.output_dir.clone(), "MEET step 1 (alone): the controls, model frozen")
+        } else {
+            (step1_dir.clone(), "MEET step 1/2: the controls, model frozen")
+        };
+        let st = Stage { name: "meet-step1", label, dir: &dir };
+        logs.extend(stage(&c, &st, &mut built, &objective, &ex, resume, adapter_spec(cfg))?);
     }
     if m.steps != MeetSteps::Step1 {
         let mut c = step_config(cfg, true, &m.step2);
@@ -115,7 +120,13 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         let p = &built.policy.pretrained;
         let ex = examples(cfg, load_data(cfg, p)?)?;
         let objective = LanguageModeling { pad_id: pad_id(p) };
-        logs.extend(stage(&c, "meet-step2", &mut built, &objective, &ex, &cfg.output_dir, resume, adapter_spec(cfg))?);
+        let label = match (m.steps, m.freeze_controls) {
+            (MeetSteps::Step2, _) => "MEET step 2 (alone): the full model with fresh controls",
+            (_, false) => "MEET step 2/2: the full model conditioned on the controls (both train)",
+            (_, true) => "MEET step 2/2: the full model conditioned on the frozen controls",
+        };
+        let st = Stage { name: "meet-step2", label, dir: &cfg.output_dir };
+        logs.extend(stage(&c, &st, &mut built, &objective, &ex, resume, adapter_spec(cfg))?);
     }
     Ok(logs)
 }

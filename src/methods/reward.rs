@@ -5,7 +5,7 @@
 //! transformers loads, and which [`crate::eval::reward_model`] uses as a judge.
 
 use crate::data::preference::Pair;
-use crate::methods::{load_pairs, pad_id, stage_train};
+use crate::methods::{finish_stage, load_pairs, pad_id, stage_train, Stage};
 use crate::objectives::dpo::pair_batch;
 use crate::objectives::reward::{rewards, RewardModelling};
 use crate::policy::Policy;
@@ -88,9 +88,15 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     };
     let objective = RewardModelling { head: head.clone(), pad_id: pad };
     let before = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
-    let logs = stage_train(cfg, "reward", &mut built, &objective, &pairs, &cfg.output_dir, resume)?;
+    let st = Stage { name: "reward", label: "reward model: Bradley-Terry on the pairs", dir: &cfg.output_dir };
+    let logs = stage_train(cfg, &st, &mut built, &objective, &pairs, resume)?;
     let after = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
-    tracing::info!("held-out pairwise accuracy {:.3} -> {:.3} on {} pairs", before.0, after.0, held_out.len());
+    crate::ui::note(&format!(
+        "held-out pairwise accuracy {:.3} -> {:.3} on {} pairs",
+        before.0,
+        after.0,
+        held_out.len()
+    ));
     save(&built.policy, head.as_tensor(), cfg, &cfg.output_dir.join("final"))?;
     let report = serde_json::json!({
         "held_out_pairs": held_out.len(),
@@ -98,6 +104,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         "accuracy": after.0, "margin": after.1,
     });
     crate::io::atomic_write(&cfg.output_dir.join("final/reward_eval.json"), report.to_string().as_bytes())?;
+    finish_stage(cfg, &st, &logs)?;
     Ok(logs)
 }
 

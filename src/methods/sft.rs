@@ -2,7 +2,7 @@
 //! supervised rows). The usual first step, and the reference model of DPO.
 
 use crate::data::Example;
-use crate::methods::{adapter_spec, load_data, pad_id, stage, TrainingData};
+use crate::methods::{adapter_spec, load_data, pad_id, stage, Stage, TrainingData};
 use crate::objectives::lm::LanguageModeling;
 use crate::run::{build, RunConfig};
 use crate::train::StepLog;
@@ -25,5 +25,6 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
             .collect(),
     };
     let objective = LanguageModeling { pad_id: pad_id(p) };
-    stage(cfg, "sft", &mut built, &objective, &examples, &cfg.output_dir, resume, adapter_spec(cfg))
+    let st = Stage { name: "sft", label: "SFT: supervised fine-tuning on the chosen responses", dir: &cfg.output_dir };
+    stage(cfg, &st, &mut built, &objective, &examples, resume, adapter_spec(cfg))
 }

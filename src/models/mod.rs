@@ -16,8 +16,8 @@ use std::sync::Arc;
 pub struct AttentionInputs {
     /// Position of each (row, step), `b * t` entries, row-major.
     pub positions: Arc<Vec<u32>>,
-    /// `(b, 1, t, past + t)`: 0 where a query may attend, `f32::MIN` elsewhere (as transformers'
-    /// eager attention). `None` when every key is visible (a single step without padding).
+    /// Causal with the padding hidden (see [`Mask`]); `None` when every key is visible (a single
+    /// step without padding).
     pub mask: Option<Mask>,
 }
 
@@ -27,7 +27,7 @@ impl AttentionInputs {
     /// `attention_mask` (`b` rows of `past + t` entries, 1 = token, 0 = padding) marks left
     /// padding. Positions then count real tokens only, as transformers' `generate` does
     /// (`cumsum(mask) - 1`, padding at position 1).
-    pub fn new(b: usize, t: usize, past: usize, attention_mask: Option<&[Vec<u8>]>, device: &Device) -> Result<Self> {
+    pub fn new(b: usize, t: usize, past: usize, attention_mask: Option<&[Vec<u8>]>) -> Result<Self> {
         let total = past + t;
         let mut positions = Vec::with_capacity(b * t);
         match attention_mask {
@@ -51,19 +51,8 @@ impl AttentionInputs {
         let mask = if t == 1 && !padded {
             None
         } else {
-            let mut m = vec![0f32; b * t * total];
-            for r in 0..b {
-                for i in 0..t {
-                    for j in 0..total {
-                        let pad = attention_mask.is_some_and(|am| am[r][j] == 0);
-                        if j > past + i || pad {
-                            m[(r * t + i) * total + j] = f32::MIN;
-                        }
-                    }
-                }
-            }
-            let tensor = Tensor::from_vec(m.clone(), (b, 1, t, total), device)?;
-            Some(Mask { tensor, data: Arc::new(m), t, total })
+            let hidden = attention_mask.filter(|_| padded).map(|am| am.iter().flatten().map(|&m| m == 0).collect());
+            Some(Mask::causal(b, t, past, hidden))
         };
         Ok(Self { positions: Arc::new(positions), mask })
     }
@@ -108,7 +97,7 @@ pub trait CausalLm: Send + Sync {
                 self.max_positions()
             )));
         }
-        let inp = AttentionInputs::new(b, t, 0, None, ids.device())?;
+        let inp = AttentionInputs::new(b, t, 0, None)?;
         let h = self.forward_embeds(&self.embed(ids)?, &inp, None)?;
         self.lm_head(&h)
     }

@@ -12,20 +12,87 @@
 
 use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::ops::{softmax_last_dim, with_f32};
-use crate::nn::simd::{dot_block, exp_shifted_sum, weighted_rows};
+use crate::nn::simd::{self, dot_block, exp_shifted_sum, weighted_rows};
 use crate::nn::team::{SharedMut, Team};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
-/// An additive attention mask: 0 where a query may attend, `f32::MIN` elsewhere.
+/// A causal attention mask with hidden keys: query step `i` of `t` (after `past` cached steps)
+/// sees key `j` when `j <= past + i` and key `j` of its batch row is not hidden (left padding, the
+/// gap after a soft prompt). As an additive mask (transformers' eager attention): 0 where a query
+/// may attend, `f32::MIN` elsewhere. Kept in this form, not as `b·t·total` floats (256 MB for one
+/// 8k prompt), and the kernel skips the keys past the causal limit instead of scoring them.
 #[derive(Debug, Clone)]
 pub struct Mask {
-    /// `(b, 1, t, total)`, for the composed path.
-    pub tensor: Tensor,
-    /// The same values, row-major `(b, t, total)`, for the kernel.
-    pub data: Arc<Vec<f32>>,
+    pub b: usize,
     pub t: usize,
     pub total: usize,
+    pub past: usize,
+    /// `b` rows of `total` flags, `true` = hidden; `None`: only the causal rule.
+    pub hidden: Option<Arc<Vec<bool>>>,
+}
+
+impl Mask {
+    /// The causal mask of `t` steps after `past`, with `hidden` keys (`b` rows of `past + t`).
+    pub fn causal(b: usize, t: usize, past: usize, hidden: Option<Vec<bool>>) -> Self {
+        Self { b, t, total: past + t, past, hidden: hidden.map(Arc::new) }
+    }
+
+    /// Keys `0..end` may be visible to step `i`; none after.
+    pub fn visible_end(&self, i: usize) -> usize {
+        (self.past + i + 1).min(self.total)
+    }
+
+    /// Whether batch row `bi` hides key `j` regardless of the step.
+    fn hides(&self, bi: usize, j: usize) -> bool {
+        self.hidden.as_ref().is_some_and(|h| h[bi * self.total + j])
+    }
+
+    /// The additive mask `(b, 1, t, total)`, for the composed path.
+    pub fn tensor(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let mut m = vec![0f32; self.b * self.t * self.total];
+        for (row, out) in m.chunks_exact_mut(self.total).enumerate() {
+            let (bi, i) = (row / self.t, row % self.t);
+            for (j, x) in out.iter_mut().enumerate() {
+                if j >= self.visible_end(i) || self.hides(bi, j) {
+                    *x = f32::MIN;
+                }
+            }
+        }
+        Tensor::from_vec(m, (self.b, 1, self.t, self.total), device)
+    }
+}
+
+/// Scores of step `i` of batch row `bi` (`row[j]`, keys `0..row.len()`) turned into attention
+/// probabilities in place: hidden keys and those past the causal limit get 0. A step that sees
+/// no key at all spreads evenly over every one of the `total` keys, as `f32::MIN` everywhere does
+/// in transformers; then `true` is returned (the row holds `1 / total` each).
+fn softmax_row(row: &mut [f32], mask: Option<&Mask>, bi: usize, i: usize, total: usize) -> bool {
+    let Some(m) = mask else {
+        let max = simd::max(row);
+        let inv = 1.0 / exp_shifted_sum(row, max);
+        row.iter_mut().for_each(|x| *x *= inv);
+        return false;
+    };
+    let end = m.visible_end(i).min(row.len());
+    if let Some(h) = &m.hidden {
+        for (x, &hid) in row[..end].iter_mut().zip(&h[bi * m.total..][..end]) {
+            if hid {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let (seen, rest) = row.split_at_mut(end);
+    let max = simd::max(seen);
+    if max == f32::NEG_INFINITY {
+        let u = 1.0 / total as f32;
+        seen.iter_mut().chain(rest.iter_mut()).for_each(|x| *x = u);
+        return true;
+    }
+    let inv = 1.0 / exp_shifted_sum(seen, max);
+    seen.iter_mut().for_each(|x| *x *= inv);
+    rest.fill(0.0);
+    false
 }
 
 struct Attention {
@@ -41,6 +108,21 @@ struct Attention {
 /// From this many query steps on, attention runs as per-head matrix products (training,
 /// prefill); shorter calls (decoding) use the row kernel.
 const GEMM_MIN_T: usize = 16;
+
+/// Query steps per work unit of the long forward pass without a backward (prefill): its scores
+/// are `g·CHUNK × keys` for the g query heads of a kv head (6 MB at 8k keys) instead of a `t × T`
+/// matrix per head, and only the keys up to the chunk's causal limit are scored.
+const CHUNK: usize = 64;
+
+/// Keys per block of the prefill pass: a block's scores (`g·CHUNK × KEY_BLOCK`, 384 KB) stay in
+/// cache between the score product, the softmax and the value product.
+const KEY_BLOCK: usize = 512;
+
+thread_local! {
+    /// Each team thread's scores, gathered queries and outputs of a prefill chunk, kept between
+    /// calls (allocating and zeroing megabytes per chunk showed up as memset in profiles).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 fn strided(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<(Vec<usize>, Vec<usize>, usize)> {
     match s {
@@ -76,12 +158,131 @@ impl CustomOp3 for Attention {
             candle_core::bail!("attention: q {qd:?}, k {kd:?}, v {vd:?} do not match");
         }
         if let Some(m) = &self.mask {
-            if m.t != t || m.total != total || m.data.len() != b * t * total {
-                candle_core::bail!("attention: mask ({}, {}) does not fit t={t} and {total} keys", m.t, m.total);
+            if m.b != b || m.t != t || m.total != total || m.hidden.as_ref().is_some_and(|h| h.len() != b * total) {
+                candle_core::bail!(
+                    "attention: mask ({}, {}, {}) does not fit b={b}, t={t} and {total} keys",
+                    m.b,
+                    m.t,
+                    m.total
+                );
             }
         }
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else { unreachable!() };
         let g = h / kvh;
+        let mask = self.mask.as_ref();
+        if t >= GEMM_MIN_T && !self.keep_probs {
+            // Prefill: chunks of query steps, each scoring only the keys its causal limit allows;
+            // the g query heads of a kv head go through one product with its keys.
+            let chunks = t.div_ceil(CHUNK);
+            let units = b * kvh * chunks;
+            let mut out = vec![0f32; b * t * h * d];
+            let po = SharedMut(out.as_mut_ptr());
+            Team::global().for_chunks(units, 1, &|range| {
+                let po = &po;
+                SCRATCH.with_borrow_mut(|scratch| {
+                    for unit in range {
+                        // The last chunks (most keys) first, so the dynamic split ends evenly.
+                        let unit = units - 1 - unit;
+                        let (bh, c) = (unit % (b * kvh), unit / (b * kvh));
+                        let (bi, hi) = (bh / kvh, bh % kvh);
+                        let t0 = c * CHUNK;
+                        let rows = CHUNK.min(t - t0);
+                        let keys = mask.map_or(total, |m| m.visible_end(t0 + rows - 1));
+                        let m = g * rows;
+                        scratch.resize(m * KEY_BLOCK.min(keys) + 2 * m * d + 2 * m, 0.0);
+                        let (sc, rest) = scratch.split_at_mut(m * KEY_BLOCK.min(keys));
+                        let (qs, rest) = rest.split_at_mut(m * d);
+                        let (os, stats) = rest.split_at_mut(m * d);
+                        // Row i * rows + r: query head hi * g + i at step t0 + r.
+                        for i in 0..g {
+                            for r in 0..rows {
+                                let src = qo + bi * qst[0] + (t0 + r) * qst[1] + (hi * g + i) * qst[2];
+                                qs[(i * rows + r) * d..][..d].copy_from_slice(&q[src..src + d]);
+                            }
+                        }
+                        let kbase = ko + bi * kst[0] + hi * kst[2];
+                        let vbase = vo + bi * vst[0] + hi * vst[2];
+                        // Keys in blocks of KEY_BLOCK with a running softmax (as flash attention):
+                        // a block's scores stay in cache between the two products. Per row: the
+                        // largest score so far and the sum of exponentials relative to it; the
+                        // output is rescaled when the largest score grows.
+                        let (mx, rest) = stats.split_at_mut(m);
+                        let (sum, _) = rest.split_at_mut(m);
+                        mx.fill(f32::NEG_INFINITY);
+                        sum.fill(0.0);
+                        os.fill(0.0);
+                        for j0 in (0..keys).step_by(KEY_BLOCK) {
+                            let kb = KEY_BLOCK.min(keys - j0);
+                            let sc = &mut sc[..m * kb];
+                            // Safety: the views stay inside the scratch and k, v (checked dims
+                            // and strides).
+                            unsafe {
+                                let qv = View { ptr: qs.as_ptr(), rs: d as isize, cs: 1 };
+                                let kt = View { ptr: k.as_ptr().add(kbase + j0 * kst[1]), rs: 1, cs: kst[1] as isize };
+                                sgemm_view(m, kb, d, qv, kt, sc.as_mut_ptr(), kb as isize, false, self.scale);
+                            }
+                            for (row, p) in sc.chunks_exact_mut(kb).enumerate() {
+                                let step = t0 + row % rows;
+                                // Keys of this block the step may see: before its causal limit
+                                // and not hidden.
+                                let end = mask.map_or(kb, |mk| mk.visible_end(step).saturating_sub(j0).min(kb));
+                                if let Some(hid) = mask.and_then(|mk| mk.hidden.as_ref()) {
+                                    let hr = &hid[bi * total + j0..][..end];
+                                    p[..end]
+                                        .iter_mut()
+                                        .zip(hr)
+                                        .filter(|(_, &h)| h)
+                                        .for_each(|(x, _)| *x = f32::NEG_INFINITY);
+                                }
+                                let (seen, after) = p.split_at_mut(end);
+                                after.fill(0.0);
+                                let bmax = simd::max(seen);
+                                if bmax == f32::NEG_INFINITY {
+                                    seen.fill(0.0);
+                                    continue;
+                                }
+                                let new = bmax.max(mx[row]);
+                                let alpha = (mx[row] - new).exp();
+                                sum[row] = sum[row] * alpha + simd::exp_shifted_sum_wide(seen, new);
+                                if alpha != 1.0 {
+                                    os[row * d..(row + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                                }
+                                mx[row] = new;
+                            }
+                            unsafe {
+                                let pv = View { ptr: sc.as_ptr(), rs: kb as isize, cs: 1 };
+                                let vv = View { ptr: v.as_ptr().add(vbase + j0 * vst[1]), rs: vst[1] as isize, cs: 1 };
+                                sgemm_view(m, d, kb, pv, vv, os.as_mut_ptr(), d as isize, true, 1.0);
+                            }
+                        }
+                        for row in 0..m {
+                            let o = &mut os[row * d..(row + 1) * d];
+                            if sum[row] > 0.0 {
+                                let inv = 1.0 / sum[row];
+                                o.iter_mut().for_each(|x| *x *= inv);
+                            } else {
+                                // A step that sees no key (a padding query) spreads evenly over
+                                // every key, as f32::MIN everywhere does in transformers.
+                                o.fill(0.0);
+                                for j in 0..total {
+                                    let vr = &v[vbase + j * vst[1]..][..d];
+                                    o.iter_mut().zip(vr).for_each(|(x, y)| *x += y / total as f32);
+                                }
+                            }
+                        }
+                        for (row, o) in os.chunks_exact(d).enumerate() {
+                            let (i, r) = (row / rows, row % rows);
+                            // Safety: output row (bi, t0 + r, hi * g + i) belongs to this unit alone.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(po.0.add(((bi * t + t0 + r) * h + hi * g + i) * d), d)
+                            };
+                            dst.copy_from_slice(o);
+                        }
+                    }
+                })
+            });
+            return Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))));
+        }
         if t >= GEMM_MIN_T {
             let mut out = vec![0f32; b * t * h * d];
             let mut probs = vec![0f32; b * h * t * total];
@@ -102,14 +303,7 @@ impl CustomOp3 for Attention {
                         sgemm_view(t, total, d, qv, kt, p, total as isize, false, self.scale);
                         let p = std::slice::from_raw_parts_mut(p, t * total);
                         for (ti, row) in p.chunks_exact_mut(total).enumerate() {
-                            if let Some(m) = &self.mask {
-                                row.iter_mut()
-                                    .zip(&m.data[(bi * t + ti) * total..][..total])
-                                    .for_each(|(x, mv)| *x += mv);
-                            }
-                            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                            let inv = 1.0 / exp_shifted_sum(row, max);
-                            row.iter_mut().for_each(|x| *x *= inv);
+                            softmax_row(row, mask, bi, ti, total);
                         }
                         let pv = View { ptr: p.as_ptr(), rs: total as isize, cs: 1 };
                         let vv =
@@ -165,16 +359,8 @@ impl CustomOp3 for Attention {
                 dot_block(&qs, d, nr, &k[kbase..], kst[1], total, d, &mut p, total);
                 for r in 0..nr {
                     let pr = &mut p[r * total..(r + 1) * total];
-                    match &self.mask {
-                        Some(m) => {
-                            let mrow = &m.data[(bi * t + at(r).0) * total..][..total];
-                            pr.iter_mut().zip(mrow).for_each(|(x, mv)| *x = *x * self.scale + mv);
-                        }
-                        None => pr.iter_mut().for_each(|x| *x *= self.scale),
-                    }
-                    let max = pr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let inv = 1.0 / exp_shifted_sum(pr, max);
-                    pr.iter_mut().for_each(|x| *x *= inv);
+                    pr.iter_mut().for_each(|x| *x *= self.scale);
+                    softmax_row(pr, mask, bi, at(r).0, total);
                 }
                 for r in 0..nr {
                     let (ti, head) = at(r);
@@ -310,7 +496,7 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
         // (b, kvh, g, t, T) + (b, 1, 1, t, T)
         Some(m) => s
             .reshape((b, kvh, rows / t, t, total))?
-            .broadcast_add(&m.tensor.unsqueeze(1)?)?
+            .broadcast_add(&m.tensor(q.device())?.unsqueeze(1)?)?
             .reshape((b, kvh, rows, total))?,
         None => s,
     };
@@ -355,11 +541,7 @@ mod tests {
     }
 
     fn causal_mask(b: usize, t: usize, past: usize) -> Mask {
-        let total = past + t;
-        let data: Vec<f32> =
-            (0..b * t * total).map(|i| if i % total > past + (i / total) % t { f32::MIN } else { 0.0 }).collect();
-        let tensor = Tensor::from_vec(data.clone(), (b, 1, t, total), &Device::Cpu).unwrap();
-        Mask { tensor, data: Arc::new(data), t, total }
+        Mask::causal(b, t, past, None)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -397,6 +579,30 @@ mod tests {
             assert_eq!(x.dims(), var.dims(), "d{name} shape");
             assert!(max_diff(x, y) < 1e-5, "d{name}");
         }
+    }
+
+    #[test]
+    fn prefill_chunks_match_composed_with_padding_and_blind_rows() {
+        // No gradient: the chunked prefill path. t = 700 spans eleven chunks (the last partial)
+        // and two key blocks (the running softmax), after 5 cached steps; row 1 hides its first 40
+        // keys (left padding), so its first 35 steps see no key at all and must spread evenly over
+        // every key as the additive mask does.
+        let (b, t, past, kvh, g, d) = (2, 700, 5, 2, 3, 8);
+        let total = past + t;
+        let mut hidden = vec![false; b * total];
+        hidden[total..total + 40].iter_mut().for_each(|x| *x = true);
+        hidden[7] = true;
+        let mask = Mask::causal(b, t, past, Some(hidden));
+        let q = rand(&[b, t, kvh * g, d], 11);
+        let k = rand(&[b, total, kvh, d], 12);
+        let v = rand(&[b, total, kvh, d], 13);
+        let a = attention(&q, &k, &v, Some(&mask), 0.35).unwrap();
+        let c = attention_composed(&q, &k, &v, Some(&mask), 0.35).unwrap();
+        assert!(max_diff(&a, &c) < 1e-5, "{}", max_diff(&a, &c));
+        let plain = attention(&q, &k.narrow(1, 0, t).unwrap(), &v.narrow(1, 0, t).unwrap(), None, 0.35).unwrap();
+        let plain_c =
+            attention_composed(&q, &k.narrow(1, 0, t).unwrap(), &v.narrow(1, 0, t).unwrap(), None, 0.35).unwrap();
+        assert!(max_diff(&plain, &plain_c) < 1e-5);
     }
 
     #[test]

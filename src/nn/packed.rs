@@ -13,6 +13,7 @@
 //! rows are then regrouped by column (`interleave`: same bytes, same memory) for the octet
 //! kernels, which serve both one-row and batched products.
 
+use crate::nn::gemm::{sgemm_view, View};
 use crate::nn::simd::{dot_block_raw, has_avx2};
 use crate::nn::team::{SharedMut, Team};
 use crate::{Error, Result};
@@ -69,9 +70,9 @@ impl PackedFormat {
             "q4_0" => Ok(Self::Q4_0),
             "q4_1" => Ok(Self::Q4_1),
             "q8_0" => Ok(Self::Q8_0),
-            other => {
-                Err(Error::Invalid(format!("unknown weight format '{other}' (expected f16, bf16, q4_0, q4_1 or q8_0)")))
-            }
+            other => Err(Error::Invalid(format!(
+                "unknown weight format '{other}' (choose auto, f32, q8_0, q4_1, q4_0, f16 or bf16)"
+            ))),
         }
     }
 }
@@ -224,6 +225,35 @@ impl PackedWeight {
         dequantize_row(self.format, &self.raw_row(j), out)
     }
 
+    /// [`Self::matmul_t`] for many rows of x (a long prompt): each thread expands its share of w's
+    /// rows to f32 (1/(2m) of the product's work) and runs the dense kernels on them, which
+    /// (AVX-512 where present) outrun the panel kernel once m is large.
+    fn matmul_dense(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let out = SharedMut(y.as_mut_ptr());
+        Team::global().for_ranges(n, 16, &|cols| {
+            let out = &out;
+            if cols.is_empty() {
+                return;
+            }
+            DENSE.with_borrow_mut(|buf| {
+                buf.resize(cols.len() * k, 0.0);
+                for (r, j) in cols.clone().enumerate() {
+                    self.dequantize_row(j, &mut buf[r * k..(r + 1) * k]);
+                }
+                let xv = View { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
+                let wv = View { ptr: buf.as_ptr(), rs: 1, cs: k as isize };
+                // Safety: x holds m rows of k, buf cols.len() rows of k; this thread alone writes
+                // columns `cols` of every row of y.
+                unsafe { sgemm_view(m, cols.len(), k, xv, wv, out.0.add(cols.start), n as isize, false, 1.0) };
+            })
+        });
+        // Safety: the column ranges cover 0..n for every one of the m rows, all written above.
+        unsafe { y.set_len(m * n) };
+        y
+    }
+
     /// The whole matrix in f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.n * self.k];
@@ -235,6 +265,9 @@ impl PackedWeight {
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
+        if m >= DENSE_MIN_ROWS {
+            return self.matmul_dense(x, m);
+        }
         // y is not zeroed first (it is 3 MB for a batch of 16 through the LM head): the kernels
         // write every element through `out`, and only then does y get its length.
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
@@ -297,6 +330,9 @@ impl PackedWeight {
 }
 
 const TILE_N: usize = 4;
+
+/// From this many rows of x on, a product expands w to f32 and runs the dense kernels.
+const DENSE_MIN_ROWS: usize = 64;
 
 /// Rows per group in the interleaved layout: one AVX2 vector of f32.
 const OCTET: usize = 8;
@@ -404,6 +440,8 @@ impl PackedWeight {
 }
 
 thread_local! {
+    /// Each team thread's expanded rows of w for [`PackedWeight::matmul_dense`].
+    static DENSE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each team thread's panel buffer, kept between products (allocating and zeroing it per
     /// chunk showed up as memset in profiles).
     static PANEL: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeros(0));

@@ -19,6 +19,43 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
+/// [`exp_shifted_sum`] with the widest vectors the CPU has (AVX-512 when present: twice the
+/// exponentials per instruction), summing in its own order: for softmax rows whose sum need not
+/// match [`log_sum_exp`] bit for bit (attention).
+pub fn exp_shifted_sum_wide(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: the features were detected.
+        return unsafe { x86::exp_shifted_sum_512(x, shift) };
+    }
+    exp_shifted_sum(x, shift)
+}
+
+/// Whether the CPU has AVX-512 F (with AVX2 and FMA, which the kernels here also use).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| has_avx2() && std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The largest value of a non-empty row (`-inf` for an empty one). Sixteen running maxima, so
+/// the compiler keeps them in vector registers (a plain `fold(f32::max)` stays scalar).
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
 /// `log Σ exp(x[i])` of a row, which stays as it is (no scratch copy): the log-probability
 /// normaliser of a row of logits. Sums in the same order as [`exp_shifted_sum`].
 pub fn log_sum_exp(x: &[f32]) -> f32 {
@@ -470,6 +507,51 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_shifted_sum_512(x: &mut [f32], shift: f32) -> f32 {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let sh = _mm512_set1_ps(shift);
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), sh));
+            _mm512_storeu_ps(p.add(i), v);
+            acc = _mm512_add_ps(acc, v);
+            i += 16;
+        }
+        if i < n {
+            // The tail through a lane mask: no scalar loop.
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let v = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sh));
+            _mm512_mask_storeu_ps(p.add(i), m, v);
+            acc = _mm512_mask_add_ps(acc, m, acc, v);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// [`exp256`] on 16 lanes (the same range reduction and polynomial).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp512(x: __m512) -> __m512 {
+        let lo = _mm512_set1_ps(-87.336_55);
+        let underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.376_26));
+        let n = _mm512_roundscale_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5_f32] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let pow2 =
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+        _mm512_maskz_mul_ps(!underflow, y, pow2)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp256(x: __m256) -> __m256 {
         let lo = _mm256_set1_ps(-87.336_55);
@@ -496,6 +578,29 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_exponentials_match_the_scalar_ones() {
+        for n in [0, 1, 15, 16, 17, 100] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 30.0 - 10.0).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            let sa = exp_shifted_sum_wide(&mut a, 3.0);
+            let sb: f32 = b
+                .iter_mut()
+                .map(|v| {
+                    *v = (*v - 3.0).exp();
+                    *v
+                })
+                .sum();
+            assert!((sa - sb).abs() <= 1e-5 * sb.max(1.0), "n={n}: {sa} vs {sb}");
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 2e-6 * q.max(1e-30), "n={n}: {p} vs {q}");
+            }
+        }
+        let mut far = [-200.0f32, 0.0];
+        assert_eq!(exp_shifted_sum_wide(&mut far, 0.0), 1.0);
+        assert_eq!(far[0], 0.0);
+    }
 
     #[test]
     fn dot_and_axpy_match_scalar_loops() {

@@ -65,6 +65,7 @@ pub fn pair_batch(pairs: &[&Pair], pad_id: u32) -> Result<Batch> {
 /// controls off, `batch_size` pairs at a time.
 pub fn reference_logps(model: &Policy, pairs: &[Pair], batch_size: usize, pad_id: u32) -> Result<Vec<(f64, f64)>> {
     let mut out = Vec::with_capacity(pairs.len());
+    let mut progress = crate::ui::Progress::new("reference", pairs.len(), "pairs", 0);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
         let mut batch = pair_batch(&refs, pad_id)?;
@@ -72,7 +73,9 @@ pub fn reference_logps(model: &Policy, pairs: &[Pair], batch_size: usize, pad_id
         let lp = model.label_logps(&batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
         let n = chunk.len();
         out.extend((0..n).map(|i| (lp[i] as f64, lp[n + i] as f64)));
+        progress.inc(n, "");
     }
+    progress.finish("");
     Ok(out)
 }
 

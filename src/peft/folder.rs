@@ -81,8 +81,40 @@ pub fn save_lora(adapters: &Adapters, dir: &Path, base_model: &str) -> Result<()
     Ok(())
 }
 
+/// Folders under `dir` (two levels down) that hold an adapter, for "did you mean" hints.
+fn adapters_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut walk = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = walk.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()) {
+            if e.path().join(CONFIG).is_file() {
+                out.push(e.path());
+            }
+            if depth < 1 {
+                walk.push((e.path(), depth + 1));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 fn config_of(dir: &Path, want: &str) -> Result<(PathBuf, Value)> {
     let path = dir.join(CONFIG);
+    if !dir.is_dir() {
+        return Err(Error::format(dir, "no such folder (expected a PEFT adapter folder with adapter_config.json)"));
+    }
+    if !path.is_file() {
+        let found = adapters_below(dir);
+        let hint = if found.is_empty() {
+            "no PEFT adapter here or in its subfolders".to_string()
+        } else {
+            let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+            format!("the adapters below it are: {} — pass one of those", list.join(", "))
+        };
+        return Err(Error::format(dir, format!("no {CONFIG} in this folder; {hint}")));
+    }
     let cfg = read_json(&path)?;
     let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != want {
@@ -157,10 +189,11 @@ pub fn load_lora(adapters: &Adapters, dir: &Path) -> Result<()> {
     for (i, name) in adapters.names.iter().enumerate() {
         let d = adapter_dir(dir, name);
         let (cfg, tensors) = read_lora(&d)?;
-        if cfg != adapters.configs[i] {
+        let diff = cfg.differences(&adapters.configs[i]);
+        if !diff.is_empty() {
             return Err(Error::format(
                 d.join(CONFIG),
-                format!("config {cfg:?} differs from the model's {:?}", adapters.configs[i]),
+                format!("adapter '{name}' differs from the run's [lora] settings (saved vs run): {}", diff.join("; ")),
             ));
         }
         adapters.load_weights(i, &tensors).map_err(|e| Error::format(d.join(WEIGHTS), e.to_string()))?;

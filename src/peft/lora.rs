@@ -69,6 +69,35 @@ impl LoraConfig {
         }
     }
 
+    /// The fields in which `other` differs from `self`, as `name: self vs other` (empty when the
+    /// two describe the same adapter). `target_modules` is a set, as PEFT treats it (it saves the
+    /// names in its own order).
+    pub fn differences(&self, other: &LoraConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.r != other.r {
+            out.push(format!("r: {} vs {}", self.r, other.r));
+        }
+        if self.alpha != other.alpha {
+            out.push(format!("lora_alpha: {} vs {}", self.alpha, other.alpha));
+        }
+        if self.dropout != other.dropout {
+            out.push(format!("lora_dropout: {} vs {}", self.dropout, other.dropout));
+        }
+        let set = |c: &LoraConfig| c.target_modules.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+        if set(self) != set(other) {
+            let (a, b) = (set(self), set(other));
+            out.push(format!(
+                "target_modules: [{}] vs [{}]",
+                a.into_iter().collect::<Vec<_>>().join(", "),
+                b.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if self.use_rslora != other.use_rslora {
+            out.push(format!("use_rslora: {} vs {}", self.use_rslora, other.use_rslora));
+        }
+        out
+    }
+
     /// Checks the rank, dropout and target names.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {

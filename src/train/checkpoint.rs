@@ -60,6 +60,34 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
     Ok(final_dir)
 }
 
+/// Removes the temporary folders (`.checkpoint-N.tmp-PID`) that a run killed while writing a
+/// checkpoint leaves in `dir`; returns how many there were. Called when a run starts or resumes,
+/// so they do not stay forever (gigabytes each for a full model).
+pub fn remove_stale(dir: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
+    let mut n = 0;
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Removes every `checkpoint-N` folder in `dir` (once a stage's outputs are written).
+pub fn remove_all(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("checkpoint-").is_some_and(|s| s.parse::<usize>().is_ok()) && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
 /// The newest complete checkpoint under `dir`, if any.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };

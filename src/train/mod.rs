@@ -17,7 +17,7 @@ use optim::{lr_at, AdamW, AdamWConfig, Schedule};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -49,8 +49,11 @@ pub struct TrainConfig {
     /// Put items of similar length in the same micro-batch to cut padding (transformers'
     /// `group_by_length`: sorted within shuffled groups of 50 micro-batches).
     pub group_by_length: bool,
-    /// Write a checkpoint every this many steps and at the end; unset: at the end only; 0: never.
+    /// Write a checkpoint every this many steps, to resume an unfinished run from; unset or 0:
+    /// none. A stage's checkpoints are removed once its outputs (`final/`) are written.
     pub save_every: Option<usize>,
+    /// Keep the checkpoints of a finished stage, including one of its last step.
+    pub keep_checkpoints: bool,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +73,7 @@ impl Default for TrainConfig {
             shuffle: true,
             group_by_length: true,
             save_every: None,
+            keep_checkpoints: false,
         }
     }
 }
@@ -100,12 +104,21 @@ impl TrainConfig {
         self.max_steps.unwrap_or(self.epochs * n.div_ceil(per_step.max(1)))
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the values that the types allow but training cannot use.
+    pub fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return Err(Error::Invalid("train: batch_size and grad_accum must be at least 1".into()));
         }
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(Error::Invalid(format!("train: lr {} must be a non-negative number", self.lr)));
+        for (k, v) in [("lr", Some(self.lr)), ("control_lr", self.control_lr)] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(Error::Invalid(format!("train: {k} {v} must be a non-negative number")));
+            }
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
+            return Err(Error::Invalid("train: epochs or max_steps must be at least 1".into()));
+        }
+        if let Some(g) = self.max_grad_norm.filter(|g| !(g.is_finite() && *g >= 0.0)) {
+            return Err(Error::Invalid(format!("train: max_grad_norm {g} must be a non-negative number")));
         }
         Ok(())
     }
@@ -153,54 +166,19 @@ pub struct RunDir {
     pub dir: PathBuf,
     /// Checkpoint/resume fingerprint of the run's configuration.
     pub config_hash: String,
+    /// What the progress lines call the loop (the stage: `sft`, `meet-step1`, ...).
+    pub label: String,
 }
 
-/// Progress: a bar on a terminal, plain lines otherwise.
-enum Progress {
-    Bar(indicatif::ProgressBar),
-    Lines { every: usize },
-}
-
-impl Progress {
-    fn new(total: usize, done: usize) -> Self {
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total as u64);
-            let style =
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            bar.set_style(style);
-            bar.set_position(done as u64);
-            Progress::Bar(bar)
-        } else {
-            Progress::Lines { every: (total / 20).max(1) }
+/// The progress message of a step: loss, learning rate, speed and the objective's headline figures.
+fn step_message(log: &StepLog) -> String {
+    let mut msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
+    for (key, short) in [("rewards/accuracies", "acc"), ("rewards/margins", "margin")] {
+        if let Some(v) = log.extra.get(key) {
+            msg.push_str(&format!("  {short} {v:.3}"));
         }
     }
-
-    fn update(&self, log: &StepLog, total: usize, eta_s: f64) {
-        let mut msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
-        for (key, short) in [("rewards/accuracies", "acc"), ("rewards/margins", "margin")] {
-            if let Some(v) = log.extra.get(key) {
-                msg.push_str(&format!("  {short} {v:.3}"));
-            }
-        }
-        match self {
-            Progress::Bar(b) => {
-                b.set_message(msg);
-                b.set_position(log.step as u64);
-            }
-            Progress::Lines { every } => {
-                if log.step.is_multiple_of(*every) || log.step == total || log.step == 1 {
-                    eprintln!("step {}/{total}  {msg}  eta {:.0}s", log.step, eta_s);
-                }
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Progress::Bar(b) = self {
-            b.finish();
-        }
-    }
+    msg
 }
 
 /// Trains `opt`'s parameters on `examples` under `objective`. With `resume`, continues from the
@@ -236,10 +214,17 @@ pub fn train<T: Item>(
     };
     let metrics_path = run.dir.join("metrics.jsonl");
     std::fs::create_dir_all(&run.dir).map_err(|e| Error::io(&run.dir, e))?;
+    let stale = checkpoint::remove_stale(&run.dir)?;
+    if stale > 0 {
+        tracing::warn!(
+            "{}: removed {stale} unfinished checkpoint folder(s) of a run stopped while saving",
+            run.dir.display()
+        );
+    }
     if resume {
         if let Some(ckpt) = checkpoint::latest(&run.dir)? {
             state = checkpoint::load(&ckpt, opt, &run.config_hash)?;
-            tracing::info!("resuming from {} (step {})", ckpt.display(), state.step);
+            crate::ui::note(&format!("resuming from {} (step {} of {total})", ckpt.display(), state.step));
         }
     }
     // Keep the metrics of the steps the checkpoint covers (none on a fresh start, at step 0);
@@ -254,9 +239,7 @@ pub fn train<T: Item>(
     let mut metrics =
         std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
 
-    let progress = Progress::new(total, state.step);
-    let started = Instant::now();
-    let first_step = state.step;
+    let mut progress = crate::ui::Progress::new(&run.label, total, "steps", state.step);
     let mut logs = Vec::new();
     let lengths: Vec<usize> = examples.iter().map(Item::tokens).collect();
     let group = if cfg.group_by_length { 50 * cfg.batch_size } else { 0 };
@@ -332,13 +315,14 @@ pub fn train<T: Item>(
         };
         let line = serde_json::to_string(&log).map_err(|e| Error::Invalid(e.to_string()))?;
         writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-        let per_step = started.elapsed().as_secs_f64() / (state.step - first_step) as f64;
-        progress.update(&log, total, per_step * (total - state.step) as f64);
+        progress.update(state.step, &step_message(&log));
         logs.push(log);
+        // The last step's checkpoint only when it is to be kept: the stage's outputs replace it.
         let save = match cfg.save_every {
-            Some(0) => false,
-            Some(k) => state.step.is_multiple_of(k) || state.step == total,
-            None => state.step == total,
+            Some(k) if k > 0 => {
+                (state.step.is_multiple_of(k) && state.step < total) || (state.step == total && cfg.keep_checkpoints)
+            }
+            _ => state.step == total && cfg.keep_checkpoints,
         };
         if save {
             checkpoint::save(&run.dir, opt, &state)?;
@@ -347,7 +331,11 @@ pub fn train<T: Item>(
     if let Some(l) = &policy.pretrained.lora {
         l.set_training_step(None);
     }
-    progress.finish();
+    let summary = match logs.last() {
+        Some(l) => format!("final loss {:.4}", l.loss),
+        None => "nothing left to train".into(),
+    };
+    progress.finish(&summary);
     Ok(logs)
 }
 
