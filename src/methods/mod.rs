@@ -40,6 +40,11 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         }
     }
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
+    // A run started anew must not look finished (from an earlier run here) if it stops early.
+    let marker = cfg.output_dir.join(FINISHED);
+    if marker.is_file() {
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    }
     let text = toml::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     crate::io::atomic_write(&cfg.output_dir.join("config.toml"), text.as_bytes())?;
     let logs = match cfg.method {
@@ -223,12 +228,17 @@ pub fn finished_stage(cfg: &RunConfig, st: &Stage) -> Option<Finished> {
 /// Marks a stage finished once its outputs are written, and removes its checkpoints (they exist
 /// to resume an unfinished stage) unless `train.keep_checkpoints`.
 pub fn finish_stage(cfg: &RunConfig, st: &Stage, logs: &[StepLog]) -> Result<()> {
+    // A stage resumed at its last step trained nothing now: its last step is in metrics.jsonl.
+    let last = logs.last().cloned().or_else(|| {
+        let text = std::fs::read_to_string(st.dir.join("metrics.jsonl")).ok()?;
+        text.lines().rev().find_map(|l| serde_json::from_str::<StepLog>(l).ok())
+    });
     let f = Finished {
         stage: st.name.into(),
         config_hash: config_hash(&(cfg, st.name)),
         run_hash: None,
-        steps: logs.last().map_or(0, |l| l.step),
-        loss: logs.last().map(|l| l.loss),
+        steps: last.as_ref().map_or(0, |l| l.step),
+        loss: last.map(|l| l.loss),
     };
     write_finished(st.dir, &f)?;
     if !cfg.train.keep_checkpoints {
