@@ -68,6 +68,52 @@ pub fn bench_generate(
     })
 }
 
+/// Sixteen varied prompts for batched runs (different lengths exercise left padding).
+pub const BATCH_PROMPTS: [&str; 16] = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important things to know about photosynthesis are",
+    "Write a short poem about autumn leaves:",
+    "In computer science, a hash table is",
+    "My favourite recipe for a rainy day is",
+    "The history of the Roman Empire began",
+    "Here is a list of tips for learning a new language:",
+    "The weather today",
+    "Explain to a child why the sky is blue.",
+    "The best way to start a morning routine is",
+    "A good movie review should mention",
+    "def fibonacci(n):",
+    "Dear hiring manager, I am writing to apply for",
+    "The main causes of the French Revolution were",
+    "Q: What is the boiling point of water? A:",
+];
+
+/// `meet bench generate`: [`bench_generate`] at each batch size — batch 1 greedy on `prompt` (the
+/// Python reference's), larger batches sampled at `temperature` over [`BATCH_PROMPTS`].
+pub fn bench_generate_batches(
+    p: &crate::Pretrained,
+    prompt: &str,
+    batches: &[usize],
+    new_tokens: usize,
+    temperature: f64,
+    reps: usize,
+) -> Result<Vec<GenerateFigures>> {
+    batches
+        .iter()
+        .map(|&b| {
+            let prompts = if b == 1 {
+                vec![p.tokenizer.encode(prompt, true)?]
+            } else {
+                (0..b)
+                    .map(|i| p.tokenizer.encode(BATCH_PROMPTS[i % BATCH_PROMPTS.len()], true))
+                    .collect::<Result<_>>()?
+            };
+            let temp = if b == 1 { 0.0 } else { temperature };
+            bench_generate(p.model.as_ref(), &p.tokenizer, &p.generation, &prompts, new_tokens, temp, reps, &p.device)
+        })
+        .collect()
+}
+
 /// Figures of one prompt length in `meet bench prefill`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrefillFigures {

@@ -55,6 +55,40 @@ impl ControlSpec {
         atomic_write(&dir.join(FILE), text.as_bytes())
     }
 
+    /// Reads and checks `dir/meet_controls.json`: names given and distinct, a token or phrase
+    /// for every name of a token / text control, the adapters or prompts folder there for the
+    /// kinds that need one. A hand-edited or older file gets an error naming what is wrong.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let spec: ControlSpec = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e.to_string()))?;
+        let bad = |msg: String| Err(Error::format(&path, msg));
+        if spec.names.is_empty() {
+            return bad("'names' is empty: the file lists no control".into());
+        }
+        if let Some(dup) = spec.names.iter().enumerate().find(|(i, n)| spec.names[..*i].contains(n)) {
+            return bad(format!("control '{}' is listed twice in 'names'", dup.1));
+        }
+        match spec.kind {
+            ControlKind::Token | ControlKind::Text if spec.markers.len() != spec.names.len() => {
+                return bad(format!(
+                    "{} controls in 'names' but {} in 'markers': a {} control needs one per name",
+                    spec.names.len(),
+                    spec.markers.len(),
+                    if spec.kind == ControlKind::Token { "token" } else { "phrase" }
+                ))
+            }
+            ControlKind::Lora if !dir.join("lora").is_dir() => {
+                return bad(format!("kind 'lora' but no lora/ folder beside it in {}", dir.display()))
+            }
+            ControlKind::SoftPrompt if !dir.join("prompts").is_dir() => {
+                return bad(format!("kind 'soft-prompt' but no prompts/ folder beside it in {}", dir.display()))
+            }
+            _ => {}
+        }
+        Ok(spec)
+    }
+
     fn index(&self, name: &str) -> Result<usize> {
         self.names.iter().position(|n| n == name).ok_or_else(|| {
             Error::Invalid(format!("unknown control '{name}' (this model has: {})", self.names.join(", ")))
@@ -89,8 +123,7 @@ impl Controlled {
             let policy = Policy { pretrained: Pretrained::load(model, opts)?, prompts: None };
             return Ok(Self { policy, spec: None, source: model.into() });
         }
-        let text = std::fs::read_to_string(&spec_path).map_err(|e| Error::io(&spec_path, e))?;
-        let spec: ControlSpec = serde_json::from_str(&text).map_err(|e| Error::parse(&spec_path, e.to_string()))?;
+        let spec = ControlSpec::read(dir)?;
         let source = if dir.join("config.json").is_file() { model.to_string() } else { spec.base_model.clone() };
         let mut opts = opts.clone();
         let lora_dir = dir.join("lora");

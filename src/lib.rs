@@ -6,6 +6,9 @@
 //! prompts, PEFT folders), [`data`], [`objectives`] (losses), [`train`] (the loop), [`methods`]
 //! (one recipe per alignment method), [`controls`] (controls at inference), [`bench`].
 
+// Every unsafe block says why it is sound; every unsafe fn says what its caller must uphold.
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod bench;
 pub mod controls;
 pub mod data;

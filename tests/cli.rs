@@ -292,6 +292,18 @@ fn messages_point_to_what_the_user_meant() {
         merged.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // A hand-edited or older meet_controls.json: a clear error naming the file, never a panic.
+    let spec_path = fin.join("meet_controls.json");
+    let spec = std::fs::read_to_string(&spec_path).unwrap();
+    let edited = spec.replacen("\"lora\"", "\"token\"", 1);
+    assert_ne!(edited, spec);
+    std::fs::write(&spec_path, edited).unwrap();
+    let gen = |c: &str| meet(&["generate", "--model", fin.to_str().unwrap(), "--control", c, "--prompt", "x"]);
+    failed_with(&gen("good"), &["meet_controls.json", "2 controls in 'names' but 0 in 'markers'"]);
+    let twice = spec.replacen("\"bad\"", "\"good\"", 1);
+    std::fs::write(&spec_path, twice).unwrap();
+    failed_with(&gen("good"), &["meet_controls.json", "control 'good' is listed twice"]);
+    std::fs::write(&spec_path, &spec).unwrap();
     // Flags: --weights lists every format; --system needs --chat.
     failed_with(
         &meet(&["generate", "--model", &model, "--weights", "q8", "--prompt", "x"]),

@@ -331,9 +331,23 @@ pub struct Evaluated {
 pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     let started = Instant::now();
     std::fs::create_dir_all(cfg.dir(&["data"])).map_err(|e| Error::io(&cfg.output_dir, e))?;
-    // 1. The task: prompts and human-rating pairs.
+    build_task(cfg)?;
+    let base = build_pairs(cfg)?;
+    let trained = train_all(cfg)?;
+    let base = match base {
+        Some(b) => b,
+        None => Controlled::load(&cfg.model, &LoadOptions::default())?,
+    };
+    let judge = judge_by_name(&cfg.eval.judge)?;
+    let cells = evaluate_all(cfg, &trained, &base, judge.as_ref())?;
+    let path = write_report(cfg, &cells, &trained.sweep, judge.name())?;
+    ui::note(&format!("this pass took {}", ui::duration(started.elapsed().as_secs_f64())));
+    Ok(path)
+}
+
+/// Phase 1: the task — training and held-out prompts and the human-rating pairs.
+fn build_task(cfg: &ExperimentConfig) -> Result<()> {
     let prompts_path = cfg.dir(&["data", "eval_prompts.jsonl"]);
-    let train_prompts_path = cfg.dir(&["data", "train_prompts.jsonl"]);
     ui::header(&format!("[1/5] task: prompts and human-rating pairs from {}", cfg.snippets.display()));
     if !prompts_path.is_file() {
         let t0 = Instant::now();
@@ -362,14 +376,19 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     } else {
         ui::note(&format!("kept from an earlier pass: {}", cfg.dir(&["data"]).display()));
     }
-    // 2. Judge-scored pairs from the base model.
+    Ok(())
+}
+
+/// Phase 2: judge-scored preference pairs from the base model. Returns the base model when it
+/// was loaded for them (it is every evaluation's reference too: loaded once).
+fn build_pairs(cfg: &ExperimentConfig) -> Result<Option<Controlled>> {
+    let train_prompts_path = cfg.dir(&["data", "train_prompts.jsonl"]);
     let pairs_path = cfg.dir(&["data", "pairs.jsonl"]);
     let p = &cfg.pairs;
     ui::header(&format!(
         "[2/5] preference pairs: best and worst of {} samples per training prompt from {}, judged by {}",
         p.samples, cfg.model, p.judge
     ));
-    // The base model samples the pairs and is the reference of every evaluation: loaded once.
     let mut base: Option<Controlled> = None;
     if !pairs_path.is_file() {
         let t0 = Instant::now();
@@ -403,8 +422,19 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     } else {
         ui::note(&format!("kept from an earlier pass: {}", pairs_path.display()));
     }
-    // 3. Every method with every seed (SFT first: DPO starts from it), then the sweep's extra
-    // sizes with the first seed, then the reward-model judge.
+    Ok(base)
+}
+
+/// What phase 3 trained: every (method, seed) run, the control-size sweep, the reward model.
+struct Trained {
+    runs: Vec<(String, u64)>,
+    sweep: Vec<SweepPoint>,
+    reward_model: Option<RewardModel>,
+}
+
+/// Phase 3: every method with every seed (SFT first: DPO starts from it), then the sweep's extra
+/// sizes with the first seed, then the reward-model judge. Finished runs are kept.
+fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
     let mut order: Vec<&String> = cfg.methods.iter().collect();
     order.sort_by_key(|m| (m.as_str() != "sft") as u8);
     let mut trainings: Vec<(String, u64)> =
@@ -462,19 +492,26 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
         ui::duration(t3.elapsed().as_secs_f64()),
         total_runs - trained
     ));
-    // 4. Evaluations: each run × temperature under `good` (and `bad` at the last temperature for
-    // the controllable methods), the sweep's sizes at the last temperature, and the base model.
+    Ok(Trained { runs: trainings, sweep, reward_model })
+}
+
+/// Phase 4: each run × temperature under `good` (and `bad` at the last temperature for the
+/// controllable methods), the sweep's sizes at the last temperature, and the base model; every
+/// response scored by the judge and the reward model. Finished evaluations are read back.
+fn evaluate_all(
+    cfg: &ExperimentConfig,
+    trained: &Trained,
+    base: &Controlled,
+    judge: &dyn Judge,
+) -> Result<Vec<Evaluated>> {
+    let (trainings, reward_model) = (&trained.runs, &trained.reward_model);
+    let prompts_path = cfg.dir(&["data", "eval_prompts.jsonl"]);
     let ev = &cfg.eval;
-    let judge = judge_by_name(&ev.judge)?;
     let prompts = read_prompts(&prompts_path)?;
-    let base = match base {
-        Some(b) => b,
-        None => Controlled::load(&cfg.model, &LoadOptions::default())?,
-    };
     let last_t = *cfg.temperatures.last().unwrap_or(&1.0);
     let mut jobs: Vec<(String, u64, String, Vec<f64>)> =
         cfg.seeds.iter().map(|&s| ("base".to_string(), s, cfg.model.clone(), cfg.temperatures.clone())).collect();
-    for (m, seed) in &trainings {
+    for (m, seed) in trainings {
         let dir = cfg.run_config(m, *seed)?.output_dir.join("final");
         let temps = if cfg.methods.contains(m) { cfg.temperatures.clone() } else { vec![last_t] };
         jobs.push((m.clone(), *seed, dir.to_string_lossy().into_owned(), temps));
@@ -494,7 +531,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     for (k, (m, seed, path, temps)) in jobs.iter().enumerate() {
         let (t0, mut computed) = (Instant::now(), false);
         let model = if m == "base" { None } else { Some(Controlled::load(path, &LoadOptions::default())?) };
-        let model = model.as_ref().unwrap_or(&base);
+        let model = model.as_ref().unwrap_or(base);
         let controls: Vec<Option<String>> = match &model.spec {
             Some(s) if s.names.len() == 2 && s.names[0] == "good" => vec![Some("good".into()), Some("bad".into())],
             _ => vec![None],
@@ -524,7 +561,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
                         batch: ev.batch,
                         progress: Some(format!("eval {}/{}: {name}", k + 1, jobs.len())),
                     };
-                    let s = evaluate(model, Some(&base), judge.as_ref(), &prompts, &opts)?;
+                    let s = evaluate(model, Some(base), judge, &prompts, &opts)?;
                     write_jsonl(&out, &s)?;
                     s
                 };
@@ -552,17 +589,17 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
         cells.len(),
         ui::duration(t4.elapsed().as_secs_f64())
     ));
-    // 5. The report and its figures.
+    Ok(cells)
+}
+
+/// Phase 5: `report.md`, its figures and `results.jsonl`.
+fn write_report(cfg: &ExperimentConfig, cells: &[Evaluated], sweep: &[SweepPoint], judge: &str) -> Result<PathBuf> {
     ui::header("[5/5] report and figures");
-    let md = report::write(cfg, &cells, &sweep, judge.name())?;
+    let md = report::write(cfg, cells, sweep, judge)?;
     let path = cfg.dir(&["report.md"]);
     atomic_write(&path, md.as_bytes())?;
     write_jsonl(&cfg.dir(&["results.jsonl"]), &cells.iter().map(|c| &c.cell).collect::<Vec<_>>())?;
-    ui::note(&format!(
-        "{} and its figures; this pass took {}",
-        path.display(),
-        ui::duration(started.elapsed().as_secs_f64())
-    ));
+    ui::note(&format!("{} and its figures", path.display()));
     Ok(path)
 }
 

@@ -249,6 +249,8 @@ impl CustomOp3 for Attention {
                                 }
                                 mx[row] = new;
                             }
+                            // Safety: the block's scores (m x kb) are in the scratch, its values
+                            // inside v (checked dims and strides); `os` is this unit's.
                             unsafe {
                                 let pv = View { ptr: sc.as_ptr(), rs: kb as isize, cs: 1 };
                                 let vv = View { ptr: v.as_ptr().add(vbase + j0 * vst[1]), rs: vst[1] as isize, cs: 1 };
@@ -367,6 +369,7 @@ impl CustomOp3 for Attention {
                     // Safety: output row (bi, ti, head) and its probabilities belong to this unit.
                     let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((bi * t + ti) * h + head) * d), d) };
                     if self.keep_probs {
+                        // Safety: probabilities of (bi, head, ti) belong to this unit as its output row.
                         unsafe { std::slice::from_raw_parts_mut(pp.0.add(((bi * h + head) * t + ti) * total), total) }
                             .copy_from_slice(&p[r * total..(r + 1) * total]);
                     }
@@ -445,6 +448,8 @@ impl Attention {
                                         let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
                                         dsr.iter_mut().zip(pr).for_each(|(x, &pj)| *x = pj * (*x - dot));
                                     }
+                                    // Safety: as above (views inside k and q; dq of these heads and
+                                    // dk of (bi, hi) are this unit's alone).
                                     unsafe {
                                         let dsv = View { ptr: ds.as_ptr(), rs: total as isize, cs: 1 };
                                         let kv = View { ptr: k.as_ptr().add(kvo), rs: krs, cs: 1 };

@@ -32,7 +32,8 @@ struct Shared {
     panicked: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
-    threads: usize,
+    /// The calling thread plus the helpers actually running (set once they are spawned).
+    threads: AtomicUsize,
 }
 
 // Safety: `job` is written only by the caller holding `Team::busy`, before `epoch` is bumped
@@ -43,8 +44,8 @@ unsafe impl Sync for Shared {}
 pub struct SharedMut<T>(pub *mut T);
 
 // Safety: every user writes only elements no other thread touches, and the output outlives the
-// `run` call that spreads the writes.
-unsafe impl<T> Sync for SharedMut<T> {}
+// `run` call that spreads the writes; the elements themselves must be sendable to other threads.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 /// A fixed team of `threads - 1` helpers plus the calling thread.
 pub struct Team {
@@ -76,7 +77,8 @@ fn helper(shared: Arc<Shared>, index: usize) {
         }
         // Safety: the job stays valid until this helper decrements `pending`.
         if let Some(job) = unsafe { *shared.job.get() } {
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(index, shared.threads))).is_err() {
+            let threads = shared.threads.load(Ordering::Acquire);
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(index, threads))).is_err() {
                 shared.panicked.store(true, Ordering::Release);
             }
         }
@@ -85,8 +87,11 @@ fn helper(shared: Arc<Shared>, index: usize) {
 }
 
 impl Team {
+    /// A team of `threads` (the caller and `threads - 1` helpers). A helper the OS refuses to
+    /// start is not waited for: the team runs with the helpers it got (and says so), so a failed
+    /// spawn costs speed, never a hang.
     fn new(threads: usize) -> Self {
-        let threads = threads.max(1);
+        let wanted = threads.max(1);
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
@@ -94,12 +99,21 @@ impl Team {
             panicked: AtomicBool::new(false),
             park: Mutex::new(()),
             wake: Condvar::new(),
-            threads,
+            threads: AtomicUsize::new(1),
         });
-        for i in 1..threads {
+        let mut running = 1;
+        for i in 1..wanted {
             let s = shared.clone();
-            let _ = std::thread::Builder::new().name(format!("meet-team-{i}")).spawn(move || helper(s, i));
+            // Helpers are numbered by the order they started in, so the indices stay 1..running.
+            match std::thread::Builder::new().name(format!("meet-team-{i}")).spawn(move || helper(s, i)) {
+                Ok(_) => running += 1,
+                Err(e) => {
+                    tracing::warn!("could not start kernel thread {i} of {wanted} ({e}); running on {running}");
+                    break;
+                }
+            }
         }
+        shared.threads.store(running, Ordering::Release);
         Self { shared, busy: Mutex::new(()) }
     }
 
@@ -119,7 +133,7 @@ impl Team {
 
     /// Threads that run a job.
     pub fn threads(&self) -> usize {
-        self.shared.threads
+        self.shared.threads.load(Ordering::Acquire)
     }
 
     /// Runs `f(index, threads)` once on every thread of the team and returns when all are done.
@@ -129,13 +143,15 @@ impl Team {
             f(0, 1);
             return;
         };
-        let n = self.shared.threads;
+        let n = self.threads();
         if n == 1 {
             f(0, 1);
             return;
         }
         // Safety: the reference outlives its use: we wait below until no helper holds it.
         let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(f) };
+        // Safety: only the caller holding `busy` writes `job`, while no helper reads it (the
+        // last job's `pending` reached 0 and the epoch is not bumped yet).
         unsafe { *self.shared.job.get() = Some(job) };
         self.shared.pending.store(n - 1, Ordering::Release);
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
@@ -147,6 +163,7 @@ impl Team {
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
+        // Safety: every helper has finished with the job (`pending` is 0).
         unsafe { *self.shared.job.get() = None };
         if let Err(p) = mine {
             std::panic::resume_unwind(p);

@@ -114,6 +114,39 @@ fn with_f32_storage(s: &CpuStorage, l: &Layout, f: impl Fn(f32) -> f32) -> candl
     }
 }
 
+/// DPO's per-pair losses and implicit rewards.
+pub struct DpoLoss {
+    /// `(n,)`: `(1−ε)·(−log σ(z)) + ε·(−log σ(−z))`, `z = β[(π_w − ref_w) − (π_l − ref_l)]`.
+    pub losses: Tensor,
+    /// `(n,)`: `β (log π(y_w|x) − log π_ref(y_w|x))`, TRL's `rewards/chosen`.
+    pub chosen_rewards: Tensor,
+    /// `(n,)`: `β (log π(y_l|x) − log π_ref(y_l|x))`.
+    pub rejected_rewards: Tensor,
+}
+
+/// The DPO loss (Rafailov et al. 2023, eq. 7; with `label_smoothing` ε the conservative cDPO)
+/// from summed response log-probabilities, each `(n,)`: a pure function of its inputs, as
+/// torchtune's `DPOLoss`.
+pub fn dpo_loss(
+    policy_chosen_logps: &Tensor,
+    policy_rejected_logps: &Tensor,
+    ref_chosen_logps: &Tensor,
+    ref_rejected_logps: &Tensor,
+    beta: f64,
+    label_smoothing: f64,
+) -> Result<DpoLoss> {
+    let chosen_rewards = (policy_chosen_logps - ref_chosen_logps)?.affine(beta, 0.0)?;
+    let rejected_rewards = (policy_rejected_logps - ref_rejected_logps)?.affine(beta, 0.0)?;
+    let z = (&chosen_rewards - &rejected_rewards)?;
+    let eps = label_smoothing;
+    let mut losses = neg_log_sigmoid(&z)?.affine(1.0 - eps, 0.0)?;
+    if eps > 0.0 {
+        losses = (losses + neg_log_sigmoid(&z.neg()?)?.affine(eps, 0.0)?)?;
+    }
+    Ok(DpoLoss { losses, chosen_rewards, rejected_rewards })
+}
+
+/// `−log σ(x)` elementwise, stable for large |x|, with the smooth gradient `−σ(−x)`.
 pub fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         // log(1 + e^{−x}): smooth everywhere; overflows only for x < −88 (a hopeless pair).
@@ -138,17 +171,10 @@ impl Objective<DpoPair> for Dpo {
         let (pc, pr) = (lp.narrow(0, 0, n)?, lp.narrow(0, n, n)?);
         let rc = Tensor::from_vec(items.iter().map(|i| i.ref_chosen as f32).collect(), n, dev)?;
         let rr = Tensor::from_vec(items.iter().map(|i| i.ref_rejected as f32).collect(), n, dev)?;
-        let beta = self.config.beta;
-        let chosen_rewards = (&pc - &rc)?.affine(beta, 0.0)?;
-        let rejected_rewards = (&pr - &rr)?.affine(beta, 0.0)?;
-        let z = (&chosen_rewards - &rejected_rewards)?;
-        let eps = self.config.label_smoothing;
-        let mut loss = neg_log_sigmoid(&z)?.affine(1.0 - eps, 0.0)?;
-        if eps > 0.0 {
-            loss = (loss + neg_log_sigmoid(&z.neg()?)?.affine(eps, 0.0)?)?;
-        }
-        let cr = chosen_rewards.detach().to_vec1::<f32>()?;
-        let rj = rejected_rewards.detach().to_vec1::<f32>()?;
+        let out = dpo_loss(&pc, &pr, &rc, &rr, self.config.beta, self.config.label_smoothing)?;
+        let loss = out.losses;
+        let cr = out.chosen_rewards.detach().to_vec1::<f32>()?;
+        let rj = out.rejected_rewards.detach().to_vec1::<f32>()?;
         let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
         let metrics = vec![
             ("rewards/chosen", sum(&cr)),
@@ -176,6 +202,29 @@ mod tests {
         for (a, b) in g.iter().zip([-0.5, -0.047425874, -0.95257413]) {
             assert!((a - b).abs() < 1e-6, "{g:?}");
         }
+    }
+
+    #[test]
+    fn dpo_loss_by_hand() {
+        // Pair 1: policy (−10, −12), reference (−11, −11), β = 0.1:
+        //   rewards 0.1·(−10+11) = 0.1 and 0.1·(−12+11) = −0.1, z = 0.2,
+        //   −log σ(0.2) = ln(1 + e^−0.2) = ln 1.8187308 = 0.5981389.
+        // Pair 2: policy = reference: z = 0, loss ln 2 = 0.6931472.
+        // cDPO, ε = 0.1: 0.9·L(z) + 0.1·L(−z) = L(z) + 0.1·z (as L(−z) − L(z) = z):
+        //   pair 1 0.5981389 + 0.02 = 0.6181389; pair 2 ln 2.
+        let t = |v: [f32; 2]| Tensor::new(&v, &Device::Cpu).unwrap();
+        let (pc, pr, rc, rr) = (t([-10.0, -5.0]), t([-12.0, -7.0]), t([-11.0, -5.0]), t([-11.0, -7.0]));
+        let out = dpo_loss(&pc, &pr, &rc, &rr, 0.1, 0.0).unwrap();
+        let close = |got: &Tensor, want: [f32; 2]| {
+            let g = got.to_vec1::<f32>().unwrap();
+            assert!(g.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{g:?} vs {want:?}");
+        };
+        close(&out.losses, [0.598_138_9, std::f32::consts::LN_2]);
+        close(&out.chosen_rewards, [0.1, 0.0]);
+        close(&out.rejected_rewards, [-0.1, 0.0]);
+        close(&dpo_loss(&pc, &pr, &rc, &rr, 0.1, 0.1).unwrap().losses, [0.618_138_9, std::f32::consts::LN_2]);
+        // β scales the margin: β = 1 gives z = 2, ln(1 + e^−2) = 0.1269280.
+        close(&dpo_loss(&pc, &pr, &rc, &rr, 1.0, 0.0).unwrap().losses, [0.126_928, std::f32::consts::LN_2]);
     }
 
     #[test]

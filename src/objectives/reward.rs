@@ -52,12 +52,36 @@ impl Objective<Pair> for RewardModelling {
             return Err(Error::Invalid("empty reward batch".into()));
         }
         let r = rewards(policy, self.head.as_tensor(), &pair_batch(items, self.pad_id)?, self.pad_id)?;
-        let margin = (r.narrow(0, 0, n)? - r.narrow(0, n, n)?)?;
-        let m = margin.detach().to_vec1::<f32>()?;
+        let (chosen, rejected) = (r.narrow(0, 0, n)?, r.narrow(0, n, n)?);
+        let m = (&chosen - &rejected)?.detach().to_vec1::<f32>()?;
         let metrics = vec![
             ("accuracy", m.iter().filter(|&&x| x > 0.0).count() as f64),
             ("margin", m.iter().map(|&x| x as f64).sum()),
         ];
-        Ok(StepOutput { sum: neg_log_sigmoid(&margin)?.sum_all()?, metrics })
+        Ok(StepOutput { sum: bradley_terry_loss(&chosen, &rejected)?.sum_all()?, metrics })
+    }
+}
+
+/// The Bradley–Terry loss of each pair, `−log σ(r_w − r_l)` (Ouyang et al. 2022, eq. 1), from
+/// the rewards `(n,)` of the chosen and the rejected responses: a pure function of them.
+pub fn bradley_terry_loss(chosen_rewards: &Tensor, rejected_rewards: &Tensor) -> Result<Tensor> {
+    neg_log_sigmoid(&(chosen_rewards - rejected_rewards)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bradley_terry_loss_by_hand() {
+        // Margins 1.5 − 0.5 = 1 and 0 − 2 = −2:
+        //   −log σ(1) = ln(1 + e^−1) = ln 1.3678794 = 0.3132617,
+        //   −log σ(−2) = ln(1 + e^2) = ln 8.3890561 = 2.1269280; equal rewards give ln 2.
+        let t = |v: [f32; 3]| Tensor::new(&v, &Device::Cpu).unwrap();
+        let l = bradley_terry_loss(&t([1.5, 0.0, 3.0]), &t([0.5, 2.0, 3.0])).unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in l.iter().zip([0.313_261_7, 2.126_928, std::f32::consts::LN_2]) {
+            assert!((a - b).abs() < 1e-6, "{l:?}");
+        }
     }
 }

@@ -139,6 +139,7 @@ impl CustomOp1 for FrozenHeadLogps {
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let xt = row[t];
                         let sum = exp_shifted_sum(row, max);
+                        // Safety: as above: out[r0 + i] is this thread's.
                         unsafe { *po.0.add(r0 + i) = xt - max - sum.ln() };
                         // onehot − softmax
                         let inv = -1.0 / sum;
