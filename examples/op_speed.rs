@@ -37,5 +37,5 @@ fn main() {
     time("residual add", 30, &x, &|a| (a + &b).unwrap());
     let logits = Var::from_tensor(&r(&[508, 49152])).unwrap();
     let tg: Vec<u32> = (0..508).map(|i| i * 7).collect();
-    time("token_logps", 5, &logits, &|l| meet::train::loss::token_logps(l, &tg).unwrap());
+    time("token_logps", 5, &logits, &|l| meet::objectives::logps::token_logps(l, &tg).unwrap());
 }

@@ -1,7 +1,8 @@
 //! `meet bench generate`: prefill and decode throughput, measured the way the Python reference's
 //! `bench_generate.py` does (a run of N new tokens and a run of 1; decode rate from the difference).
 
-use crate::generate::{generate, GenerationDefaults, SamplingParams};
+use crate::generate::{generate, SamplingParams};
+use crate::io::generation::GenerationDefaults;
 use crate::models::CausalLm;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
@@ -199,13 +200,14 @@ pub fn bench_train(
     steps: usize,
     warmup: usize,
 ) -> Result<TrainFigures> {
+    use crate::methods::config::{DataSection, RunConfig};
+    use crate::methods::setup::standard as build;
     use crate::peft::lora::{LoraConfig, TARGETABLE};
     use crate::peft::prompt::PromptConfig;
-    use crate::run::{build, DataSection, RunConfig};
     use crate::train::TrainConfig;
     use crate::Error;
 
-    let v = crate::io::read_json(batch_file)?;
+    let v = crate::files::read_json(batch_file)?;
     let rows: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone())
         .map_err(|e| Error::parse(batch_file, format!("'input_ids' must be rows of token ids: {e}")))?;
     let (lora, prompt, lr) = match mode {
@@ -227,7 +229,7 @@ pub fn bench_train(
     let dir = std::env::temp_dir().join(format!("meet-bench-train-{}", std::process::id()));
     let mut data = DataSection::new(batch_file);
     data.max_length = 4096;
-    let mut cfg = RunConfig::new(crate::run::Method::Sft, model, data, dir.clone());
+    let mut cfg = RunConfig::new("sft", model, data, dir.clone())?;
     cfg.model.train_weights = mode == "full";
     cfg.lora = lora;
     cfg.prompt = prompt;
@@ -273,10 +275,10 @@ struct Timed {
 
 /// Trains `built` on `items` as `cfg` says in a scratch folder (removed after) and times it.
 fn timed_train<T: crate::objectives::Item>(
-    built: &mut crate::run::Built,
+    built: &mut crate::methods::setup::Built,
     objective: &dyn crate::objectives::Objective<T>,
     items: &[T],
-    cfg: &crate::run::RunConfig,
+    cfg: &crate::methods::config::RunConfig,
     warmup: usize,
 ) -> Result<Timed> {
     let dir = &cfg.output_dir;
@@ -320,11 +322,12 @@ pub struct DpoFigures {
 /// Unlike the reference, the reference log-probabilities are computed once, before training.
 pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup: usize) -> Result<DpoFigures> {
     use crate::data::preference::Pair;
-    use crate::objectives::dpo::{Dpo, DpoPair};
-    use crate::run::{build, DataSection, Method, RunConfig};
+    use crate::methods::config::{DataSection, RunConfig};
+    use crate::methods::setup::standard as build;
+    use crate::objectives::dpo::{Dpo, DpoConfig, DpoPair};
     use crate::Error;
 
-    let v = crate::io::read_json(pairs_file)?;
+    let v = crate::files::read_json(pairs_file)?;
     let ids = |x: &serde_json::Value, k: &str| -> Result<Vec<u32>> {
         serde_json::from_value(x[k].clone()).map_err(|e| Error::parse(pairs_file, format!("'{k}': {e}")))
     };
@@ -337,7 +340,7 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
         })
         .collect::<Result<_>>()?;
     let dir = std::env::temp_dir().join(format!("meet-bench-dpo-{}", std::process::id()));
-    let mut cfg = RunConfig::new(Method::Dpo, model, DataSection::new(pairs_file), dir.clone());
+    let mut cfg = RunConfig::new("dpo", model, DataSection::new(pairs_file), dir.clone())?;
     cfg.model.train_weights = true;
     cfg.train.lr = 1e-6;
     cfg.train.max_grad_norm = None;
@@ -345,8 +348,9 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
     cfg.train.max_steps = Some(warmup + steps);
     cfg.train.shuffle = false;
     cfg.train.save_every = Some(0);
+    let d = DpoConfig::default();
     let t = Instant::now();
-    let refs = crate::methods::dpo::cached_reference_logps(&cfg, &pairs, 0)?;
+    let refs = crate::methods::dpo::cached_reference_logps(&cfg, &d, &pairs, 0)?;
     let reference_s = t.elapsed().as_secs_f64();
     let mut built = build(&cfg)?;
     let items: Vec<DpoPair> = pairs
@@ -355,12 +359,12 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
         .zip(refs)
         .map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r })
         .collect();
-    let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
+    let objective = Dpo { config: d.clone(), pad_id: 0 };
     let t = timed_train(&mut built, &objective, &items, &cfg, warmup)?;
     Ok(DpoFigures {
         pairs: pairs.len(),
         seq: pairs.first().map_or(0, |p| p.prompt.len() + p.chosen.len()),
-        beta: cfg.dpo.beta,
+        beta: d.beta,
         reference_s,
         sec_per_step_median: t.step,
         fwd_median: t.fwd,

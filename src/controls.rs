@@ -3,98 +3,16 @@
 //! model, its LoRA adapters / soft prompts) and [`Controlled::generate`] generates under a named
 //! control, so switching `--control good` to `--control bad` switches the behaviour of one model.
 
+pub use crate::methods::spec::{ControlKind, ControlSpec, FILE};
+
 use crate::generate::{generate_with_prefix, Generation, SamplingParams};
-use crate::io::atomic_write;
+use crate::objectives::logps::label_logps;
 use crate::peft::folder;
 use crate::peft::lora::{Adapters, Routing};
 use crate::peft::prompt::SoftPrompts;
 use crate::policy::{Batch, Policy};
 use crate::{Error, LoadOptions, Pretrained, Result};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// The file a run writes into its output folder.
-pub const FILE: &str = "meet_controls.json";
-
-/// How a control reaches the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ControlKind {
-    /// A soft prompt per control placed before the prompt (`prompts/`).
-    SoftPrompt,
-    /// A LoRA adapter per control (`lora/`).
-    Lora,
-    /// A special token per control placed before the prompt.
-    Token,
-    /// A natural-language phrase per control after the prompt (Chain-of-Hindsight).
-    Text,
-}
-
-/// What `meet_controls.json` holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ControlSpec {
-    /// The training method that made the folder.
-    pub method: String,
-    pub kind: ControlKind,
-    /// Control names (`good`, `bad`, ...).
-    pub names: Vec<String>,
-    /// For [`ControlKind::Token`] the token, for [`ControlKind::Text`] the phrase, of each name.
-    #[serde(default)]
-    pub markers: Vec<String>,
-    /// The model the adapters / prompts belong to, for folders without weights of their own.
-    pub base_model: String,
-    /// Generation stops at these strings (Chain-of-Hindsight: every feedback phrase).
-    #[serde(default)]
-    pub stop_strings: Vec<String>,
-}
-
-impl ControlSpec {
-    /// Writes the spec into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        atomic_write(&dir.join(FILE), text.as_bytes())
-    }
-
-    /// Reads and checks `dir/meet_controls.json`: names given and distinct, a token or phrase
-    /// for every name of a token / text control, the adapters or prompts folder there for the
-    /// kinds that need one. A hand-edited or older file gets an error naming what is wrong.
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let spec: ControlSpec = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e.to_string()))?;
-        let bad = |msg: String| Err(Error::format(&path, msg));
-        if spec.names.is_empty() {
-            return bad("'names' is empty: the file lists no control".into());
-        }
-        if let Some(dup) = spec.names.iter().enumerate().find(|(i, n)| spec.names[..*i].contains(n)) {
-            return bad(format!("control '{}' is listed twice in 'names'", dup.1));
-        }
-        match spec.kind {
-            ControlKind::Token | ControlKind::Text if spec.markers.len() != spec.names.len() => {
-                return bad(format!(
-                    "{} controls in 'names' but {} in 'markers': a {} control needs one per name",
-                    spec.names.len(),
-                    spec.markers.len(),
-                    if spec.kind == ControlKind::Token { "token" } else { "phrase" }
-                ))
-            }
-            ControlKind::Lora if !dir.join("lora").is_dir() => {
-                return bad(format!("kind 'lora' but no lora/ folder beside it in {}", dir.display()))
-            }
-            ControlKind::SoftPrompt if !dir.join("prompts").is_dir() => {
-                return bad(format!("kind 'soft-prompt' but no prompts/ folder beside it in {}", dir.display()))
-            }
-            _ => {}
-        }
-        Ok(spec)
-    }
-
-    fn index(&self, name: &str) -> Result<usize> {
-        self.names.iter().position(|n| n == name).ok_or_else(|| {
-            Error::Invalid(format!("unknown control '{name}' (this model has: {})", self.names.join(", ")))
-        })
-    }
-}
 
 /// A model with the controls it was trained with.
 pub struct Controlled {
@@ -120,22 +38,25 @@ impl Controlled {
         let dir = Path::new(model);
         let spec_path = dir.join(FILE);
         if !spec_path.is_file() {
-            let policy = Policy { pretrained: Pretrained::load(model, opts)?, prompts: None };
+            let policy = Policy::plain(Pretrained::load(model, opts)?);
             return Ok(Self { policy, spec: None, source: model.into() });
         }
         let spec = ControlSpec::read(dir)?;
         let source = if dir.join("config.json").is_file() { model.to_string() } else { spec.base_model.clone() };
         let mut opts = opts.clone();
         let lora_dir = dir.join("lora");
-        if lora_dir.is_dir() {
+        let lora = if lora_dir.is_dir() {
             let adapters = folder::adapter_names(&lora_dir)?
                 .iter()
                 .map(|n| Ok((n.clone(), folder::read_lora(&folder::adapter_dir(&lora_dir, n))?.0)))
                 .collect::<Result<Vec<_>>>()?;
-            opts.lora = Some(Adapters::new(adapters, 0)?);
-        }
+            Some(Adapters::new(adapters, 0)?)
+        } else {
+            None
+        };
+        opts.adapters = lora.as_ref().map(Adapters::source);
         let pretrained = Pretrained::load(&source, &opts)?;
-        if let Some(l) = &pretrained.lora {
+        if let Some(l) = &lora {
             folder::load_lora(l, &lora_dir)?;
         }
         let prompts = if spec.kind == ControlKind::SoftPrompt {
@@ -155,7 +76,7 @@ impl Controlled {
         } else {
             None
         };
-        Ok(Self { policy: Policy { pretrained, prompts }, spec: Some(spec), source: model.into() })
+        Ok(Self { policy: Policy { pretrained, lora, prompts }, spec: Some(spec), source: model.into() })
     }
 
     /// The tokenizer.
@@ -181,7 +102,7 @@ impl Controlled {
         out.stop_strings = spec.stop_strings.clone();
         match spec.kind {
             ControlKind::Lora => {
-                let l = p.lora.as_ref().ok_or_else(|| Error::Invalid("no LoRA adapters loaded".into()))?;
+                let l = self.policy.lora.as_ref().ok_or_else(|| Error::Invalid("no LoRA adapters loaded".into()))?;
                 let j = l
                     .names
                     .iter()
@@ -190,18 +111,9 @@ impl Controlled {
                 out.adapter = Some(j);
             }
             ControlKind::SoftPrompt => out.prompt = Some(i),
-            ControlKind::Token => {
-                let tok = p.tokenizer.token_id(&spec.markers[i]).ok_or_else(|| {
-                    Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
-                })?;
-                let prefix = crate::methods::control_token::special_prefix(&p.tokenizer)?;
-                for x in out.ids.iter_mut() {
-                    *x = crate::methods::control_token::with_token(&prefix, x, tok);
-                }
-            }
-            ControlKind::Text => {
-                let m = p.tokenizer.encode(&crate::methods::coh::marker_text(&spec.markers[i]), false)?;
-                out.ids.iter_mut().for_each(|x| x.extend(&m));
+            // Tokens and phrases are the method's own: its recipe knows where they go.
+            ControlKind::Token | ControlKind::Text => {
+                crate::methods::find(&spec.method)?.apply_control(spec, i, &p.tokenizer, &mut out.ids)?
             }
         }
         Ok(out)
@@ -209,7 +121,7 @@ impl Controlled {
 
     /// Routes the adapters: the control's one, else the only one, else none.
     fn route(&self, adapter: Option<usize>) {
-        if let Some(l) = &self.policy.pretrained.lora {
+        if let Some(l) = &self.policy.lora {
             l.set_training_step(None);
             l.route(match adapter {
                 Some(j) => Routing::All(j),
@@ -232,10 +144,9 @@ impl Controlled {
         let a = self.apply(prompts, control)?;
         let mut params = params.clone();
         params.stop_strings.extend(a.stop_strings);
-        // Control tokens are inputs: never generate them (the reference model does not know them).
-        if let Some(spec) = self.spec.as_ref().filter(|s| s.kind == ControlKind::Token) {
+        if let Some(spec) = &self.spec {
             let tok = &self.policy.pretrained.tokenizer;
-            params.suppress_tokens.extend(spec.markers.iter().filter_map(|m| tok.token_id(m)));
+            params.suppress_tokens.extend(crate::methods::find(&spec.method)?.suppressed_tokens(spec, tok));
         }
         self.route(a.adapter);
         let prefix = match (a.prompt, &self.policy.prompts) {
@@ -271,7 +182,7 @@ impl Controlled {
         let a = self.apply(prompts, control)?;
         self.route(a.adapter);
         let mut out = Vec::with_capacity(prompts.len());
-        let pad = crate::methods::pad_id(&self.policy.pretrained);
+        let pad = self.policy.pretrained.generation.pad_id()?;
         for (ps, rs) in a.ids.chunks(batch.max(1)).zip(responses.chunks(batch.max(1))) {
             let rows: Vec<(Vec<u32>, usize)> =
                 ps.iter().zip(rs).map(|(p, r)| ([p.as_slice(), r].concat(), p.len())).collect();
@@ -283,7 +194,7 @@ impl Controlled {
                 out.extend(std::iter::repeat_n(0.0, rows.len()));
                 continue;
             }
-            let lp = self.policy.label_logps(&b)?.per_sequence_sum()?.to_vec1::<f32>()?;
+            let lp = label_logps(&self.policy, &b)?.per_sequence_sum()?.to_vec1::<f32>()?;
             out.extend(lp.iter().map(|&x| x as f64));
         }
         Ok(out)

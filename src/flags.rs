@@ -270,13 +270,13 @@ struct Override {
 }
 
 /// The keys a run cannot do without, and the flags that give them.
-const REQUIRED: [(&str, &str); 3] =
-    [("model.source", "--model"), ("data.train", "--data"), ("output_dir", "--output-dir")];
+const REQUIRED: [(&str, &str); 4] =
+    [("method", "--method"), ("model.source", "--model"), ("data.train", "--data"), ("output_dir", "--output-dir")];
 
 impl TrainArgs {
     /// The configuration: the file (if any) with every flag applied over it. Errors name the flag
     /// or the file that caused them.
-    pub fn config(&self) -> anyhow::Result<(meet::run::RunConfig, String)> {
+    pub fn config(&self) -> anyhow::Result<(meet::methods::config::RunConfig, String)> {
         let s = |v: &str| toml::Value::String(v.to_string()).to_string();
         let f = |x: f64| toml::Value::Float(x).to_string();
         let mut over: Vec<Override> = Vec::new();
@@ -303,7 +303,7 @@ impl TrainArgs {
         }
         let file = self.config.as_ref().or(self.config_pos.as_ref());
         let table = match file {
-            Some(path) => meet::run::RunConfig::read_table(path)?,
+            Some(path) => meet::methods::config::RunConfig::read_table(path)?,
             None => {
                 let missing: Vec<&str> =
                     REQUIRED.iter().filter(|(k, _)| !over.iter().any(|o| o.key == *k)).map(|(_, flag)| *flag).collect();
@@ -319,7 +319,7 @@ impl TrainArgs {
         };
         let kv = |o: &[Override]| o.iter().map(|o| (o.key.clone(), o.value.clone())).collect::<Vec<_>>();
         let from = file.map_or("the command line".to_string(), |p| p.display().to_string());
-        match meet::run::RunConfig::from_table(table.clone(), &kv(&over)) {
+        match meet::methods::config::RunConfig::from_table(table.clone(), &kv(&over)) {
             Ok(c) => Ok((c, from)),
             Err(e) => {
                 let msg = e.to_string();
@@ -327,8 +327,16 @@ impl TrainArgs {
                 let culprit = (0..over.len()).rev().find(|&i| {
                     let rest: Vec<Override> =
                         over.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.clone()).collect();
-                    meet::run::RunConfig::from_table(table.clone(), &kv(&rest)).is_ok()
+                    meet::methods::config::RunConfig::from_table(table.clone(), &kv(&rest)).is_ok()
                 });
+                // The file is at fault: read alone, its text gives the line and column.
+                if let (None, Some(path)) = (culprit, file) {
+                    if let Err(e) = meet::methods::config::RunConfig::from_file(path) {
+                        if !e.to_string().contains("missing field") {
+                            return Err(e.into());
+                        }
+                    }
+                }
                 Err(explain_config_error(&msg, file, culprit.map(|i| &over[i]), &over))
             }
         }
@@ -353,7 +361,10 @@ fn explain_config_error(
     let join = |field: String| at.map_or(field.clone(), |a| format!("{a}.{field}"));
     if let Some(missing) = named("missing field `").map(join) {
         let flag = REQUIRED.iter().find(|(k, _)| *k == missing || k.split('.').next() == Some(missing.as_str()));
-        let hint = flag.map(|(_, f)| format!(" (or give {f})")).unwrap_or_default();
+        let mut hint = flag.map(|(_, f)| format!(" (or give {f})")).unwrap_or_default();
+        if missing == "method" {
+            hint = format!(" (or give --method): no method is assumed; one of {}", meet::methods::names().join(", "));
+        }
         let place = file.map_or("the command line".to_string(), |p| p.display().to_string());
         return anyhow::anyhow!("{place}: missing `{missing}`{hint}");
     }

@@ -3,121 +3,12 @@
 //! Semantics follow transformers' `generate` (warpers applied temperature -> top-k -> top-p,
 //! positions of left-padded rows counted from their first real token).
 
+use crate::io::generation::GenerationDefaults;
 use crate::models::{AttentionInputs, CausalLm};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
-use serde_json::json;
-
-/// Token ids and sampling defaults from `config.json` / `generation_config.json`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GenerationDefaults {
-    pub bos_token_id: Option<u32>,
-    pub eos_token_ids: Vec<u32>,
-    pub pad_token_id: Option<u32>,
-    pub do_sample: bool,
-    pub temperature: Option<f64>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f64>,
-    pub max_new_tokens: Option<usize>,
-}
-
-fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-        _ => vec![],
-    }
-}
-
-impl GenerationDefaults {
-    /// Ids from the model config, plus the tokenizer's EOS token.
-    pub fn from_config(config: &serde_json::Value, tokenizer: &Tokenizer) -> Self {
-        let mut d = Self::default();
-        d.update_from(config);
-        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
-            if !d.eos_token_ids.contains(&id) {
-                d.eos_token_ids.push(id);
-            }
-        }
-        d
-    }
-
-    /// Overrides with the fields present in `g` (a `generation_config.json`).
-    pub fn update_from(&mut self, g: &serde_json::Value) {
-        if let Some(b) = ids(g.get("bos_token_id")).first() {
-            self.bos_token_id = Some(*b);
-        }
-        let eos = ids(g.get("eos_token_id"));
-        if !eos.is_empty() {
-            self.eos_token_ids = eos;
-        }
-        if let Some(p) = ids(g.get("pad_token_id")).first() {
-            self.pad_token_id = Some(*p);
-        }
-        if let Some(v) = g.get("do_sample").and_then(|v| v.as_bool()) {
-            self.do_sample = v;
-        }
-        if let Some(v) = g.get("temperature").and_then(|v| v.as_f64()) {
-            self.temperature = Some(v);
-        }
-        if let Some(v) = g.get("top_k").and_then(|v| v.as_u64()) {
-            self.top_k = Some(v as usize);
-        }
-        if let Some(v) = g.get("top_p").and_then(|v| v.as_f64()) {
-            self.top_p = Some(v);
-        }
-        if let Some(v) = g.get("max_new_tokens").and_then(|v| v.as_u64()) {
-            self.max_new_tokens = Some(v as usize);
-        }
-    }
-
-    /// `generation_config.json` content.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut g = json!({});
-        if let Some(b) = self.bos_token_id {
-            g["bos_token_id"] = json!(b);
-        }
-        match self.eos_token_ids.as_slice() {
-            [] => {}
-            [one] => g["eos_token_id"] = json!(one),
-            many => g["eos_token_id"] = json!(many),
-        }
-        if let Some(p) = self.pad_token_id {
-            g["pad_token_id"] = json!(p);
-        }
-        if self.do_sample {
-            g["do_sample"] = json!(true);
-        }
-        for (k, v) in [("temperature", self.temperature), ("top_p", self.top_p)] {
-            if let Some(v) = v {
-                g[k] = json!(v);
-            }
-        }
-        if let Some(k) = self.top_k {
-            g["top_k"] = json!(k);
-        }
-        if let Some(n) = self.max_new_tokens {
-            g["max_new_tokens"] = json!(n);
-        }
-        g
-    }
-
-    /// Sampling parameters these defaults imply (greedy unless `do_sample`).
-    pub fn sampling(&self) -> SamplingParams {
-        let mut p = SamplingParams::default();
-        if self.do_sample {
-            p.temperature = self.temperature.unwrap_or(1.0);
-            p.top_k = self.top_k.filter(|&k| k > 0);
-            p.top_p = self.top_p.filter(|&v| v < 1.0);
-        }
-        if let Some(n) = self.max_new_tokens {
-            p.max_new_tokens = n;
-        }
-        p
-    }
-}
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -395,7 +286,7 @@ pub fn generate_with_prefix(
     }
     let budget = params.max_new_tokens.min(ctx - longest);
     let mut sampler = Sampler::new(params)?;
-    let pad = defaults.pad_token_id.or(defaults.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = defaults.pad_id()?;
     let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
     let mut ids = Vec::with_capacity(b * longest);
     for p in prompts {

@@ -104,7 +104,7 @@ fn run() -> anyhow::Result<ExitCode> {
             };
             let samples = evaluate(&model, reference.as_ref(), judge.as_ref(), &prompts, &opts)?;
             if let Some(out) = &a.out {
-                meet::io::write_jsonl(out, &samples)?;
+                meet::files::write_jsonl(out, &samples)?;
             }
             let s = summarize(&samples, a.seed)?;
             eprintln!(
@@ -142,7 +142,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 progress: Some("pairs".into()),
             };
             let (pairs, ties) = best_worst_pairs(&m, judge.as_ref(), &prompts, &opts)?;
-            meet::io::write_jsonl(&out, &pairs)?;
+            meet::files::write_jsonl(&out, &pairs)?;
             eprintln!("wrote {} pairs to {} ({ties} prompts without a score difference)", pairs.len(), out.display());
         }
         Command::PrepareSentiment { snippets, words, train, eval, pairs, min_gap, seed, out } => {
@@ -162,7 +162,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Compare { a, b, seed } => {
             use meet::eval::sample::{paired_scores, Sample};
-            let (sa, sb): (Vec<Sample>, Vec<Sample>) = (meet::io::read_jsonl(&a)?, meet::io::read_jsonl(&b)?);
+            let (sa, sb): (Vec<Sample>, Vec<Sample>) = (meet::files::read_jsonl(&a)?, meet::files::read_jsonl(&b)?);
             let p = paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
             if p.only_a + p.only_b > 0 {
                 eprintln!(
@@ -203,12 +203,12 @@ fn run() -> anyhow::Result<ExitCode> {
             eprintln!("report: {}", report.display());
         }
         Command::Convert { model, out } => {
-            let n = meet::io::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
+            let n = meet::models::pretrained::convert(&model, &out).with_context(|| format!("converting '{model}'"))?;
             eprintln!("wrote {} ({n} tensors)", out.display());
         }
         Command::Train(args) => {
             let (cfg, from) = args.config()?;
-            let logs = meet::run::run(&cfg, args.resume).with_context(|| format!("training with {from}"))?;
+            let logs = meet::methods::run(&cfg, args.resume).with_context(|| format!("training with {from}"))?;
             if let Some(last) = logs.last() {
                 eprintln!(
                     "done: step {} loss {:.4}; outputs in {}",
@@ -220,9 +220,9 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Merge { model, adapter, out } => {
             let (cfg, tensors) = meet::peft::folder::read_lora(&adapter)?;
-            let raw = meet::run::merge_lora(&model, &cfg, &tensors)
+            let raw = meet::peft::merge::merge(&model, &cfg, &tensors)
                 .with_context(|| format!("merging {} into '{model}'", adapter.display()))?;
-            meet::io::save_hf_folder(&raw, &out)?;
+            meet::models::pretrained::save_hf_folder(&raw, &out)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Bench { what: BenchCommand::Train { model, mode, batch, steps, warmup } } => {
@@ -252,7 +252,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Bench { what: BenchCommand::Prefill { model, lengths, reps, ids } } => {
             let p = model.load()?;
-            let v = meet::io::read_json(&ids)?;
+            let v = meet::files::read_json(&ids)?;
             let rows: Vec<Vec<u32>> = serde_json::from_value(v["input_ids"].clone())
                 .with_context(|| format!("{}: 'input_ids' must be rows of token ids", ids.display()))?;
             let pool = rows.concat();

@@ -232,6 +232,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Id of the EOS token, if the tokenizer names one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -264,7 +269,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` and `tokenizer_config.json` (with the chat template) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json = self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        crate::io::atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
+        crate::files::atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
         let mut cfg = self.extra_config.clone();
         for (k, v) in [
             ("bos_token", &self.bos_token),
@@ -280,6 +285,6 @@ impl Tokenizer {
         cfg.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
         let text =
             serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::io::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())
+        crate::files::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
 }

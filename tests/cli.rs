@@ -30,7 +30,7 @@ fn failed_with(o: &Output, wants: &[&str]) -> String {
 /// A tiny model folder, a preference file and a supervised file in `dir`.
 fn setup(dir: &Path) -> (String, PathBuf, PathBuf) {
     let model = dir.join("model");
-    meet::io::save_hf_folder(&common::tiny_raw(3, 64), &model).unwrap();
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(3, 64), &model).unwrap();
     let prefs: String = (0..12)
         .map(|i| format!("{}\n", json!({"prompt": format!("q{i}:"), "chosen": " yes", "rejected": " no"})))
         .collect();
@@ -99,12 +99,30 @@ fn configuration_errors_name_the_flag_or_the_file_and_write_nothing() {
     assert!(!out.exists(), "{} was created by a refused run", out.display());
     // Errors in the run file are the file's.
     let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, "output_dir = \"x\"\n[model]\nsource = \"m\"\n[data]\ntrain = \"d\"\n[train]\nlrr = 1\n")
+    let text =
+        "method = \"sft\"\noutput_dir = \"x\"\n[model]\nsource = \"m\"\n[data]\ntrain = \"d\"\n[train]\nlrr = 1\n";
+    std::fs::write(&cfg, text).unwrap();
+    // A typo names the file, its line and column.
+    failed_with(&meet(&["train", cfg.to_str().unwrap()]), &["run.toml", "line 8, column 1", "unknown field `lrr`"]);
+    // A section of another method is an error naming that method, at its line.
+    std::fs::write(&cfg, text.replace("[train]\nlrr = 1", "[dpo]\nbeta = 0.2")).unwrap();
+    failed_with(
+        &meet(&["train", cfg.to_str().unwrap()]),
+        &["run.toml", "line 7", "[dpo] is the options of method dpo, but this run's method is sft"],
+    );
+    // No method is assumed.
+    std::fs::write(&cfg, text.replace("method = \"sft\"\n", "").replace("[train]\nlrr = 1\n", "")).unwrap();
+    failed_with(&meet(&["train", cfg.to_str().unwrap()]), &["run.toml: missing `method`", "no method is assumed"]);
+    // A bad value given with --set is the flag's, not the file's.
+    std::fs::write(&cfg, text.replace("[train]\nlrr = 1\n", "").replace("\"m\"\n", "\"m\"\ntrain_weights = true\n"))
         .unwrap();
-    failed_with(&meet(&["train", cfg.to_str().unwrap()]), &["run.toml: unknown field `lrr`", "(at `train.lrr`)"]);
+    failed_with(
+        &meet(&["train", cfg.to_str().unwrap(), "--set", "train.lr=abc"]),
+        &["--set train.lr=abc: invalid type: string \"abc\", expected f64"],
+    );
     // No run file and not enough flags: say which flags.
     failed_with(&meet(&["train"]), &["give a run file", "--method, --model, --data and --output-dir"]);
-    failed_with(&meet(&["train", "--data", "x.jsonl"]), &["missing: --model, --output-dir"]);
+    failed_with(&meet(&["train", "--data", "x.jsonl"]), &["missing: --method, --model, --output-dir"]);
     // Missing files: the OS reason once, the file named.
     let err = failed_with(&meet(&["train", "nope.toml"]), &["nope.toml"]);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");

@@ -71,7 +71,7 @@ use meet::LoadOptions;
 
 fn tiny_folder(dir: &std::path::Path, seed: u64) -> String {
     let p = dir.join(format!("m{seed}"));
-    meet::io::save_hf_folder(&common::tiny_raw(seed, 64), &p).unwrap();
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(seed, 64), &p).unwrap();
     p.to_string_lossy().into_owned()
 }
 

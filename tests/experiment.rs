@@ -9,7 +9,7 @@ use meet::experiment::{run, ExperimentConfig};
 fn the_experiment_runs_every_step_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    meet::io::save_hf_folder(&common::tiny_raw(3, 96), &model).unwrap();
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(3, 96), &model).unwrap();
     let words = ["great", "awful", "fine", "boring", "lovely", "bad", "good", "dull"];
     let snippets: String = (0..80)
         .map(|i| {

@@ -4,7 +4,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{max_diff, tiny_raw};
-use meet::io::{save_hf_folder, LoadOptions};
+use meet::models::pretrained::save_hf_folder;
+use meet::LoadOptions;
 use meet::Pretrained;
 use std::path::Path;
 

@@ -10,7 +10,7 @@ mod common;
 use common::tiny_raw;
 use meet::controls::Controlled;
 use meet::generate::SamplingParams;
-use meet::run::{Method, RunConfig};
+use meet::methods::config::RunConfig;
 use meet::train::StepLog;
 use meet::LoadOptions;
 use rand::{Rng, SeedableRng};
@@ -32,7 +32,7 @@ fn task(dir: &Path) -> (String, PathBuf, Vec<String>) {
     raw.config["hidden_size"] = json!(64);
     raw.config["intermediate_size"] = json!(128);
     raw.tensors = meet::models::random_weights(&raw.config, 11, &candle_core::Device::Cpu).unwrap();
-    meet::io::save_hf_folder(&raw, &model).unwrap();
+    meet::models::pretrained::save_hf_folder(&raw, &model).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut lines = String::new();
     for _ in 0..96 {
@@ -46,7 +46,7 @@ fn task(dir: &Path) -> (String, PathBuf, Vec<String>) {
     (model.to_string_lossy().into_owned(), data, held_out)
 }
 
-fn config(method: Method, model: &str, data: &Path, out: &Path, set: &[(&str, &str)]) -> RunConfig {
+fn config(method: &str, model: &str, data: &Path, out: &Path, set: &[(&str, &str)]) -> RunConfig {
     let text = format!(
         r#"
 method = "{}"
@@ -62,7 +62,7 @@ epochs = 40
 lr = 3e-3
 seed = 1
 "#,
-        method.name(),
+        method,
         out.to_string_lossy(),
         model,
         data.to_string_lossy()
@@ -104,7 +104,7 @@ fn pretrained(dir: &Path, model: &str, data: &Path, prompts: &[String]) -> (Stri
         .collect();
     std::fs::write(&mixed, rows).unwrap();
     let out = dir.join("sft-mixed");
-    meet::run::run(&config(Method::Sft, model, &mixed, &out, &[("model.train_weights", "true")]), false).unwrap();
+    meet::methods::run(&config("sft", model, &mixed, &out, &[("model.train_weights", "true")]), false).unwrap();
     let base = final_dir(&out);
     let r = rate(&base, None, prompts);
     (base, r)
@@ -119,16 +119,16 @@ struct Rates {
     bad: f64,
 }
 
-fn train_and_rate(method: Method, set: &[(&str, &str)]) -> Rates {
+fn train_and_rate(method: &str, set: &[(&str, &str)]) -> Rates {
     let dir = tempfile::tempdir().unwrap();
     let (model, data, prompts) = task(dir.path());
     let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
     let out = dir.path().join("run");
-    meet::run::run(&config(method, &model, &data, &out, set), false).unwrap();
+    meet::methods::run(&config(method, &model, &data, &out, set), false).unwrap();
     let both = |d: &str| (rate(d, Some("good"), &prompts), rate(d, Some("bad"), &prompts));
     let step1 = out.join("step1").is_dir().then(|| both(&final_dir(&out.join("step1"))));
     let (good, bad) = both(&final_dir(&out));
-    eprintln!("{}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}", method.name());
+    eprintln!("{}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}", method);
     Rates { base, step1, good, bad }
 }
 
@@ -140,7 +140,7 @@ fn assert_controllable(r: &Rates) {
 #[test]
 fn meet_with_soft_prompts_learns_the_rule() {
     let r = train_and_rate(
-        Method::Meet,
+        "meet",
         &[
             ("train.control_lr", "1e-1"),
             ("prompt.n", "8"),
@@ -158,7 +158,7 @@ fn meet_with_soft_prompts_learns_the_rule() {
 #[test]
 fn meet_with_lora_controls_learns_the_rule() {
     let r = train_and_rate(
-        Method::Meet,
+        "meet",
         &[
             ("train.control_lr", "1e-2"),
             ("lora.r", "4"),
@@ -173,12 +173,12 @@ fn meet_with_lora_controls_learns_the_rule() {
 
 #[test]
 fn control_tokens_learn_the_rule() {
-    assert_controllable(&train_and_rate(Method::ControlToken, &[("model.train_weights", "true")]));
+    assert_controllable(&train_and_rate("control-token", &[("model.train_weights", "true")]));
 }
 
 #[test]
 fn chain_of_hindsight_learns_the_rule() {
-    assert_controllable(&train_and_rate(Method::Coh, &[("model.train_weights", "true")]));
+    assert_controllable(&train_and_rate("coh", &[("model.train_weights", "true")]));
 }
 
 fn metrics(out: &Path) -> Vec<StepLog> {
@@ -198,8 +198,8 @@ fn dpo_raises_the_margin_and_follows_the_rule() {
 
     let out = dir.path().join("dpo");
     let set = [("model.train_weights", "true"), ("train.epochs", "20"), ("train.lr", "3e-4"), ("dpo.beta", "0.1")];
-    let cfg = config(Method::Dpo, &sft, &data, &out, &set);
-    meet::run::run(&cfg, false).unwrap();
+    let cfg = config("dpo", &sft, &data, &out, &set);
+    meet::methods::run(&cfg, false).unwrap();
     let after = rate(&final_dir(&out), None, &prompts);
     let logs = metrics(&out);
     let (first, last) = (&logs[0], logs.last().unwrap());
@@ -368,7 +368,7 @@ fn control_tokens_grow_a_full_vocabulary_and_survive_saving() {
     assert!(common::max_diff(&new.narrow(0, 0, 1).unwrap(), &new.narrow(0, 1, 1).unwrap()) > 0.0);
     // The saved folder reads back with the tokens special (never split) and the grown matrix.
     let dir = tempfile::tempdir().unwrap();
-    meet::io::save_hf_folder(&raw, dir.path()).unwrap();
+    meet::models::pretrained::save_hf_folder(&raw, dir.path()).unwrap();
     let p = meet::Pretrained::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let ids = p.tokenizer.encode("<|bad|>hi", false).unwrap();
     assert_eq!(ids[0], rows as u32 + 1);
@@ -416,16 +416,16 @@ fn meet_ablations_and_frozen_controls() {
     };
     // Step 1 only: the controls train, the model does not (no model folder is written).
     let out = dir.path().join("s1");
-    meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.steps", "step1")])), false).unwrap();
+    meet::methods::run(&config("meet", &model, &data, &out, &with(&[("meet.steps", "step1")])), false).unwrap();
     assert!(out.join("final/prompts/good").is_dir() && !out.join("final/config.json").exists());
     // Step 2 only: fresh controls trained jointly with the model.
     let out = dir.path().join("s2");
-    meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.steps", "step2")])), false).unwrap();
+    meet::methods::run(&config("meet", &model, &data, &out, &with(&[("meet.steps", "step2")])), false).unwrap();
     assert!(out.join("final/config.json").is_file() && !out.join("step1").exists());
     // Both steps with frozen controls: step 2 keeps step 1's prompts; without freezing they move.
     for (freeze, out) in [("true", "frozen"), ("false", "moving")] {
         let out = dir.path().join(out);
-        meet::run::run(&config(Method::Meet, &model, &data, &out, &with(&[("meet.freeze_controls", freeze)])), false)
+        meet::methods::run(&config("meet", &model, &data, &out, &with(&[("meet.freeze_controls", freeze)])), false)
             .unwrap();
         let d = common::max_diff(&prompt(&out.join("step1/final"), "good"), &prompt(&out.join("final"), "good"));
         assert_eq!(d == 0.0, freeze == "true", "freeze {freeze}: prompt moved by {d}");
@@ -445,7 +445,7 @@ fn dpo_with_a_lora_adapter_uses_the_base_as_reference() {
         ("lora.alpha", "16"),
         ("lora.target_modules", r#"["q_proj", "v_proj", "up_proj", "down_proj"]"#),
     ];
-    meet::run::run(&config(Method::Dpo, &sft, &data, &out, &set), false).unwrap();
+    meet::methods::run(&config("dpo", &sft, &data, &out, &set), false).unwrap();
     let logs = metrics(&out);
     // B = 0 at the start: the policy is the base, so the first loss is exactly log 2.
     assert!((logs[0].loss - std::f64::consts::LN_2).abs() < 1e-5, "{}", logs[0].loss);
@@ -464,7 +464,7 @@ fn a_reward_model_learns_the_rule_and_judges_with_it() {
     let out = dir.path().join("rm");
     let set =
         [("model.train_weights", "true"), ("train.epochs", "10"), ("train.lr", "1e-3"), ("reward.eval_share", "0.25")];
-    meet::run::run(&config(Method::Reward, &model, &data, &out, &set), false).unwrap();
+    meet::methods::run(&config("reward", &model, &data, &out, &set), false).unwrap();
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("final/reward_eval.json")).unwrap()).unwrap();
     eprintln!("reward model: {report}");

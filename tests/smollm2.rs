@@ -172,7 +172,7 @@ fn left_padded_batch_generation_matches_transformers() {
 #[test]
 fn convert_writes_an_hf_folder_that_loads_back_identically() {
     let dir = tempfile::tempdir().unwrap();
-    meet::io::convert(&smollm2(), dir.path()).unwrap();
+    meet::models::pretrained::convert(&smollm2(), dir.path()).unwrap();
     let folder = Pretrained::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let x = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let d = max_diff(&folder.model.forward(&x).unwrap(), &dense().model.forward(&x).unwrap());
@@ -210,8 +210,10 @@ fn dpo_losses_match_the_python_reference() {
     // copied to the fixtures), sigmoid loss, beta 0.1, full f32 model, reference = the starting
     // model, AdamW lr 1e-6, no weight decay, no clipping: losses 0.6931, 0.6316, 0.5743, 0.5211.
     use meet::data::preference::Pair;
+    use meet::methods::config::{DataSection, RunConfig};
+    use meet::methods::setup::standard as build;
+    use meet::objectives::dpo::DpoConfig;
     use meet::objectives::dpo::{Dpo, DpoPair};
-    use meet::run::{build, DataSection, Method, RunConfig};
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo_pairs_4x64+64.json");
     let raw: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let pairs: Vec<Pair> = raw
@@ -223,7 +225,7 @@ fn dpo_losses_match_the_python_reference() {
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = RunConfig::new(Method::Dpo, &smollm2(), DataSection::new("unused.jsonl"), dir.path());
+    let mut cfg = RunConfig::new("dpo", &smollm2(), DataSection::new("unused.jsonl"), dir.path()).unwrap();
     cfg.model.train_weights = true;
     cfg.train.lr = 1e-6;
     cfg.train.max_grad_norm = None;
@@ -231,7 +233,7 @@ fn dpo_losses_match_the_python_reference() {
     cfg.train.max_steps = Some(4);
     cfg.train.shuffle = false;
     cfg.train.save_every = Some(0);
-    let refs = meet::methods::dpo::cached_reference_logps(&cfg, &pairs, 0).unwrap();
+    let refs = meet::methods::dpo::cached_reference_logps(&cfg, &DpoConfig::default(), &pairs, 0).unwrap();
     let mut built = build(&cfg).unwrap();
     let items: Vec<DpoPair> =
         pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
@@ -242,7 +244,7 @@ fn dpo_losses_match_the_python_reference() {
         assert!((item.ref_chosen - chosen[i]).abs() < 2e-4, "pair {i}: chosen {}", item.ref_chosen);
         assert!((item.ref_rejected - rejected[i]).abs() < 2e-4, "pair {i}: rejected {}", item.ref_rejected);
     }
-    let objective = Dpo { config: cfg.dpo.clone(), pad_id: 0 };
+    let objective = Dpo { config: DpoConfig::default(), pad_id: 0 };
     let run = meet::train::RunDir { dir: dir.path().to_path_buf(), config_hash: "dpo".into(), label: "dpo".into() };
     let logs =
         meet::train::train(&built.policy, &objective, &items, &mut built.optimizer, &cfg.train, &run, false).unwrap();

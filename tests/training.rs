@@ -66,14 +66,17 @@ fn lora_policy() -> (Policy, std::sync::Arc<Adapters>) {
         7,
     )
     .unwrap();
-    let p = Pretrained::from_raw(tiny_raw(11, 64), &LoadOptions { lora: Some(adapters.clone()), ..Default::default() })
-        .unwrap();
+    let p = Pretrained::from_raw(
+        tiny_raw(11, 64),
+        &LoadOptions { adapters: Some(adapters.source()), ..Default::default() },
+    )
+    .unwrap();
     for (k, v) in adapters.varmap.data().lock().unwrap().iter() {
         if k.contains("lora_B") {
             v.set(&seeded_normal(k, 0.3, v.shape())).unwrap();
         }
     }
-    (Policy { pretrained: p, prompts: None }, adapters)
+    (Policy { pretrained: p, lora: Some(adapters.clone()), prompts: None }, adapters)
 }
 
 #[test]
@@ -95,7 +98,7 @@ fn soft_prompt_gradients_match_finite_differences() {
     let cfg = PromptConfig { n: 3, ..Default::default() };
     let prompts = SoftPrompts::new(&names, &cfg, p.model.as_ref(), &p.tokenizer, 5, &Device::Cpu).unwrap();
     let vars: Vec<(String, Var)> = names.iter().cloned().zip(prompts.vars.iter().cloned()).collect();
-    let policy = Policy { pretrained: p, prompts: Some(prompts) };
+    let policy = Policy { pretrained: p, lora: None, prompts: Some(prompts) };
     let ex = examples();
     check_finite_differences(&vars, &|| loss(&policy, &ex));
 }
@@ -105,8 +108,11 @@ fn an_untrained_adapter_leaves_logits_unchanged_and_rows_follow_their_control() 
     let adapters =
         Adapters::new(vec![("good".into(), lora_config(4, TARGETABLE)), ("bad".into(), lora_config(4, TARGETABLE))], 3)
             .unwrap();
-    let p = Pretrained::from_raw(tiny_raw(13, 64), &LoadOptions { lora: Some(adapters.clone()), ..Default::default() })
-        .unwrap();
+    let p = Pretrained::from_raw(
+        tiny_raw(13, 64),
+        &LoadOptions { adapters: Some(adapters.source()), ..Default::default() },
+    )
+    .unwrap();
     let ids = Tensor::new(&[[3u32, 70, 12, 5, 199, 42]], &Device::Cpu).unwrap();
     adapters.route(Routing::Off);
     let base = p.model.forward(&ids).unwrap();
@@ -158,9 +164,11 @@ fn lora_adapters_saved_by_peft_give_peft_logits() {
     assert!(specs[1].1.use_rslora && specs[1].1.r == 2);
     let adapters = Adapters::new(specs, 0).unwrap();
     let model = fixtures().join("tiny-llama3");
-    let p =
-        Pretrained::load(model.to_str().unwrap(), &LoadOptions { lora: Some(adapters.clone()), ..Default::default() })
-            .unwrap();
+    let p = Pretrained::load(
+        model.to_str().unwrap(),
+        &LoadOptions { adapters: Some(adapters.source()), ..Default::default() },
+    )
+    .unwrap();
     folder::load_lora(&adapters, &dir).unwrap();
     let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -202,25 +210,26 @@ fn a_peft_adapter_saved_in_its_own_module_order_starts_a_run() {
     let data = tmp.path().join("d.jsonl");
     std::fs::write(&data, "{\"text\": \"ab\"}\n").unwrap();
     let cfg = |r: usize, targets: &[&str]| {
-        let mut c = meet::run::RunConfig::new(
-            meet::run::Method::Sft,
+        let mut c = meet::methods::config::RunConfig::new(
+            "sft",
             model.to_str().unwrap(),
-            meet::run::DataSection::new(&data),
+            meet::methods::config::DataSection::new(&data),
             tmp.path().join("run"),
-        );
+        )
+        .unwrap();
         c.lora = Some(lora_config(r, targets));
         c.model.init_adapters = Some(dir.clone());
         c
     };
-    let built = meet::run::build(&cfg(4, &listed)).unwrap();
+    let built = meet::methods::setup::standard(&cfg(4, &listed)).unwrap();
     let p = &built.policy.pretrained;
-    p.lora.as_ref().unwrap().route(Routing::All(0));
+    built.policy.lora.as_ref().unwrap().route(Routing::All(0));
     let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let d = max_diff(&p.model.forward(&ids).unwrap(), &rows(&exp["lora_order"]));
     assert!(d < 1e-4, "max |logit diff| {d} vs PEFT");
     // A real difference is named, field by field.
-    let err = |c| meet::run::build(&c).err().expect("the adapter should be refused").to_string();
+    let err = |c| meet::methods::setup::standard(&c).err().expect("the adapter should be refused").to_string();
     let e = err(cfg(8, &listed));
     assert!(e.contains("adapter_config.json") && e.contains("r: 4 vs 8") && !e.contains("target_modules"), "{e}");
     let e = err(cfg(4, &["q_proj", "k_proj", "down_proj"]));
@@ -233,9 +242,9 @@ fn merging_a_peft_adapter_gives_its_logits_without_the_adapter() {
     let exp = expected();
     let model = fixtures().join("tiny-llama3");
     let (cfg, tensors) = folder::read_lora(&fixtures().join("peft-lora")).unwrap();
-    let merged = meet::run::merge_lora(model.to_str().unwrap(), &cfg, &tensors).unwrap();
+    let merged = meet::peft::merge::merge(model.to_str().unwrap(), &cfg, &tensors).unwrap();
     let out = tempfile::tempdir().unwrap();
-    meet::io::save_hf_folder(&merged, out.path()).unwrap();
+    meet::models::pretrained::save_hf_folder(&merged, out.path()).unwrap();
     let p = Pretrained::load(out.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -253,7 +262,7 @@ fn soft_prompts_saved_by_peft_give_peft_logits() {
     let p = Pretrained::load(model.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let prompts = SoftPrompts::new(&["default".into()], &cfg, p.model.as_ref(), &p.tokenizer, 0, &Device::Cpu).unwrap();
     folder::load_prompts(&prompts, &dir).unwrap();
-    let policy = Policy { pretrained: p, prompts: Some(prompts) };
+    let policy = Policy { pretrained: p, lora: None, prompts: Some(prompts) };
     let ids: Vec<u32> = serde_json::from_value(exp["ids"].clone()).unwrap();
     let batch = Batch::from_rows(&[(ids.clone(), 0)], 0).unwrap();
     let (h, n) = policy.hidden(&batch).unwrap();
@@ -296,13 +305,13 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
             "[prompt]\nn = 4\n"
         };
         let cfg_text = format!(
-            "output_dir = \"{}\"\n[model]\nsource = \"{}\"\n{section}[data]\ntrain = \"{}\"\n[train]\nmax_steps = 3\nbatch_size = 2\nlr = 0.05\n",
+            "method = \"sft\"\noutput_dir = \"{}\"\n[model]\nsource = \"{}\"\n{section}[data]\ntrain = \"{}\"\n[train]\nmax_steps = 3\nbatch_size = 2\nlr = 0.05\n",
             out.path().join(kind).display(),
             model.display(),
             data.display()
         );
-        let mut cfg: meet::run::RunConfig = toml::from_str(&cfg_text).unwrap();
-        meet::run::run(&cfg, false).unwrap();
+        let mut cfg = meet::methods::config::RunConfig::from_str(&cfg_text).unwrap();
+        meet::methods::run(&cfg, false).unwrap();
         let saved = out.path().join(kind).join("final").join(if kind == "lora" { "lora" } else { "prompts" });
         if write {
             let _ = std::fs::remove_dir_all(fix.join(kind));
@@ -329,7 +338,7 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
         }
         // meet reads the committed (PEFT-checked) folder back.
         cfg.model.init_adapters = Some(if write { out.path().join(kind).join("final") } else { fix.join(kind) });
-        let built = meet::run::build(&cfg).unwrap();
+        let built = meet::methods::setup::standard(&cfg).unwrap();
         let batch = Batch::from_rows(&[(ids.clone(), 0)], 0).unwrap();
         let (h, n) = built.policy.hidden(&batch).unwrap();
         let logits = built.policy.pretrained.model.lm_head(&h.narrow(1, n, ids.len()).unwrap()).unwrap();
@@ -365,14 +374,14 @@ fn copy_dir(from: &Path, to: &Path) {
 fn resumable_run(dir: &Path, name: &str, lr: f64) -> PathBuf {
     let model = dir.join("model");
     if !model.exists() {
-        meet::io::save_hf_folder(&tiny_raw(21, 64), &model).unwrap();
+        meet::models::pretrained::save_hf_folder(&tiny_raw(21, 64), &model).unwrap();
         let lines: String = (0..24)
             .map(|i| format!("{{\"prompt\": \"row {i}:\", \"completion\": \" {} and {}\"}}\n", i * 7, i * 13))
             .collect();
         std::fs::write(dir.join("data.jsonl"), lines).unwrap();
     }
     let cfg = format!(
-        "output_dir = \"{out}\"\n[model]\nsource = \"{model}\"\ntrain_weights = true\n[lora]\nr = 2\nalpha = 4.0\ndropout = 0.1\n\
+        "method = \"sft\"\noutput_dir = \"{out}\"\n[model]\nsource = \"{model}\"\ntrain_weights = true\n[lora]\nr = 2\nalpha = 4.0\ndropout = 0.1\n\
          [data]\ntrain = \"{data}\"\n[train]\nmax_steps = 120\nbatch_size = 3\ngrad_accum = 2\nlr = {lr}\nschedule = \"cosine\"\n\
          warmup_steps = 5\nsave_every = 4\nkeep_checkpoints = true\nseed = 3\n",
         out = dir.join(name).display(),
@@ -460,9 +469,9 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
 fn sequence_log_probs_sum_and_average_each_rows_labels() {
     // Row sums/means of the labelled-token log-probs equal sums/means of log_softmax picked by hand.
     let p = Pretrained::from_raw(tiny_raw(31, 64), &LoadOptions::default()).unwrap();
-    let policy = Policy { pretrained: p, prompts: None };
+    let policy = Policy::plain(p);
     let batch = Batch::from_rows(&[(vec![1, 5, 9, 33, 7], 2), (vec![8, 8, 100], 1)], 256).unwrap();
-    let lp = policy.label_logps(&batch).unwrap();
+    let lp = meet::objectives::logps::label_logps(&policy, &batch).unwrap();
     assert_eq!(lp.counts(), vec![3, 2]);
     let ids = Tensor::new(&[[1u32, 5, 9, 33, 7]], &Device::Cpu).unwrap();
     let logits = policy.pretrained.model.forward(&ids).unwrap().squeeze(0).unwrap();

@@ -130,10 +130,10 @@ pub fn write_task(t: &SentimentTask, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let pairs: Vec<_> =
         t.rating_pairs.iter().map(|(i, c, r)| serde_json::json!({"prompt": i, "chosen": c, "rejected": r})).collect();
-    crate::io::write_jsonl(&dir.join("human_pairs.jsonl"), &pairs)?;
+    crate::files::write_jsonl(&dir.join("human_pairs.jsonl"), &pairs)?;
     let prompts = |p: &[String]| p.iter().map(|x| serde_json::json!({ "prompt": x })).collect::<Vec<_>>();
-    crate::io::write_jsonl(&dir.join("train_prompts.jsonl"), &prompts(&t.train_prompts))?;
-    crate::io::write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts(&t.eval_prompts))
+    crate::files::write_jsonl(&dir.join("train_prompts.jsonl"), &prompts(&t.train_prompts))?;
+    crate::files::write_jsonl(&dir.join("eval_prompts.jsonl"), &prompts(&t.eval_prompts))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub struct RewardModel {
 impl RewardModel {
     /// Loads a reward-model folder (it must hold `score.weight` with one label).
     pub fn load(model: &str) -> Result<Self> {
-        let mut raw = crate::io::read(model, &LoadOptions::default())?;
+        let mut raw = crate::models::pretrained::read(model, &LoadOptions::default())?;
         let head = raw.tensors.remove("score.weight").ok_or_else(|| {
             Error::format(model, "no score.weight: not a reward model (train one with method = \"reward\")")
         })?;
@@ -35,8 +35,11 @@ impl RewardModel {
         }
         let pad = raw.config.get("pad_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
         let pretrained = Pretrained::from_raw(raw, &LoadOptions::default())?;
-        let pad = pad.unwrap_or_else(|| crate::methods::pad_id(&pretrained));
-        Ok(Self { policy: Policy { pretrained, prompts: None }, head, batch: 16, pad, instruction: None })
+        let pad = match pad {
+            Some(p) => p,
+            None => pretrained.generation.pad_id()?,
+        };
+        Ok(Self { policy: Policy::plain(pretrained), head, batch: 16, pad, instruction: None })
     }
 }
 

@@ -21,9 +21,10 @@ use crate::eval::reward_model::RewardModel;
 use crate::eval::sample::{evaluate, read_prompts, summarize, EvalOptions, Sample, Summary};
 use crate::eval::stats::{mean_ci, Estimate};
 use crate::eval::{judge_by_name, Judge};
+use crate::files::{atomic_write, read_jsonl, write_jsonl};
 use crate::generate::SamplingParams;
-use crate::io::{atomic_write, read_jsonl, write_jsonl};
-use crate::run::RunConfig;
+use crate::methods::config::RunConfig;
+use crate::methods::{self, ExperimentEntry};
 use crate::{ui, Error, LoadOptions, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -211,22 +212,26 @@ impl ExperimentConfig {
         Ok((name, None))
     }
 
+    /// The registered method and experiment entry (see [`crate::methods::Recipe::experiments`])
+    /// of an experiment method name.
+    fn entry(name: &str) -> Result<(&'static str, ExperimentEntry)> {
+        let all = methods::all();
+        let found =
+            all.iter().find_map(|m| m.experiments().into_iter().find(|e| e.name == name).map(|e| (m.name(), e)));
+        found.ok_or_else(|| {
+            let names: Vec<&str> = all.iter().flat_map(|m| m.experiments()).map(|e| e.name).collect();
+            Error::Invalid(format!(
+                "unknown experiment method '{name}' ({}, meet-prompt-nN, meet-lora-rR)",
+                names.join(", ")
+            ))
+        })
+    }
+
     /// The built-in options of an experiment method name, before `[method.NAME]`.
     fn defaults(name: &str) -> Result<toml::Table> {
-        let text = match name {
-            "sft" => "method = \"sft\"\n[model]\ntrain_weights = true",
-            "control-token" => "method = \"control-token\"\n[model]\ntrain_weights = true",
-            "coh" => "method = \"coh\"\n[model]\ntrain_weights = true",
-            "dpo" => "method = \"dpo\"\n[model]\ntrain_weights = true",
-            "meet-prompt" => "method = \"meet\"\n[prompt]\nn = 20\ninit = \"sample_vocab\"",
-            "meet-lora" => "method = \"meet\"\n[lora]\nr = 16\nalpha = 32.0\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
-            other => {
-                return Err(Error::Invalid(format!(
-                    "unknown experiment method '{other}' (sft, control-token, coh, dpo, meet-prompt, meet-lora, meet-prompt-nN, meet-lora-rR)"
-                )))
-            }
-        };
-        toml::from_str(text).map_err(|e| Error::Invalid(e.to_string()))
+        let (method, e) = Self::entry(name)?;
+        let text = format!("method = {method:?}\n{}", e.options);
+        toml::from_str(&text).map_err(|e| Error::Invalid(e.to_string()))
     }
 
     /// The `--quick` profile: the same steps on a few prompts, one seed, two temperatures and a
@@ -273,22 +278,18 @@ impl ExperimentConfig {
         }
         let run = self.dir(&["runs", &format!("{name}-seed{seed}")]);
         let pairs = self.dir(&["data", "pairs.jsonl"]);
-        let model = if name == "dpo" {
-            // DPO starts from, and is anchored to, the SFT model of the same seed.
-            self.dir(&["runs", &format!("sft-seed{seed}"), "final"]).to_string_lossy().into_owned()
-        } else {
-            self.model.clone()
+        let model = match Self::entry(base)?.1.starts_from {
+            // The run continues another's final model of the same seed (DPO from SFT).
+            Some(from) => self.dir(&["runs", &format!("{from}-seed{seed}"), "final"]).to_string_lossy().into_owned(),
+            None => self.model.clone(),
         };
         let q = |s: &str| format!("{s:?}");
-        let mut over = vec![
+        let over = vec![
             ("output_dir".to_string(), q(&run.to_string_lossy())),
             ("model.source".to_string(), q(&model)),
             ("data.train".to_string(), q(&pairs.to_string_lossy())),
             ("train.seed".to_string(), seed.to_string()),
         ];
-        if name == "dpo" {
-            over.push(("dpo.reference".to_string(), q(&model)));
-        }
         RunConfig::from_table(t, &over)
     }
 }
@@ -432,11 +433,12 @@ struct Trained {
     reward_model: Option<RewardModel>,
 }
 
-/// Phase 3: every method with every seed (SFT first: DPO starts from it), then the sweep's extra
-/// sizes with the first seed, then the reward-model judge. Finished runs are kept.
+/// Phase 3: every method with every seed (those another starts from first: SFT before DPO), then
+/// the sweep's extra sizes with the first seed, then the reward-model judge. Finished runs are kept.
 fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
+    let bases: Vec<&str> = methods::all().iter().flat_map(|m| m.experiments()).filter_map(|e| e.starts_from).collect();
     let mut order: Vec<&String> = cfg.methods.iter().collect();
-    order.sort_by_key(|m| (m.as_str() != "sft") as u8);
+    order.sort_by_key(|m| !bases.contains(&m.as_str()));
     let mut trainings: Vec<(String, u64)> =
         cfg.seeds.iter().flat_map(|&s| order.iter().map(move |m| (m.to_string(), s))).collect();
     let sweep = cfg.sweep_points()?;
@@ -458,7 +460,7 @@ fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
     let mut trained = 0;
     for (k, (m, seed)) in trainings.iter().enumerate() {
         let rc = cfg.run_config(m, *seed)?;
-        if crate::methods::finished(&rc).is_none() {
+        if crate::methods::stage::finished(&rc).is_none() {
             let t0 = Instant::now();
             ui::header(&format!("run {}/{total_runs}: {m} (seed {seed}) -> {}", k + 1, rc.output_dir.display()));
             crate::methods::run(&rc, true)?;
@@ -469,7 +471,7 @@ fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
     let reward_model = match &cfg.reward_model {
         Some(_) => {
             let rc = cfg.reward_config()?;
-            if crate::methods::finished(&rc).is_none() {
+            if crate::methods::stage::finished(&rc).is_none() {
                 let t0 = Instant::now();
                 ui::header(&format!(
                     "run {total_runs}/{total_runs}: the reward model on the human-rating pairs -> {}",

@@ -6,7 +6,7 @@ use super::plots::{bars, lines, Point, Series};
 use super::{Evaluated, ExperimentConfig, SweepPoint, Timing};
 use crate::eval::sample::{paired_scores, summarize, Sample};
 use crate::eval::stats::{across_seeds, mean_ci, win_rate, Estimate};
-use crate::io::read_jsonl;
+use crate::files::read_jsonl;
 use crate::train::StepLog;
 use crate::Result;
 use std::fmt::Write as _;

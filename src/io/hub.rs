@@ -70,7 +70,7 @@ pub fn snapshot_in(cache: Cache, model: &str, offline: bool) -> Result<PathBuf> 
     }
     match fetch("model.safetensors.index.json", false)? {
         Some(index) => {
-            let v = crate::io::read_json(&index)?;
+            let v = crate::files::read_json(&index)?;
             let mut shards: Vec<&str> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())

@@ -1,7 +1,7 @@
 //! Reading and writing `.safetensors` weights: single files and HF sharded folders
 //! (`model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`).
 
-use crate::io::atomic_write;
+use crate::files::atomic_write;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};

@@ -3,11 +3,14 @@
 //! (or negative first) — with the loss on the response tokens only. At inference the positive
 //! phrase follows the prompt.
 
-use crate::controls::ControlKind;
 use crate::data::Example;
-use crate::methods::{load_pairs, pad_id, pair_controls, spec, stage, Stage};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_pairs, pair_controls};
+use crate::methods::spec::{spec, ControlKind, ControlSpec};
+use crate::methods::stage::{stage, Stage};
+use crate::methods::{ExperimentEntry, Recipe};
 use crate::objectives::lm::LanguageModeling;
-use crate::run::{build, RunConfig};
+use crate::tokenizer::Tokenizer;
 use crate::train::StepLog;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -45,6 +48,39 @@ impl Default for CohConfig {
     }
 }
 
+pub struct Coh;
+
+impl Recipe for Coh {
+    const NAME: &'static str = "coh";
+    const SECTION: Option<&'static str> = Some("coh");
+    type Options = CohConfig;
+
+    fn check(&self, cfg: &RunConfig, c: &CohConfig) -> Result<()> {
+        if cfg.prompt.is_some() {
+            return Err(Error::Invalid("method coh does not take a [prompt] section".into()));
+        }
+        if c.positive.is_empty() || c.negative.is_empty() {
+            return Err(Error::Invalid("coh: positive and negative phrase lists must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    fn run(&self, cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, c, resume)
+    }
+
+    /// The control's feedback phrase follows the prompt, as in training.
+    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
+        let m = tok.encode(&marker_text(&spec.markers[index]), false)?;
+        ids.iter_mut().for_each(|x| x.extend(&m));
+        Ok(())
+    }
+
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![ExperimentEntry { name: "coh", options: "[model]\ntrain_weights = true", starts_from: None }]
+    }
+}
+
 /// The text of a feedback phrase as placed in a sequence (on its own line).
 pub fn marker_text(phrase: &str) -> String {
     format!("\n{phrase}\n")
@@ -63,13 +99,9 @@ pub fn sequence(prompt: &[u32], first: (&[u32], &[u32]), second: (&[u32], &[u32]
     Example { ids, start, control: None, unlabelled: vec![gap] }
 }
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    let c = &cfg.coh;
-    if c.positive.is_empty() || c.negative.is_empty() {
-        return Err(Error::Invalid("coh: positive and negative phrase lists must not be empty".into()));
-    }
+fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
     pair_controls(cfg)?;
-    let mut built = build(cfg)?;
+    let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
     let encode = |ph: &String| p.tokenizer.encode(&marker_text(ph), false);
     let pos = c.positive.iter().map(encode).collect::<Result<Vec<_>>>()?;
@@ -92,7 +124,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
             }
         })
         .collect();
-    let objective = LanguageModeling { pad_id: pad_id(p) };
+    let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let mut s = spec(cfg, ControlKind::Text, vec![c.positive[0].clone(), c.negative[0].clone()]);
     s.stop_strings = c.positive.iter().chain(&c.negative).cloned().collect();
     let st = Stage {

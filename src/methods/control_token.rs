@@ -2,12 +2,14 @@
 //! preference (`<|good|>`, `<|bad|>`), placed before the prompt, with a new embedding row, trained
 //! jointly with the full model in one step.
 
-use crate::controls::ControlKind;
 use crate::data::Example;
-use crate::io::RawModel;
-use crate::methods::{load_data, pad_id, pair_controls, spec, stage, Stage, TrainingData};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_data, pair_controls, Built, TrainingData};
+use crate::methods::spec::{spec, ControlKind, ControlSpec};
+use crate::methods::stage::{stage, Stage};
+use crate::methods::{ExperimentEntry, Recipe};
+use crate::models::pretrained::RawModel;
 use crate::objectives::lm::LanguageModeling;
-use crate::run::{build_with, RunConfig};
 use crate::tokenizer::Tokenizer;
 use crate::train::StepLog;
 use crate::{Error, Result};
@@ -27,6 +29,48 @@ pub struct ControlTokenConfig {
 impl Default for ControlTokenConfig {
     fn default() -> Self {
         Self { template: "<|{name}|>".into() }
+    }
+}
+
+pub struct ControlToken;
+
+impl Recipe for ControlToken {
+    const NAME: &'static str = "control-token";
+    const SECTION: Option<&'static str> = Some("control_token");
+    type Options = ControlTokenConfig;
+
+    fn check(&self, cfg: &RunConfig, _: &ControlTokenConfig) -> Result<()> {
+        if !cfg.model.train_weights || cfg.lora.is_some() || cfg.prompt.is_some() {
+            return Err(Error::Invalid(
+                "method control-token trains the full model with its new token rows: set model.train_weights = true and drop [lora] / [prompt]".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run(&self, cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, o, resume)
+    }
+
+    /// The control's token goes before the prompt (after the tokenizer's own BOS), as in training.
+    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
+        let id = tok.token_id(&spec.markers[index]).ok_or_else(|| {
+            Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[index]))
+        })?;
+        let prefix = special_prefix(tok)?;
+        for x in ids.iter_mut() {
+            *x = with_token(&prefix, x, id);
+        }
+        Ok(())
+    }
+
+    /// Control tokens are inputs: never generate them (the reference model does not know them).
+    fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32> {
+        spec.markers.iter().filter_map(|m| tok.token_id(m)).collect()
+    }
+
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![ExperimentEntry { name: "control-token", options: "[model]\ntrain_weights = true", starts_from: None }]
     }
 }
 
@@ -87,10 +131,15 @@ pub fn with_token(prefix: &[u32], ids: &[u32], token: u32) -> Vec<u32> {
     out
 }
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<StepLog>> {
     let names = cfg.controls();
-    let tokens: Vec<String> = names.iter().map(|n| cfg.control_token.template.replace("{name}", n)).collect();
-    let mut built = build_with(cfg, &tokens, true)?;
+    let tokens: Vec<String> = names.iter().map(|n| o.template.replace("{name}", n)).collect();
+    let mut raw = setup::raw_model(cfg)?;
+    add_tokens(&mut raw, &tokens, cfg.train.seed)?;
+    let policy = setup::policy(cfg, raw)?;
+    let params = [setup::model_params(&policy)?, setup::control_params(&policy)?].concat();
+    let optimizer = setup::optimizer(cfg, params)?;
+    let mut built = Built { policy, optimizer };
     let p = &built.policy.pretrained;
     let ids: Vec<u32> = tokens
         .iter()
@@ -118,7 +167,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
             })
             .collect::<Result<_>>()?,
     };
-    let objective = LanguageModeling { pad_id: pad_id(p) };
+    let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let s = spec(cfg, ControlKind::Token, tokens);
     let st = Stage {
         name: "control-token",

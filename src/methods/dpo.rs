@@ -4,13 +4,57 @@
 //! policy — full weights, or a LoRA adapter whose disabled state is the reference.
 
 use crate::data::preference::Pair;
-use crate::methods::{adapter_spec, load_pairs, pad_id, stage, Stage};
-use crate::objectives::dpo::{reference_logps, Dpo, DpoPair};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_pairs};
+use crate::methods::spec::adapter_spec;
+use crate::methods::stage::{stage, Stage};
+use crate::methods::{ExperimentEntry, Recipe};
+use crate::objectives::dpo::{reference_logps, Dpo as DpoLoss, DpoConfig, DpoPair};
 use crate::policy::Policy;
-use crate::run::{build, RunConfig};
 use crate::train::{config_hash, StepLog};
-use crate::{Error, LoadOptions, Pretrained, Result};
+use crate::{io, Error, LoadOptions, Pretrained, Result};
 use serde::{Deserialize, Serialize};
+
+pub struct Dpo;
+
+impl Recipe for Dpo {
+    const NAME: &'static str = "dpo";
+    const SECTION: Option<&'static str> = Some("dpo");
+    type Options = DpoConfig;
+
+    fn default_controls(&self) -> Vec<String> {
+        vec!["default".into()]
+    }
+
+    fn check(&self, cfg: &RunConfig, d: &DpoConfig) -> Result<()> {
+        if cfg.prompt.is_some() {
+            return Err(Error::Invalid("method dpo does not take a [prompt] section".into()));
+        }
+        if !(d.beta.is_finite() && d.beta > 0.0) {
+            return Err(Error::Invalid(format!("dpo: beta {} must be a positive number", d.beta)));
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            return Err(Error::Invalid(format!("dpo: label_smoothing {} must be in [0, 0.5)", d.label_smoothing)));
+        }
+        Ok(())
+    }
+
+    fn check_sources(&self, _: &RunConfig, d: &DpoConfig) -> Result<()> {
+        if let Some(r) = &d.reference {
+            io::resolve(r).map_err(|e| Error::Invalid(format!("dpo.reference: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn run(&self, cfg: &RunConfig, d: &DpoConfig, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, d, resume)
+    }
+
+    /// In an experiment, DPO starts from (and is anchored to) the SFT model of the same seed.
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![ExperimentEntry { name: "dpo", options: "[model]\ntrain_weights = true", starts_from: Some("sft") }]
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct Cache {
@@ -21,8 +65,8 @@ struct Cache {
 }
 
 /// Reference log-probabilities of `pairs`, from the cache when it matches.
-pub fn cached_reference_logps(cfg: &RunConfig, pairs: &[Pair], pad: u32) -> Result<Vec<(f64, f64)>> {
-    let reference = cfg.dpo.reference.clone().unwrap_or_else(|| cfg.model.source.clone());
+pub fn cached_reference_logps(cfg: &RunConfig, d: &DpoConfig, pairs: &[Pair], pad: u32) -> Result<Vec<(f64, f64)>> {
+    let reference = d.reference.clone().unwrap_or_else(|| cfg.model.source.clone());
     let fingerprint = config_hash(&(&reference, pairs));
     let path = cfg.output_dir.join("reference_logps.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -38,22 +82,22 @@ pub fn cached_reference_logps(cfg: &RunConfig, pairs: &[Pair], pad: u32) -> Resu
     crate::ui::header(&format!("DPO reference pass: log-probabilities of {} pairs under {reference}", pairs.len()));
     crate::ui::note(&format!("computed once, cached in {}", path.display()));
     let model = Pretrained::load(&reference, &LoadOptions::default())?;
-    let logps = reference_logps(&Policy { pretrained: model, prompts: None }, pairs, cfg.train.batch_size, pad)?;
+    let logps = reference_logps(&Policy::plain(model), pairs, cfg.train.batch_size, pad)?;
     let cache = Cache { reference, fingerprint, logps };
     let text = serde_json::to_string(&cache).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::atomic_write(&path, text.as_bytes())?;
+    crate::files::atomic_write(&path, text.as_bytes())?;
     Ok(cache.logps)
 }
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    let mut built = build(cfg)?;
+fn run(cfg: &RunConfig, d: &DpoConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
-    let pad = pad_id(p);
+    let pad = p.generation.pad_id()?;
     let pairs = load_pairs(cfg, p)?;
-    let refs = cached_reference_logps(cfg, &pairs, pad)?;
+    let refs = cached_reference_logps(cfg, d, &pairs, pad)?;
     let items: Vec<DpoPair> =
         pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
-    let objective = Dpo { config: cfg.dpo.clone(), pad_id: pad };
+    let objective = DpoLoss { config: d.clone(), pad_id: pad };
     let st = Stage {
         name: "dpo",
         label: "DPO: the policy against the cached reference log-probabilities",

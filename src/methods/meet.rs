@@ -12,11 +12,14 @@
 //! `output_dir/final`.
 
 use crate::data::Example;
-use crate::methods::{adapter_spec, load_data, pad_id, pair_controls, stage, Stage, TrainingData};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_data, pair_controls, Built, TrainingData};
+use crate::methods::spec::adapter_spec;
+use crate::methods::stage::{stage, Stage};
+use crate::methods::{ExperimentEntry, Recipe};
 use crate::objectives::lm::LanguageModeling;
-use crate::run::{build_with, RunConfig};
 use crate::train::StepLog;
-use crate::Result;
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Which steps run.
@@ -51,6 +54,59 @@ pub struct MeetConfig {
     pub freeze_controls: bool,
     pub step1: StepOverrides,
     pub step2: StepOverrides,
+}
+
+pub struct Meet;
+
+impl Recipe for Meet {
+    const NAME: &'static str = "meet";
+    const SECTION: Option<&'static str> = Some("meet");
+    type Options = MeetConfig;
+
+    /// Each control is its own soft prompt / LoRA adapter.
+    fn adapter_per_control(&self) -> bool {
+        true
+    }
+
+    fn check(&self, cfg: &RunConfig, m: &MeetConfig) -> Result<()> {
+        if cfg.lora.is_some() == cfg.prompt.is_some() {
+            return Err(Error::Invalid(
+                "method meet needs its controls: add exactly one of a [prompt] or a [lora] section".into(),
+            ));
+        }
+        for (step, o) in [("step1", &m.step1), ("step2", &m.step2)] {
+            for (k, v) in [("lr", o.lr), ("control_lr", o.control_lr)] {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                    return Err(Error::Invalid(format!("meet.{step}: {k} {v} must be a non-negative number")));
+                }
+            }
+            if o.max_steps == Some(0) || o.epochs == Some(0) || o.batch_size == Some(0) || o.grad_accum == Some(0) {
+                return Err(Error::Invalid(format!(
+                    "meet.{step}: epochs, max_steps, batch_size and grad_accum must be at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, m, resume)
+    }
+
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![
+            ExperimentEntry {
+                name: "meet-prompt",
+                options: "[prompt]\nn = 20\ninit = \"sample_vocab\"",
+                starts_from: None,
+            },
+            ExperimentEntry {
+                name: "meet-lora",
+                options: "[lora]\nr = 16\nalpha = 32.0\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
+                starts_from: None,
+            },
+        ]
+    }
 }
 
 /// `cfg` for one step: what trains and the step's loop settings.
@@ -93,16 +149,15 @@ fn examples(cfg: &RunConfig, data: TrainingData) -> Result<Vec<Example>> {
     })
 }
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    let m = &cfg.meet;
+fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
     let mut logs = Vec::new();
     let step1_dir = cfg.output_dir.join("step1");
     if m.steps != MeetSteps::Step2 {
         let c = step_config(cfg, false, &m.step1);
-        let mut built = build_with(&c, &[], true)?;
+        let mut built = setup::standard(&c)?;
         let p = &built.policy.pretrained;
         let ex = examples(cfg, load_data(cfg, p)?)?;
-        let objective = LanguageModeling { pad_id: pad_id(p) };
+        let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
         let (dir, label) = if m.steps == MeetSteps::Step1 {
             (cfg.output_dir.clone(), "MEET step 1 (alone): the controls, model frozen")
         } else {
@@ -116,10 +171,16 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         if m.steps == MeetSteps::Both {
             c.model.init_adapters = Some(step1_dir.join("final"));
         }
-        let mut built = build_with(&c, &[], !m.freeze_controls)?;
+        let policy = setup::policy(&c, setup::raw_model(&c)?)?;
+        let mut params = setup::model_params(&policy)?;
+        if !m.freeze_controls {
+            params.extend(setup::control_params(&policy)?);
+        }
+        let optimizer = setup::optimizer(&c, params)?;
+        let mut built = Built { policy, optimizer };
         let p = &built.policy.pretrained;
         let ex = examples(cfg, load_data(cfg, p)?)?;
-        let objective = LanguageModeling { pad_id: pad_id(p) };
+        let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
         let label = match (m.steps, m.freeze_controls) {
             (MeetSteps::Step2, _) => "MEET step 2 (alone): the full model with fresh controls",
             (_, false) => "MEET step 2/2: the full model conditioned on the controls (both train)",

@@ -1,26 +1,210 @@
-//! Training methods, one file each, written as recipes (as torchtune's): read the data, build the
-//! policy, make the method's training items, train with the shared loop, save. A new method is a
-//! new file here plus one arm in [`run`] and one name in [`crate::run::Method`].
+//! Training methods, one file each, written as recipes (as torchtune's). A method's file owns
+//! everything about it: its options (its own section of a run file), which runs it accepts, its
+//! default controls, its recipe (read the data, set up the policy and optimizer, make its training
+//! items, train with the shared loop, save), how its controls are applied at inference, and its
+//! defaults in `meet experiment`. It implements [`Recipe`]; `pub mod` here and one line in
+//! [`builtins`] register it (code outside the crate calls [`register`]). Code outside this folder
+//! only sees [`Method`], found by name with [`find`].
 //!
-//! Shared pieces: [`load_data`] (supervised rows or preference pairs), [`stage`] (train and save
-//! one stage of a run, with its controls' inference spec), [`adapter_spec`].
+//! Shared pieces: [`config`] (the run file), [`setup`] (data, policy, optimizer), [`stage`]
+//! (train and save one stage), [`spec`] (the controls' inference spec).
 
 pub mod coh;
+pub mod config;
 pub mod control_token;
 pub mod dpo;
 pub mod meet;
 pub mod reward;
+pub mod setup;
 pub mod sft;
+pub mod spec;
+pub mod stage;
 
-use crate::controls::{ControlKind, ControlSpec};
-use crate::data::preference::{preferences_from_records, Pair};
-use crate::data::{first_value, read_records, supervised_from_records, Example, SupervisedOptions};
-use crate::objectives::{Item, Objective};
-use crate::run::{save_outputs, Built, Method, RunConfig};
-use crate::train::{checkpoint, config_hash, train, RunDir, StepLog};
-use crate::{ui, Error, Pretrained, Result};
+use crate::methods::config::{Document, RunConfig};
+use crate::methods::spec::ControlSpec;
+use crate::methods::stage::{finished, write_finished, Finished, FINISHED};
+use crate::tokenizer::Tokenizer;
+use crate::train::{config_hash, StepLog};
+use crate::{ui, Error, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::sync::{Arc, LazyLock, RwLock};
+
+/// A training method, written against its typed options. Implement this in one file and register
+/// it (one line in [`builtins`], or [`register`] from outside the crate).
+pub trait Recipe: Send + Sync + 'static {
+    /// Its name in run files (`method = "dpo"`).
+    const NAME: &'static str;
+    /// Its own section of a run file (`[dpo]`), read into [`Self::Options`]; `None`: it takes
+    /// none (a section of another method is an error either way).
+    const SECTION: Option<&'static str>;
+    /// The section's contents; unknown keys should be errors (`#[serde(deny_unknown_fields)]`).
+    type Options: Serialize + DeserializeOwned + Default;
+
+    /// Control names when `model.controls` is not given.
+    fn default_controls(&self) -> Vec<String> {
+        vec!["good".into(), "bad".into()]
+    }
+
+    /// Whether each control is a LoRA adapter / soft prompt of its own (else the run's adapter
+    /// or prompt is one, named `default`).
+    fn adapter_per_control(&self) -> bool {
+        false
+    }
+
+    /// Rejects runs the method cannot do (what must train, which sections it takes, option
+    /// values), before anything is read or written.
+    fn check(&self, _cfg: &RunConfig, _options: &Self::Options) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checks that the files its options name are there.
+    fn check_sources(&self, _cfg: &RunConfig, _options: &Self::Options) -> Result<()> {
+        Ok(())
+    }
+
+    /// Trains; with `resume`, continues every stage from its newest checkpoint. The last stage
+    /// writes its outputs into `cfg.output_dir/final` and marks the stage finished.
+    fn run(&self, cfg: &RunConfig, options: &Self::Options, resume: bool) -> Result<Vec<StepLog>>;
+
+    /// Applies control `index` of `spec` (a token or phrase kind, which the method wrote) to
+    /// prompts at inference. LoRA adapters and soft prompts are applied by the caller.
+    fn apply_control(&self, spec: &ControlSpec, _index: usize, _tok: &Tokenizer, _ids: &mut [Vec<u32>]) -> Result<()> {
+        Err(Error::Invalid(format!("method {} does not apply {:?} controls", Self::NAME, spec.kind)))
+    }
+
+    /// Tokens never to generate under the model it trained (its control tokens).
+    fn suppressed_tokens(&self, _spec: &ControlSpec, _tok: &Tokenizer) -> Vec<u32> {
+        vec![]
+    }
+
+    /// Its entries in `meet experiment`.
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![]
+    }
+}
+
+/// A method as an experiment runs it: a name, the run options (TOML) it starts from, and the
+/// experiment run whose final model it starts from, when it continues another (DPO from SFT).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentEntry {
+    pub name: &'static str,
+    pub options: &'static str,
+    pub starts_from: Option<&'static str>,
+}
+
+/// A registered method, whatever its options' type (see [`Recipe`], which every `Method` is).
+pub trait Method: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn section(&self) -> Option<&'static str>;
+    /// Reads the method's section of a run file into its options, defaults filled in (absent
+    /// section: the defaults). Errors from a file's text carry toml's line and column.
+    fn read_options(&self, doc: Document) -> std::result::Result<toml::Table, String>;
+    fn default_controls(&self) -> Vec<String>;
+    fn adapter_per_control(&self) -> bool;
+    fn check(&self, cfg: &RunConfig) -> Result<()>;
+    fn check_sources(&self, cfg: &RunConfig) -> Result<()>;
+    fn run(&self, cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>>;
+    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()>;
+    fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32>;
+    fn experiments(&self) -> Vec<ExperimentEntry>;
+}
+
+impl<R: Recipe> Method for R {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+    fn section(&self) -> Option<&'static str> {
+        R::SECTION
+    }
+    fn read_options(&self, doc: Document) -> std::result::Result<toml::Table, String> {
+        let options: R::Options = match R::SECTION {
+            Some(s) => doc.get(s)?.unwrap_or_default(),
+            None => R::Options::default(),
+        };
+        toml::Table::try_from(&options).map_err(|e| e.to_string())
+    }
+    fn default_controls(&self) -> Vec<String> {
+        Recipe::default_controls(self)
+    }
+    fn adapter_per_control(&self) -> bool {
+        Recipe::adapter_per_control(self)
+    }
+    fn check(&self, cfg: &RunConfig) -> Result<()> {
+        Recipe::check(self, cfg, &cfg.options()?)
+    }
+    fn check_sources(&self, cfg: &RunConfig) -> Result<()> {
+        Recipe::check_sources(self, cfg, &cfg.options()?)
+    }
+    fn run(&self, cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+        Recipe::run(self, cfg, &cfg.options()?, resume)
+    }
+    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
+        Recipe::apply_control(self, spec, index, tok, ids)
+    }
+    fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32> {
+        Recipe::suppressed_tokens(self, spec, tok)
+    }
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        Recipe::experiments(self)
+    }
+}
+
+/// Options of a method without a section of its own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoOptions {}
+
+/// The methods `meet` ships, one line each, in the order they are listed to users.
+fn builtins() -> Vec<Arc<dyn Method>> {
+    vec![
+        Arc::new(sft::Sft),
+        Arc::new(coh::Coh),
+        Arc::new(control_token::ControlToken),
+        Arc::new(meet::Meet),
+        Arc::new(dpo::Dpo),
+        Arc::new(reward::Reward),
+    ]
+}
+
+static REGISTRY: LazyLock<RwLock<Vec<Arc<dyn Method>>>> = LazyLock::new(|| RwLock::new(builtins()));
+
+/// Adds a method (one of a downstream crate, or a test's); its name and section must be new.
+pub fn register(method: Arc<dyn Method>) -> Result<()> {
+    let mut all = REGISTRY.write().map_err(|_| Error::Invalid("poisoned method registry".into()))?;
+    if let Some(m) = all.iter().find(|m| {
+        m.name() == method.name()
+            || (method.section().is_some() && m.section() == method.section())
+            || Some(m.name()) == method.section()
+    }) {
+        return Err(Error::Invalid(format!(
+            "method '{}' (section {:?}) clashes with the registered method '{}'",
+            method.name(),
+            method.section(),
+            m.name()
+        )));
+    }
+    all.push(method);
+    Ok(())
+}
+
+/// Every registered method.
+pub fn all() -> Vec<Arc<dyn Method>> {
+    REGISTRY.read().map(|r| r.clone()).unwrap_or_default()
+}
+
+/// Their names.
+pub fn names() -> Vec<&'static str> {
+    all().iter().map(|m| m.name()).collect()
+}
+
+/// The method called `name`.
+pub fn find(name: &str) -> Result<Arc<dyn Method>> {
+    all()
+        .into_iter()
+        .find(|m| m.name() == name)
+        .ok_or_else(|| Error::Invalid(format!("unknown method '{name}' (one of {})", names().join(", "))))
+}
 
 /// Runs `cfg.method`; with `resume`, every stage continues from its newest checkpoint, and a run
 /// that finished earlier is left as it is. Nothing is written before the configuration is checked.
@@ -46,227 +230,12 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
     }
     let text = toml::to_string_pretty(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::atomic_write(&cfg.output_dir.join("config.toml"), text.as_bytes())?;
-    let logs = match cfg.method {
-        Method::Sft => sft::run(cfg, resume),
-        Method::Coh => coh::run(cfg, resume),
-        Method::ControlToken => control_token::run(cfg, resume),
-        Method::Meet => meet::run(cfg, resume),
-        Method::Dpo => dpo::run(cfg, resume),
-        Method::Reward => reward::run(cfg, resume),
-    }?;
+    crate::files::atomic_write(&cfg.output_dir.join("config.toml"), text.as_bytes())?;
+    let logs = cfg.recipe()?.run(cfg, resume)?;
     // The last stage of every method writes into output_dir: its marker now stands for the run.
-    let path = cfg.output_dir.join(FINISHED);
-    let mut f: Finished = serde_json::from_value(crate::io::read_json(&path)?)
-        .map_err(|e| Error::parse(&path, format!("not a meet stage marker: {e}")))?;
+    let mut f: Finished = serde_json::from_value(crate::files::read_json(&marker)?)
+        .map_err(|e| Error::parse(&marker, format!("not a meet stage marker: {e}")))?;
     f.run_hash = Some(config_hash(cfg));
     write_finished(&cfg.output_dir, &f)?;
     Ok(logs)
-}
-
-/// The marker a stage writes into its folder once its outputs (`final/`) are complete.
-const FINISHED: &str = "finished.json";
-
-/// What [`FINISHED`] holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Finished {
-    pub stage: String,
-    /// Fingerprint of the stage's configuration (as its checkpoints').
-    pub config_hash: String,
-    /// Fingerprint of the whole run's configuration, once every stage of the run is done.
-    #[serde(default)]
-    pub run_hash: Option<String>,
-    pub steps: usize,
-    pub loss: Option<f64>,
-}
-
-fn read_finished(dir: &Path) -> Option<Finished> {
-    let text = std::fs::read_to_string(dir.join(FINISHED)).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn write_finished(dir: &Path, f: &Finished) -> Result<()> {
-    let text = serde_json::to_string_pretty(f).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::atomic_write(&dir.join(FINISHED), text.as_bytes())
-}
-
-/// Whether the run of `cfg` (this very configuration) finished: its outputs are complete.
-pub fn finished(cfg: &RunConfig) -> Option<Finished> {
-    read_finished(&cfg.output_dir).filter(|f| f.run_hash.as_deref() == Some(config_hash(cfg).as_str()))
-}
-
-/// Training data as read: supervised rows, or preference pairs.
-pub enum TrainingData {
-    Supervised(Vec<Example>),
-    Pairs(Vec<Pair>),
-}
-
-/// Whether a record is a preference (it has a rejected response).
-fn is_preference(v: &serde_json::Value) -> bool {
-    v.get("rejected").is_some() || (v.get("info").is_some() && v.get("summaries").is_some())
-}
-
-/// Reads `cfg.data.train` with the policy's tokenizer: preference records (any format of
-/// [`crate::data::preference`]) as pairs, otherwise supervised rows (controls by name).
-pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
-    let path = &cfg.data.train;
-    let records = read_records(path)?;
-    if first_value(&records).is_some_and(is_preference) {
-        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &cfg.data.preference_options())?;
-        return Ok(TrainingData::Pairs(pairs));
-    }
-    let opts = SupervisedOptions {
-        max_length: cfg.data.max_length,
-        controls: cfg.controls(),
-        default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
-        eos_id: p.generation.eos_token_ids.first().copied(),
-        skip_invalid: cfg.data.skip_invalid,
-    };
-    Ok(TrainingData::Supervised(supervised_from_records(path, records, &p.tokenizer, &opts)?.0))
-}
-
-/// Pairs only: the methods that learn from a chosen and a rejected response.
-pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<Vec<Pair>> {
-    match load_data(cfg, p)? {
-        TrainingData::Pairs(pairs) => Ok(pairs),
-        TrainingData::Supervised(_) => Err(Error::parse(
-            &cfg.data.train,
-            format!("method {} needs preference records (chosen and rejected responses)", cfg.method.name()),
-        )),
-    }
-}
-
-/// The control indices of the chosen and the rejected response (the first two control names).
-pub fn pair_controls(cfg: &RunConfig) -> Result<(usize, usize)> {
-    match cfg.controls().len() {
-        2 => Ok((0, 1)),
-        n => Err(Error::Invalid(format!(
-            "preference data needs two controls (chosen, rejected), model.controls has {n}: {:?}",
-            cfg.controls()
-        ))),
-    }
-}
-
-/// The token that pads batches.
-pub fn pad_id(p: &Pretrained) -> u32 {
-    p.generation.pad_token_id.or(p.generation.eos_token_ids.first().copied()).unwrap_or(0)
-}
-
-/// The base model path as written into saved specs (absolute when it is a local path, so the
-/// output folder works from anywhere).
-fn base_model(cfg: &RunConfig) -> String {
-    std::fs::canonicalize(&cfg.model.source)
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| cfg.model.source.clone())
-}
-
-/// The inference spec of a run whose controls are its LoRA adapters or soft prompts.
-pub fn adapter_spec(cfg: &RunConfig) -> Option<ControlSpec> {
-    let kind = if cfg.prompt.is_some() {
-        ControlKind::SoftPrompt
-    } else if cfg.lora.is_some() {
-        ControlKind::Lora
-    } else {
-        return None;
-    };
-    Some(spec(cfg, kind, vec![]))
-}
-
-/// A spec of `kind` for `cfg`'s controls.
-pub fn spec(cfg: &RunConfig, kind: ControlKind, markers: Vec<String>) -> ControlSpec {
-    ControlSpec {
-        method: cfg.method.name().to_string(),
-        kind,
-        names: cfg.controls(),
-        markers,
-        base_model: base_model(cfg),
-        stop_strings: vec![],
-    }
-}
-
-/// One training stage of a run: its checkpoint name (part of the checkpoints' fingerprint), what
-/// the user is shown, and its folder (`metrics.jsonl`, `checkpoint-*`, `final/`).
-pub struct Stage<'a> {
-    pub name: &'a str,
-    pub label: &'a str,
-    pub dir: &'a Path,
-}
-
-/// Trains `built` on `items` (see [`stage_train`]), then saves the outputs under `dir/final` with
-/// `spec` and marks the stage finished. With `resume`, a stage that finished earlier is skipped and
-/// its outputs are left as they are.
-pub fn stage<T: Item>(
-    cfg: &RunConfig,
-    st: &Stage,
-    built: &mut Built,
-    objective: &dyn Objective<T>,
-    items: &[T],
-    resume: bool,
-    spec: Option<ControlSpec>,
-) -> Result<Vec<StepLog>> {
-    if resume && finished_stage(cfg, st).is_some() {
-        return Ok(vec![]);
-    }
-    let logs = stage_train(cfg, st, built, objective, items, resume)?;
-    let out = st.dir.join("final");
-    save_outputs(&built.policy, &cfg.model.source, &out)?;
-    if let Some(s) = spec {
-        s.save(&out)?;
-    }
-    finish_stage(cfg, st, &logs)?;
-    Ok(logs)
-}
-
-/// With `resume`: the marker of a stage that finished earlier (said to the user), if it did.
-pub fn finished_stage(cfg: &RunConfig, st: &Stage) -> Option<Finished> {
-    let f = read_finished(st.dir).filter(|f| f.stage == st.name && f.config_hash == config_hash(&(cfg, st.name)))?;
-    ui::header(st.label);
-    ui::note(&format!("finished earlier ({} steps); outputs kept in {}", f.steps, st.dir.join("final").display()));
-    Some(f)
-}
-
-/// Marks a stage finished once its outputs are written, and removes its checkpoints (they exist
-/// to resume an unfinished stage) unless `train.keep_checkpoints`.
-pub fn finish_stage(cfg: &RunConfig, st: &Stage, logs: &[StepLog]) -> Result<()> {
-    // A stage resumed at its last step trained nothing now: its last step is in metrics.jsonl.
-    let last = logs.last().cloned().or_else(|| {
-        let text = std::fs::read_to_string(st.dir.join("metrics.jsonl")).ok()?;
-        text.lines().rev().find_map(|l| serde_json::from_str::<StepLog>(l).ok())
-    });
-    let f = Finished {
-        stage: st.name.into(),
-        config_hash: config_hash(&(cfg, st.name)),
-        run_hash: None,
-        steps: last.as_ref().map_or(0, |l| l.step),
-        loss: last.map(|l| l.loss),
-    };
-    write_finished(st.dir, &f)?;
-    if !cfg.train.keep_checkpoints {
-        checkpoint::remove_all(st.dir)?;
-    }
-    ui::note(&format!("outputs in {}", st.dir.join("final").display()));
-    Ok(())
-}
-
-/// Trains a stage in its folder (`metrics.jsonl`, `checkpoint-*`) without saving outputs: for
-/// methods that save outputs of their own (then call [`finish_stage`]).
-pub fn stage_train<T: Item>(
-    cfg: &RunConfig,
-    st: &Stage,
-    built: &mut Built,
-    objective: &dyn Objective<T>,
-    items: &[T],
-    resume: bool,
-) -> Result<Vec<StepLog>> {
-    // A stage trained anew must not look finished if it is stopped part-way.
-    let marker = st.dir.join(FINISHED);
-    if marker.is_file() {
-        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
-    }
-    let total = cfg.train.total_steps(items.len());
-    ui::header(st.label);
-    ui::note(&format!("{} training items, {total} optimizer steps, in {}", items.len(), st.dir.display()));
-    let run_dir =
-        RunDir { dir: st.dir.to_path_buf(), config_hash: config_hash(&(cfg, st.name)), label: st.name.into() };
-    train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run_dir, resume)
 }

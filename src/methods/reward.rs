@@ -5,13 +5,15 @@
 //! transformers loads, and which [`crate::eval::reward_model`] uses as a judge.
 
 use crate::data::preference::Pair;
-use crate::methods::{finish_stage, load_pairs, pad_id, stage_train, Stage};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_pairs, Built};
+use crate::methods::stage::{finish_stage, stage_train, trained_model, Stage};
+use crate::methods::Recipe;
 use crate::objectives::dpo::pair_batch;
 use crate::objectives::reward::{rewards, RewardModelling};
 use crate::policy::Policy;
-use crate::run::{build_full, trained_model, RunConfig};
 use crate::train::StepLog;
-use crate::{Error, Result};
+use crate::{Error, Pretrained, Result};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -34,6 +36,52 @@ impl Default for RewardConfig {
     }
 }
 
+pub struct Reward;
+
+impl Recipe for Reward {
+    const NAME: &'static str = "reward";
+    const SECTION: Option<&'static str> = Some("reward");
+    type Options = RewardConfig;
+
+    fn default_controls(&self) -> Vec<String> {
+        vec!["default".into()]
+    }
+
+    fn check(&self, cfg: &RunConfig, r: &RewardConfig) -> Result<()> {
+        if !cfg.model.train_weights || cfg.lora.is_some() || cfg.prompt.is_some() {
+            return Err(Error::Invalid(
+                "method reward trains the full model with its score head: set model.train_weights = true and drop [lora] / [prompt]".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&r.eval_share) {
+            return Err(Error::Invalid(format!("reward: eval_share {} must be in [0, 1)", r.eval_share)));
+        }
+        Ok(())
+    }
+
+    fn check_sources(&self, _: &RunConfig, r: &RewardConfig) -> Result<()> {
+        match r.eval.as_ref().filter(|p| !p.is_file()) {
+            Some(p) => Err(Error::Invalid(format!("reward.eval: {} is not a file", p.display()))),
+            None => Ok(()),
+        }
+    }
+
+    fn run(&self, cfg: &RunConfig, r: &RewardConfig, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, r, resume)
+    }
+}
+
+/// A new score head `(1, hidden)`: transformers' `LlamaForSequenceClassification` initialises
+/// `score` from N(0, initializer_range).
+fn score_head(p: &Pretrained, seed: u64) -> Result<Var> {
+    let hidden = p.model.hidden_size();
+    let std = p.config.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0.0, std).map_err(|e| Error::Invalid(e.to_string()))?;
+    let w: Vec<f32> = (0..hidden).map(|_| rand_distr::Distribution::sample(&normal, &mut rng) as f32).collect();
+    Ok(Var::from_tensor(&Tensor::from_vec(w, (1, hidden), &p.device)?)?)
+}
+
 /// Pairwise accuracy (chosen rewarded above rejected) and mean margin on `pairs`.
 pub fn accuracy(policy: &Policy, head: &Tensor, pairs: &[Pair], batch: usize, pad: u32) -> Result<(f64, f64)> {
     let (mut right, mut margin) = (0usize, 0f64);
@@ -49,29 +97,17 @@ pub fn accuracy(policy: &Policy, head: &Tensor, pairs: &[Pair], batch: usize, pa
     Ok((right as f64 / pairs.len().max(1) as f64, margin / pairs.len().max(1) as f64))
 }
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    // transformers' LlamaForSequenceClassification initialises `score` from N(0, initializer_range).
-    let seed = cfg.train.seed ^ 0x5C0E;
-    let new_head = |p: &crate::Pretrained| -> Result<Vec<(String, Var, usize)>> {
-        let hidden = p.model.hidden_size();
-        let std = p.config.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = rand_distr::Normal::new(0.0, std).map_err(|e| Error::Invalid(e.to_string()))?;
-        let w: Vec<f32> = (0..hidden).map(|_| rand_distr::Distribution::sample(&normal, &mut rng) as f32).collect();
-        Ok(vec![("score.weight".into(), Var::from_tensor(&Tensor::from_vec(w, (1, hidden), &p.device)?)?, 0)])
-    };
-    let mut built = build_full(cfg, &[], true, &new_head)?;
-    let head = built
-        .optimizer
-        .params
-        .iter()
-        .find(|q| q.name == "score.weight")
-        .map(|q| q.var.clone())
-        .ok_or_else(|| Error::Invalid("the score head is not among the trained parameters".into()))?;
+fn run(cfg: &RunConfig, r: &RewardConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let policy = setup::policy(cfg, setup::raw_model(cfg)?)?;
+    let head = score_head(&policy.pretrained, cfg.train.seed ^ 0x5C0E)?;
+    let mut params = setup::model_params(&policy)?;
+    params.push(("score.weight".into(), head.clone(), 0));
+    let optimizer = setup::optimizer(cfg, params)?;
+    let mut built = Built { policy, optimizer };
     let p = &built.policy.pretrained;
-    let pad = pad_id(p);
+    let pad = p.generation.pad_id()?;
     let mut pairs = load_pairs(cfg, p)?;
-    let held_out = match &cfg.reward.eval {
+    let held_out = match &r.eval {
         Some(path) => {
             let mut c = cfg.clone();
             c.data.train = path.clone();
@@ -79,7 +115,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         }
         None => {
             pairs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed));
-            let k = ((pairs.len() as f64) * cfg.reward.eval_share).round() as usize;
+            let k = ((pairs.len() as f64) * r.eval_share).round() as usize;
             if k >= pairs.len() {
                 return Err(Error::Invalid("reward.eval_share leaves no training pairs".into()));
             }
@@ -103,7 +139,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         "accuracy_before": before.0, "margin_before": before.1,
         "accuracy": after.0, "margin": after.1,
     });
-    crate::io::atomic_write(&cfg.output_dir.join("final/reward_eval.json"), report.to_string().as_bytes())?;
+    crate::files::atomic_write(&cfg.output_dir.join("final/reward_eval.json"), report.to_string().as_bytes())?;
     finish_stage(cfg, &st, &logs)?;
     Ok(logs)
 }
@@ -124,6 +160,6 @@ fn save(policy: &Policy, head: &Tensor, cfg: &RunConfig, out: &std::path::Path) 
     config["num_labels"] = serde_json::json!(1);
     config["id2label"] = serde_json::json!({"0": "LABEL_0"});
     config["label2id"] = serde_json::json!({"LABEL_0": 0});
-    config["pad_token_id"] = serde_json::json!(pad_id(&policy.pretrained));
-    crate::io::save_hf_folder(&raw, out)
+    config["pad_token_id"] = serde_json::json!(policy.pretrained.generation.pad_id()?);
+    crate::models::pretrained::save_hf_folder(&raw, out)
 }

@@ -2,14 +2,42 @@
 //! supervised rows). The usual first step, and the reference model of DPO.
 
 use crate::data::Example;
-use crate::methods::{adapter_spec, load_data, pad_id, stage, Stage, TrainingData};
+use crate::methods::config::RunConfig;
+use crate::methods::setup::{self, load_data, TrainingData};
+use crate::methods::spec::adapter_spec;
+use crate::methods::stage::{stage, Stage};
+use crate::methods::{ExperimentEntry, NoOptions, Recipe};
 use crate::objectives::lm::LanguageModeling;
-use crate::run::{build, RunConfig};
 use crate::train::StepLog;
 use crate::Result;
 
-pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
-    let mut built = build(cfg)?;
+pub struct Sft;
+
+impl Recipe for Sft {
+    const NAME: &'static str = "sft";
+    const SECTION: Option<&'static str> = None;
+    type Options = NoOptions;
+
+    fn default_controls(&self) -> Vec<String> {
+        vec!["default".into()]
+    }
+
+    /// Supervised rows may name a control each: one adapter / prompt per control.
+    fn adapter_per_control(&self) -> bool {
+        true
+    }
+
+    fn run(&self, cfg: &RunConfig, _: &NoOptions, resume: bool) -> Result<Vec<StepLog>> {
+        run(cfg, resume)
+    }
+
+    fn experiments(&self) -> Vec<ExperimentEntry> {
+        vec![ExperimentEntry { name: "sft", options: "[model]\ntrain_weights = true", starts_from: None }]
+    }
+}
+
+fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
+    let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
     let default_control = (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0);
     let examples = match load_data(cfg, p)? {
@@ -24,7 +52,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
             })
             .collect(),
     };
-    let objective = LanguageModeling { pad_id: pad_id(p) };
+    let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let st = Stage { name: "sft", label: "SFT: supervised fine-tuning on the chosen responses", dir: &cfg.output_dir };
     stage(cfg, &st, &mut built, &objective, &examples, resume, adapter_spec(cfg))
 }

@@ -387,7 +387,7 @@ impl CausalLm for Llama {
     }
 
     fn frozen_lm_head(&self) -> Option<Tensor> {
-        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.lora) {
+        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.adapter) {
             (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
             _ => None,
         }

@@ -2,6 +2,7 @@
 //! A new architecture is a new file plus one line in [`build`].
 
 pub mod llama;
+pub mod pretrained;
 
 use crate::nn::attention::Mask;
 use crate::nn::Builder;
@@ -81,7 +82,7 @@ pub trait CausalLm: Send + Sync {
     /// Hidden states to logits `(.., vocab)`.
     fn lm_head(&self, h: &Tensor) -> Result<Tensor>;
     /// The LM head's weight `[vocab, hidden]` when it is a frozen dense matrix without bias, so
-    /// that a loss may fuse it (see [`crate::train::loss::frozen_head_logps`]).
+    /// that a loss may fuse it (see [`crate::objectives::logps::frozen_head_logps`]).
     fn frozen_lm_head(&self) -> Option<Tensor> {
         None
     }

@@ -1,5 +1,6 @@
 //! `y = x W^T + b`, with `W` either a dense f32 tensor (trainable when it is a `Var`) or a frozen
-//! [`PackedWeight`] multiplied by a fused kernel; plus the LoRA adapters wrapping the layer.
+//! [`PackedWeight`] multiplied by a fused kernel; plus an adapter that adds to its output (LoRA,
+//! plugged in from `peft` through [`LinearAdapter`]).
 //!
 //! Dense products on the CPU are one custom op whose backward computes the weight gradient only
 //! when the weight is a `Var`: candle's own matmul backward computes and keeps `xᵀ dy` for every
@@ -9,9 +10,21 @@
 use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
 use crate::nn::packed::PackedWeight;
-use crate::peft::lora::LoraLayer;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use std::sync::{Arc, OnceLock};
+
+/// What is added to a linear layer's output, `y + Δ(x)`: LoRA adapters implement it in `peft`, so
+/// the layers and models below know nothing of them.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// `y` (the layer's output for `x`) with the adapter's contribution.
+    fn apply(&self, x: &Tensor, y: Tensor) -> crate::Result<Tensor>;
+}
+
+/// `x Wᵀ` for a dense `W: [out, in]` through the layer kernel, whose backward writes `dW` (only
+/// when `W` is a `Var`) straight into its gradient: the low-level product adapters are made of.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    Linear::new(w.clone(), None).forward_base(x)
+}
 
 /// Where a linear layer's weight lives.
 #[derive(Debug, Clone)]
@@ -27,8 +40,8 @@ pub enum LinearWeight {
 pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
-    /// LoRA adapters on this layer, if any target it.
-    pub lora: Option<LoraLayer>,
+    /// The adapter on this layer (LoRA), if one targets it.
+    pub adapter: Option<Arc<dyn LinearAdapter>>,
     /// `Wᵀ` (`[in, out]`) of a frozen dense weight, made on the first long input: the product
     /// kernels run ~20% faster on a row-major right operand than on a transposed one, and a frozen
     /// weight never changes (training of adapters and prompts, prefill in f32).
@@ -38,7 +51,7 @@ pub struct Linear {
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Dense(weight), bias, lora: None, transposed: Default::default() }
+        Self { weight: LinearWeight::Dense(weight), bias, adapter: None, transposed: Default::default() }
     }
 
     /// One layer computing `layers` side by side (outputs concatenated), when all of them are
@@ -47,7 +60,7 @@ impl Linear {
     pub fn fuse_packed(layers: &[&Linear]) -> Option<Linear> {
         let parts = layers
             .iter()
-            .map(|l| match (&l.weight, &l.bias, &l.lora) {
+            .map(|l| match (&l.weight, &l.bias, &l.adapter) {
                 (LinearWeight::Packed(p), None, None) => Some(p.as_ref()),
                 _ => None,
             })
@@ -56,7 +69,7 @@ impl Linear {
         Some(Linear {
             weight: LinearWeight::Packed(Arc::new(fused)),
             bias: None,
-            lora: None,
+            adapter: None,
             transposed: Default::default(),
         })
     }
@@ -80,8 +93,8 @@ impl Linear {
     /// Applies the layer (and its routed LoRA adapters) to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.forward_base(x)?;
-        match &self.lora {
-            Some(l) => l.apply(x, y).map_err(|e| candle_core::Error::Msg(e.to_string())),
+        match &self.adapter {
+            Some(a) => a.apply(x, y).map_err(|e| candle_core::Error::Msg(e.to_string())),
             None => Ok(y),
         }
     }
@@ -248,7 +261,8 @@ mod tests {
         let w: Vec<f32> = (0..6 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
         let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
-        let packed = Linear { weight: LinearWeight::Packed(p), bias: None, lora: None, transposed: Default::default() };
+        let packed =
+            Linear { weight: LinearWeight::Packed(p), bias: None, adapter: None, transposed: Default::default() };
         let x = Var::from_tensor(
             &Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev)
                 .unwrap()

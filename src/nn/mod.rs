@@ -10,11 +10,10 @@ pub mod packed;
 pub mod simd;
 pub mod team;
 
-use crate::peft::lora::{Adapters, LoraLayer};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use linear::{Linear, LinearWeight};
+use linear::{Linear, LinearAdapter, LinearWeight};
 use packed::PackedWeight;
 use rand::SeedableRng;
 use rand_distr::Distribution;
@@ -50,14 +49,27 @@ enum Origin {
 pub struct Builder<'a> {
     vb: VarBuilder<'a>,
     origin: Origin,
-    lora: Option<Arc<Adapters>>,
+    adapters: Option<Arc<dyn AdapterSource>>,
+}
+
+/// Where a model being built gets the adapter of each linear layer (LoRA, from `peft`), by the
+/// layer's path (`model.layers.0.self_attn.q_proj`).
+pub trait AdapterSource: std::fmt::Debug + Send + Sync {
+    /// The adapter of the layer at `path` (`in_dim -> out_dim`), or `None` when none targets it.
+    fn layer(
+        &self,
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+    ) -> Result<Option<Arc<dyn LinearAdapter>>>;
 }
 
 impl<'a> Builder<'a> {
     /// Weights from `vb` (tensors or a pre-filled `VarMap`) and `packed`, loaded from `path`.
     pub fn loaded(vb: VarBuilder<'a>, packed: HashMap<String, Arc<PackedWeight>>, path: PathBuf) -> Self {
         let used = Default::default();
-        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used }, lora: None }
+        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used }, adapters: None }
     }
 
     /// Names of the loaded tensors the model has asked for so far.
@@ -79,18 +91,18 @@ impl<'a> Builder<'a> {
     /// Fresh trainable parameters in `varmap`, drawn deterministically from `seed`.
     pub fn init(varmap: &VarMap, seed: u64, device: &Device) -> Self {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
-        Self { vb, origin: Origin::Init { varmap: varmap.clone(), seed }, lora: None }
+        Self { vb, origin: Origin::Init { varmap: varmap.clone(), seed }, adapters: None }
     }
 
     /// Wraps the linear layers that `adapters` target with LoRA.
-    pub fn with_lora(mut self, adapters: Option<Arc<Adapters>>) -> Self {
-        self.lora = adapters;
+    pub fn with_adapters(mut self, adapters: Option<Arc<dyn AdapterSource>>) -> Self {
+        self.adapters = adapters;
         self
     }
 
     /// The builder for a sub-module.
     pub fn pp(&self, s: impl ToString) -> Self {
-        Self { vb: self.vb.pp(s), origin: self.origin.clone(), lora: self.lora.clone() }
+        Self { vb: self.vb.pp(s), origin: self.origin.clone(), adapters: self.adapters.clone() }
     }
 
     /// The device weights live on.
@@ -155,23 +167,23 @@ impl<'a> Builder<'a> {
                         ),
                     ));
                 }
-                let lora = self.lora_layer(in_dim, out_dim)?;
+                let adapter = self.adapter(in_dim, out_dim)?;
                 return Ok(Linear {
                     weight: LinearWeight::Packed(p.clone()),
                     bias,
-                    lora,
+                    adapter,
                     transposed: Default::default(),
                 });
             }
         }
         let mut l = Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias);
-        l.lora = self.lora_layer(in_dim, out_dim)?;
+        l.adapter = self.adapter(in_dim, out_dim)?;
         Ok(l)
     }
 
-    fn lora_layer(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraLayer>> {
-        match &self.lora {
-            Some(a) => LoraLayer::new(a, &self.vb.prefix(), in_dim, out_dim, self.device()),
+    fn adapter(&self, in_dim: usize, out_dim: usize) -> Result<Option<Arc<dyn LinearAdapter>>> {
+        match &self.adapters {
+            Some(a) => a.layer(&self.vb.prefix(), in_dim, out_dim, self.device()),
             None => Ok(None),
         }
     }
@@ -223,7 +235,7 @@ impl Embedding {
 
     /// The output projection that shares this table (tied embeddings).
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None, lora: None, transposed: Default::default() }
+        Linear { weight: self.weight.clone(), bias: None, adapter: None, transposed: Default::default() }
     }
 }
 

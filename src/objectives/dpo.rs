@@ -8,6 +8,7 @@
 //! reference model is never held during training.
 
 use crate::data::preference::Pair;
+use crate::objectives::logps::label_logps;
 use crate::objectives::{Item, Objective, StepOutput};
 use crate::policy::{Batch, Policy};
 use crate::{Error, Result};
@@ -70,7 +71,7 @@ pub fn reference_logps(model: &Policy, pairs: &[Pair], batch_size: usize, pad_id
         let refs: Vec<&Pair> = chunk.iter().collect();
         let mut batch = pair_batch(&refs, pad_id)?;
         batch.controls = Some(vec![None; batch.b]);
-        let lp = model.label_logps(&batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
+        let lp = label_logps(model, &batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
         let n = chunk.len();
         out.extend((0..n).map(|i| (lp[i] as f64, lp[n + i] as f64)));
         progress.inc(n, "");
@@ -166,7 +167,7 @@ impl Objective<DpoPair> for Dpo {
             return Err(Error::Invalid("empty DPO batch".into()));
         }
         let pairs: Vec<&Pair> = items.iter().map(|i| &i.pair).collect();
-        let lp = policy.label_logps(&pair_batch(&pairs, self.pad_id)?)?.per_sequence_sum()?;
+        let lp = label_logps(policy, &pair_batch(&pairs, self.pad_id)?)?.per_sequence_sum()?;
         let dev = lp.device();
         let (pc, pr) = (lp.narrow(0, 0, n)?, lp.narrow(0, n, n)?);
         let rc = Tensor::from_vec(items.iter().map(|i| i.ref_chosen as f32).collect(), n, dev)?;

@@ -4,6 +4,7 @@
 //! fine-tuning, LoRA and prompt tuning.
 
 use crate::data::Example;
+use crate::objectives::logps::label_logps;
 use crate::objectives::{Objective, StepOutput};
 use crate::policy::{Batch, Policy};
 use crate::Result;
@@ -41,7 +42,7 @@ impl Objective<Example> for LanguageModeling {
     }
 
     fn loss(&self, policy: &Policy, examples: &[&Example]) -> Result<StepOutput> {
-        let lp = policy.label_logps(&collate(examples, self.pad_id)?)?;
+        let lp = label_logps(policy, &collate(examples, self.pad_id)?)?;
         let sum = lp.logps.sum_all()?.neg()?;
         Ok(StepOutput { sum, metrics: vec![] })
     }

@@ -3,6 +3,7 @@
 
 pub mod dpo;
 pub mod lm;
+pub mod logps;
 pub mod reward;
 
 use crate::data::Example;

@@ -4,7 +4,8 @@
 //! other adapter in a subfolder of its name, so `PeftModel.from_pretrained(model, dir/name)` loads
 //! it.
 
-use crate::io::{atomic_write, read_json, safetensors};
+use crate::files::{atomic_write, read_json};
+use crate::io::safetensors;
 use crate::peft::lora::{Adapters, LoraConfig};
 use crate::peft::prompt::{PromptConfig, PromptInit, SoftPrompts};
 use crate::{Error, Result};

@@ -4,6 +4,8 @@
 //! several named adapters on one model and a per-row choice of adapter within a batch (PEFT's
 //! `adapter_names` forward argument), which MEET needs: one adapter per preference.
 
+use crate::nn::linear::{matmul_t, LinearAdapter};
+use crate::nn::AdapterSource;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -277,6 +279,40 @@ impl Adapters {
     }
 }
 
+impl Adapters {
+    /// What a model being built asks for the adapters of each of its linear layers.
+    pub fn source(self: &Arc<Self>) -> Arc<dyn AdapterSource> {
+        Arc::new(Source(self.clone()))
+    }
+}
+
+/// [`Adapters`] as the model builder sees them.
+struct Source(Arc<Adapters>);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LoraAdapters").field(&self.0.names).finish()
+    }
+}
+
+impl AdapterSource for Source {
+    fn layer(
+        &self,
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+    ) -> Result<Option<Arc<dyn LinearAdapter>>> {
+        Ok(LoraLayer::new(&self.0, path, in_dim, out_dim, device)?.map(|l| Arc::new(l) as Arc<dyn LinearAdapter>))
+    }
+}
+
+impl LinearAdapter for LoraLayer {
+    fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        LoraLayer::apply(self, x, y)
+    }
+}
+
 /// The adapters wrapping one linear layer.
 #[derive(Clone)]
 pub struct LoraLayer {
@@ -323,8 +359,8 @@ impl LoraLayer {
             None => x.clone(),
         };
         // Both products through the layer kernel, whose backward writes dA and dB directly.
-        let h = crate::nn::linear::Linear::new(a.clone(), None).forward_base(&x)?; // (.., r)
-        let y = crate::nn::linear::Linear::new(b.clone(), None).forward_base(&h)?.affine(*scale, 0.0)?; // (.., out)
+        let h = matmul_t(&x, a)?; // (.., r)
+        let y = matmul_t(&h, b)?.affine(*scale, 0.0)?; // (.., out)
         let dims = y.dims().to_vec();
         Ok(Some(y.reshape(dims)?))
     }

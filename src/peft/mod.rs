@@ -3,4 +3,5 @@
 
 pub mod folder;
 pub mod lora;
+pub mod merge;
 pub mod prompt;

@@ -5,7 +5,8 @@
 //! Layout (like the HF Trainer's): `trainable.safetensors` (weights by name),
 //! `optimizer.safetensors` (`{name}.exp_avg`, `{name}.exp_avg_sq`), `trainer_state.json`.
 
-use crate::io::{atomic_write, read_json, safetensors};
+use crate::files::{atomic_write, read_json};
+use crate::io::safetensors;
 use crate::train::optim::AdamW;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};

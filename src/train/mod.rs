@@ -5,7 +5,6 @@
 //! [`Objective`].
 
 pub mod checkpoint;
-pub mod loss;
 pub mod optim;
 
 use crate::objectives::{Item, Objective};
@@ -235,7 +234,7 @@ pub fn train<T: Item>(
         .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= state.step))
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::io::atomic_write(&metrics_path, kept.as_bytes())?;
+    crate::files::atomic_write(&metrics_path, kept.as_bytes())?;
     let mut metrics =
         std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
 
@@ -256,7 +255,7 @@ pub fn train<T: Item>(
         let units = objective.units(&step_examples).max(1) as f64;
         let lrs: Vec<f64> =
             lrs_base.iter().map(|&b| lr_at(b, cfg.schedule, state.step, cfg.warmup_steps, total)).collect();
-        if let Some(l) = &policy.pretrained.lora {
+        if let Some(l) = &policy.lora {
             l.set_training_step(Some(state.step as u64));
         }
 
@@ -328,7 +327,7 @@ pub fn train<T: Item>(
             checkpoint::save(&run.dir, opt, &state)?;
         }
     }
-    if let Some(l) = &policy.pretrained.lora {
+    if let Some(l) = &policy.lora {
         l.set_training_step(None);
     }
     let summary = match logs.last() {

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
-use meet::generate::GenerationDefaults;
-use meet::io::RawModel;
+use meet::io::generation::GenerationDefaults;
+use meet::models::pretrained::RawModel;
 use meet::tokenizer::Tokenizer;
 use serde_json::json;
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ pub fn tiny_raw(seed: u64, max_positions: usize) -> RawModel {
     let config = tiny_config(max_positions);
     let tensors = meet::models::random_weights(&config, seed, &Device::Cpu).unwrap();
     let tokenizer = tiny_tokenizer();
-    let mut generation = GenerationDefaults::from_config(&config, &tokenizer);
+    let mut generation = GenerationDefaults::from_config(&config, tokenizer.eos_id());
     generation.pad_token_id = Some(256);
     RawModel { config, tensors, packed: Default::default(), tokenizer, generation, origin: PathBuf::from("<tiny>") }
 }

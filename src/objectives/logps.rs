@@ -1,5 +1,5 @@
-//! Token log-probabilities as one fused op, and the losses built on them: masked cross-entropy
-//! (loss on response tokens only) and per-sequence log-probabilities for preference losses.
+//! Log-probabilities of the labelled tokens of a batch under a policy — the one forward pass
+//! every objective uses — and the fused token log-probability op beneath it.
 //!
 //! `log p(y) = x_y - logsumexp(x)` per row, without materialising `log_softmax` over the
 //! vocabulary (49k columns for SmolLM2): the forward keeps one `logsumexp` per row, the backward
@@ -9,9 +9,68 @@ use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
 use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
-use crate::Result;
+use crate::policy::{Batch, Policy};
+use crate::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
+
+/// Log-probabilities of the labelled tokens of a batch.
+pub struct LabelLogps {
+    /// `(n,)`: one entry per labelled token, row-major.
+    pub logps: Tensor,
+    /// The batch row of each entry.
+    pub rows: Vec<u32>,
+    pub b: usize,
+}
+
+impl LabelLogps {
+    /// Summed log-probability of each row's labels `(b,)`, differentiable.
+    pub fn per_sequence_sum(&self) -> Result<Tensor> {
+        let n = self.rows.len();
+        let mut onehot = vec![0f32; self.b * n];
+        for (i, &r) in self.rows.iter().enumerate() {
+            onehot[r as usize * n + i] = 1.0;
+        }
+        let m = Tensor::from_vec(onehot, (self.b, n), self.logps.device())?;
+        Ok(m.matmul(&self.logps.unsqueeze(1)?)?.squeeze(1)?)
+    }
+
+    /// Mean log-probability of each row's labels `(b,)` (0 for a row without labels).
+    pub fn per_sequence_mean(&self) -> Result<Tensor> {
+        let counts: Vec<f32> = self.counts().iter().map(|&c| 1.0 / c.max(1) as f32).collect();
+        let inv = Tensor::from_vec(counts, self.b, self.logps.device())?;
+        Ok((self.per_sequence_sum()? * inv)?)
+    }
+
+    /// Labelled tokens per row.
+    pub fn counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.b];
+        self.rows.iter().for_each(|&r| c[r as usize] += 1);
+        c
+    }
+}
+
+/// Log-probabilities of every labelled token. Only the labelled positions go through the LM
+/// head, which saves most of its cost when prompts are long.
+pub fn label_logps(policy: &Policy, batch: &Batch) -> Result<LabelLogps> {
+    let (h, n) = policy.hidden(batch)?;
+    let (pos, tgt) = shifted_targets(&batch.labels, batch.b, batch.t);
+    if pos.is_empty() {
+        return Err(Error::Invalid("the batch has no labelled tokens".into()));
+    }
+    let (b, total, hidden) = h.dims3()?;
+    let rows: Vec<u32> = pos.iter().map(|&p| p / batch.t as u32).collect();
+    // Position p = r * t + j sits at r * total + n + j once the prompt is in front.
+    let idx: Vec<u32> =
+        pos.iter().map(|&p| (p / batch.t as u32) * total as u32 + n as u32 + p % batch.t as u32).collect();
+    let h = h.reshape((b * total, hidden))?.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
+    // The fused head computes its input gradient up front: only worth it when one is needed.
+    let logps = match policy.pretrained.model.frozen_lm_head().filter(|_| h.track_op()) {
+        Some(w) => frozen_head_logps(&h, &w, &tgt)?,
+        None => token_logps(&policy.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
+    };
+    Ok(LabelLogps { logps, rows, b })
+}
 
 /// One target per row, each inside the vocabulary.
 fn check_targets(targets: &[u32], n: usize, v: usize) -> candle_core::Result<()> {

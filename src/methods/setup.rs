@@ -1,0 +1,166 @@
+//! The small steps a recipe builds its training from, as torchtune's `_setup_model` /
+//! `_setup_optimizer`: read the model, attach the run's controls, collect the parameters that
+//! train, make the optimizer. A recipe with parameters of its own (the reward head) adds them to
+//! the list it passes to [`optimizer`]. And the training data: [`load_data`], [`load_pairs`].
+
+use crate::data::preference::{preferences_from_records, Pair};
+use crate::data::{first_value, read_records, supervised_from_records, Example, SupervisedOptions};
+use crate::methods::config::RunConfig;
+use crate::models::pretrained::{self, LoadOptions, Packing, RawModel};
+use crate::peft::folder;
+use crate::peft::lora::Adapters;
+use crate::peft::prompt::SoftPrompts;
+use crate::policy::Policy;
+use crate::train::optim::AdamW;
+use crate::{Error, Pretrained, Result};
+use candle_core::Var;
+
+/// A trainable parameter: its name, its variable, its group (0 = model weights at `train.lr`,
+/// 1 = controls at `train.control_lr`).
+pub type Param = (String, Var, usize);
+
+/// The policy with the optimizer over what trains, ready for [`crate::train::train`].
+pub struct Built {
+    pub policy: Policy,
+    pub optimizer: AdamW,
+}
+
+/// Reads the model `cfg.model.source` names (to edit before [`policy`] builds it, e.g. to add
+/// vocabulary).
+pub fn raw_model(cfg: &RunConfig) -> Result<RawModel> {
+    pretrained::read(&cfg.model.source, &load_options(cfg, None))
+}
+
+fn load_options(cfg: &RunConfig, lora: Option<&std::sync::Arc<Adapters>>) -> LoadOptions {
+    LoadOptions {
+        trainable: cfg.model.train_weights,
+        packing: Packing::Dense,
+        adapters: lora.map(Adapters::source),
+        ..Default::default()
+    }
+}
+
+/// Builds `raw` — its weights trainable when `model.train_weights` — with the run's controls:
+/// LoRA adapters wrapping it (`[lora]`), soft prompts before it (`[prompt]`), one per
+/// [`RunConfig::adapter_names`], started from `model.init_adapters` when given.
+pub fn policy(cfg: &RunConfig, raw: RawModel) -> Result<Policy> {
+    let seed = cfg.train.seed;
+    let names = cfg.adapter_names();
+    let lora = match &cfg.lora {
+        Some(l) => Some(Adapters::new(names.iter().map(|n| (n.clone(), l.clone())).collect(), seed)?),
+        None => None,
+    };
+    let pretrained = Pretrained::from_raw(raw, &load_options(cfg, lora.as_ref()))?;
+    let prompts = match &cfg.prompt {
+        Some(p) => Some(SoftPrompts::new(
+            &names,
+            p,
+            pretrained.model.as_ref(),
+            &pretrained.tokenizer,
+            seed,
+            &pretrained.device,
+        )?),
+        None => None,
+    };
+    if let Some(dir) = &cfg.model.init_adapters {
+        if let Some(l) = &lora {
+            let d = if dir.join("lora").is_dir() { dir.join("lora") } else { dir.clone() };
+            folder::load_lora(l, &d)?;
+        }
+        if let Some(p) = &prompts {
+            let d = if dir.join("prompts").is_dir() { dir.join("prompts") } else { dir.clone() };
+            folder::load_prompts(p, &d)?;
+        }
+    }
+    Ok(Policy { pretrained, lora, prompts })
+}
+
+/// The model's weights (group 0), by HF name; none when they are frozen.
+pub fn model_params(policy: &Policy) -> Result<Vec<Param>> {
+    let Some(vm) = &policy.pretrained.varmap else { return Ok(vec![]) };
+    let data = vm.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.clone(), 0)).collect())
+}
+
+/// The controls' parameters (group 1): LoRA matrices (`lora.…`), soft prompts (`prompt.NAME`).
+pub fn control_params(policy: &Policy) -> Result<Vec<Param>> {
+    let mut params = Vec::new();
+    if let Some(l) = &policy.lora {
+        let data = l.varmap.data().lock().map_err(|_| Error::Invalid("poisoned VarMap lock".into()))?;
+        params.extend(data.iter().map(|(k, v)| (format!("lora.{k}"), v.clone(), 1)));
+    }
+    if let Some(p) = &policy.prompts {
+        params.extend(p.names.iter().zip(&p.vars).map(|(n, v)| (format!("prompt.{n}"), v.clone(), 1)));
+    }
+    Ok(params)
+}
+
+/// AdamW with `cfg.train`'s settings over `params`, in name order (the order checkpoints keep).
+pub fn optimizer(cfg: &RunConfig, mut params: Vec<Param>) -> Result<AdamW> {
+    if params.is_empty() {
+        return Err(Error::Invalid("nothing trains: no model weights and the controls are frozen".into()));
+    }
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(AdamW::new(params, cfg.train.adamw))
+}
+
+/// The usual setup: the policy of `cfg`, with the model weights (when `model.train_weights`) and
+/// the controls training.
+pub fn standard(cfg: &RunConfig) -> Result<Built> {
+    let policy = policy(cfg, raw_model(cfg)?)?;
+    let params = [model_params(&policy)?, control_params(&policy)?].concat();
+    let optimizer = optimizer(cfg, params)?;
+    Ok(Built { policy, optimizer })
+}
+
+/// Training data as read: supervised rows, or preference pairs.
+pub enum TrainingData {
+    Supervised(Vec<Example>),
+    Pairs(Vec<Pair>),
+}
+
+/// Whether a record is a preference (it has a rejected response).
+fn is_preference(v: &serde_json::Value) -> bool {
+    v.get("rejected").is_some() || (v.get("info").is_some() && v.get("summaries").is_some())
+}
+
+/// Reads `cfg.data.train` with the policy's tokenizer: preference records (any format of
+/// [`crate::data::preference`]) as pairs, otherwise supervised rows (controls by name).
+pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
+    let path = &cfg.data.train;
+    let records = read_records(path)?;
+    if first_value(&records).is_some_and(is_preference) {
+        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &cfg.data.preference_options())?;
+        return Ok(TrainingData::Pairs(pairs));
+    }
+    let opts = SupervisedOptions {
+        max_length: cfg.data.max_length,
+        controls: cfg.controls(),
+        default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
+        eos_id: p.generation.eos_token_ids.first().copied(),
+        skip_invalid: cfg.data.skip_invalid,
+    };
+    Ok(TrainingData::Supervised(supervised_from_records(path, records, &p.tokenizer, &opts)?.0))
+}
+
+/// Pairs only: the methods that learn from a chosen and a rejected response.
+pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<Vec<Pair>> {
+    match load_data(cfg, p)? {
+        TrainingData::Pairs(pairs) => Ok(pairs),
+        TrainingData::Supervised(_) => Err(Error::parse(
+            &cfg.data.train,
+            format!("method {} needs preference records (chosen and rejected responses)", cfg.method),
+        )),
+    }
+}
+
+/// The control indices of the chosen and the rejected response (the first two control names).
+pub fn pair_controls(cfg: &RunConfig) -> Result<(usize, usize)> {
+    match cfg.controls().len() {
+        2 => Ok((0, 1)),
+        n => Err(Error::Invalid(format!(
+            "preference data needs two controls (chosen, rejected), model.controls has {n}: {:?}",
+            cfg.controls()
+        ))),
+    }
+}
