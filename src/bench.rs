@@ -202,7 +202,7 @@ pub fn bench_train(
 ) -> Result<TrainFigures> {
     use crate::methods::config::{DataSection, RunConfig};
     use crate::methods::setup::standard as build;
-    use crate::peft::lora::{LoraConfig, TARGETABLE};
+    use crate::peft::lora::LoraConfig;
     use crate::peft::prompt::PromptConfig;
     use crate::train::TrainConfig;
     use crate::Error;
@@ -217,8 +217,10 @@ pub fn bench_train(
                 r: 64,
                 alpha: 128.0,
                 dropout: 0.0,
-                target_modules: TARGETABLE.iter().map(|s| s.to_string()).collect(),
+                // Every projection of the architecture.
+                target_modules: lora_targets(model)?.iter().map(|s| s.to_string()).collect(),
                 use_rslora: false,
+                fan_in_fan_out: false,
             }),
             None,
             1e-4,
@@ -314,6 +316,17 @@ pub struct DpoFigures {
     pub pairs_per_s_with_reference: f64,
     pub losses: Vec<f64>,
     pub peak_rss_mib: Option<f64>,
+}
+
+/// The layers LoRA may target in `model`'s architecture (a GGUF file holds a Llama-family model).
+fn lora_targets(model: &str) -> Result<&'static [&'static str]> {
+    match crate::io::resolve(model)? {
+        crate::io::Source::Folder(dir) => {
+            let path = dir.join("config.json");
+            Ok(crate::models::architecture(&crate::files::read_json(&path)?, &path)?.lora_targets)
+        }
+        crate::io::Source::Gguf(_) => Ok(crate::models::llama::ARCHITECTURE.lora_targets),
+    }
 }
 
 /// The Python reference's DPO benchmark (`bench_dpo_manual.py`): sigmoid DPO, beta 0.1, the full

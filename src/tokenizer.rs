@@ -82,14 +82,36 @@ pub fn gguf_pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper,
     })
 }
 
+/// GPT-2's special token, its BOS/EOS/unknown token by default.
+const GPT2_SPECIAL: &str = "<|endoftext|>";
+
+/// A GPT-2 style byte-level BPE tokenizer from `vocab.json` + `merges.txt`, as transformers'
+/// `GPT2TokenizerFast` builds it: byte-level pre-tokenizer without a prefix space, byte-level
+/// decoder and post-processor, no BOS added.
+fn byte_level_bpe(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
+    let (v, m) = (vocab.to_string_lossy(), merges.to_string_lossy());
+    let bpe =
+        BPE::from_file(&v, &m).build().map_err(|e| Error::parse(merges, format!("vocab.json + merges.txt: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    inner.with_post_processor(Some(ByteLevel::new(true, false, true)));
+    Ok(inner)
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        if !tj.is_file() {
-            return Err(Error::format(dir, "no tokenizer.json in this folder"));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| Error::parse(&tj, e.to_string()))?;
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let from_bpe_files = !tj.is_file() && vocab.is_file() && merges.is_file();
+        let mut inner = if tj.is_file() {
+            tokenizers::Tokenizer::from_file(&tj).map_err(|e| Error::parse(&tj, e.to_string()))?
+        } else if from_bpe_files {
+            byte_level_bpe(&vocab, &merges)?
+        } else {
+            return Err(Error::format(dir, "no tokenizer.json (nor vocab.json + merges.txt) in this folder"));
+        };
         let tc = dir.join("tokenizer_config.json");
         let mut cfg = serde_json::Map::new();
         if tc.is_file() {
@@ -112,13 +134,33 @@ impl Tokenizer {
         if chat_template.is_none() && jinja.is_file() {
             chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
+        let special = |key: &str| token_str(cfg.get(key));
+        let (mut bos, mut eos, pad, mut unk) =
+            (special("bos_token"), special("eos_token"), special("pad_token"), special("unk_token"));
+        if from_bpe_files {
+            // GPT-2's tokenizer: `<|endoftext|>` is its BOS, EOS and unknown token unless the
+            // folder's config says otherwise (special_tokens_map.json of older checkpoints).
+            let map_path = dir.join("special_tokens_map.json");
+            let map = if map_path.is_file() { Some(crate::files::read_json(&map_path)?) } else { None };
+            let from_map = |key: &str| map.as_ref().and_then(|m| token_str(m.get(key)));
+            let default = (inner.token_to_id(GPT2_SPECIAL).is_some()).then(|| GPT2_SPECIAL.to_string());
+            bos = bos.or_else(|| from_map("bos_token")).or(default.clone());
+            eos = eos.or_else(|| from_map("eos_token")).or(default.clone());
+            unk = unk.or_else(|| from_map("unk_token")).or(default);
+            let specials: Vec<AddedToken> = [&bos, &eos, &unk]
+                .into_iter()
+                .flatten()
+                .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+                .collect();
+            inner.add_special_tokens(specials).map_err(|e| Error::format(dir, format!("special tokens: {e}")))?;
+        }
         Ok(Self {
             inner,
             chat_template,
-            bos_token: token_str(cfg.get("bos_token")),
-            eos_token: token_str(cfg.get("eos_token")),
-            pad_token: token_str(cfg.get("pad_token")),
-            unk_token: token_str(cfg.get("unk_token")),
+            bos_token: bos,
+            eos_token: eos,
+            pad_token: pad,
+            unk_token: unk,
             extra_config: cfg,
         })
     }

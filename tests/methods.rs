@@ -27,10 +27,34 @@ fn prompt(rng: &mut impl Rng) -> String {
 
 /// The tiny model folder, the preference file, and held-out prompts.
 fn task(dir: &Path) -> (String, PathBuf, Vec<String>) {
+    task_on(dir, "llama")
+}
+
+/// [`task`] with a tiny model of architecture `arch` (`llama`, `gpt_neo` with a local window of
+/// 8 keys, shorter than the sequences, or `gpt2`), the same tokenizer and width.
+fn task_on(dir: &Path, arch: &str) -> (String, PathBuf, Vec<String>) {
     let model = dir.join("model");
     let mut raw = tiny_raw(11, 64);
-    raw.config["hidden_size"] = json!(64);
-    raw.config["intermediate_size"] = json!(128);
+    raw.config = match arch {
+        "llama" => {
+            let mut c = raw.config.clone();
+            c["hidden_size"] = json!(64);
+            c["intermediate_size"] = json!(128);
+            c
+        }
+        "gpt_neo" => json!({
+            "model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "vocab_size": 300,
+            "hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 64,
+            "attention_layers": ["global", "local"], "window_size": 8, "initializer_range": 0.2,
+            "bos_token_id": 257, "eos_token_id": 258,
+        }),
+        "gpt2" => json!({
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 300, "n_embd": 64,
+            "n_layer": 2, "n_head": 4, "n_positions": 64, "initializer_range": 0.2,
+            "bos_token_id": 257, "eos_token_id": 258,
+        }),
+        other => panic!("no tiny {other}"),
+    };
     raw.tensors = meet::models::random_weights(&raw.config, 11, &candle_core::Device::Cpu).unwrap();
     meet::models::pretrained::save_hf_folder(&raw, &model).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -120,15 +144,19 @@ struct Rates {
 }
 
 fn train_and_rate(method: &str, set: &[(&str, &str)]) -> Rates {
+    train_and_rate_on("llama", method, set)
+}
+
+fn train_and_rate_on(arch: &str, method: &str, set: &[(&str, &str)]) -> Rates {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data, prompts) = task(dir.path());
+    let (model, data, prompts) = task_on(dir.path(), arch);
     let (model, base) = pretrained(dir.path(), &model, &data, &prompts);
     let out = dir.path().join("run");
     meet::methods::run(&config(method, &model, &data, &out, set), false).unwrap();
     let both = |d: &str| (rate(d, Some("good"), &prompts), rate(d, Some("bad"), &prompts));
     let step1 = out.join("step1").is_dir().then(|| both(&final_dir(&out.join("step1"))));
     let (good, bad) = both(&final_dir(&out));
-    eprintln!("{}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}", method);
+    eprintln!("{arch} {method}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}");
     Rates { base, step1, good, bad }
 }
 
@@ -171,6 +199,27 @@ fn meet_with_lora_controls_learns_the_rule() {
     assert_controllable(&r);
 }
 
+/// MEET (step 1 + step 2, soft prompts) on the paper's architecture and on GPT-2.
+#[test]
+fn meet_learns_the_rule_on_gpt_neo_and_gpt2() {
+    for arch in ["gpt_neo", "gpt2"] {
+        let r = train_and_rate_on(
+            arch,
+            "meet",
+            &[
+                ("train.control_lr", "1e-1"),
+                ("prompt.n", "8"),
+                ("prompt.init", "\"sample_vocab\""),
+                ("meet.step1.epochs", "80"),
+                ("meet.step2.epochs", "40"),
+            ],
+        );
+        let (g1, b1) = r.step1.unwrap();
+        assert!(g1 - b1 >= 0.3, "{arch} step 1: good {g1}, bad {b1}");
+        assert_controllable(&r);
+    }
+}
+
 #[test]
 fn control_tokens_learn_the_rule() {
     assert_controllable(&train_and_rate("control-token", &[("model.train_weights", "true")]));
@@ -191,8 +240,18 @@ fn metrics(out: &Path) -> Vec<StepLog> {
 
 #[test]
 fn dpo_raises_the_margin_and_follows_the_rule() {
+    dpo_on("llama");
+}
+
+#[test]
+fn dpo_follows_the_rule_on_gpt_neo_and_gpt2() {
+    dpo_on("gpt_neo");
+    dpo_on("gpt2");
+}
+
+fn dpo_on(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data, prompts) = task(dir.path());
+    let (model, data, prompts) = task_on(dir.path(), arch);
     // The reference is the SFT model.
     let (sft, before) = pretrained(dir.path(), &model, &data, &prompts);
 
@@ -204,7 +263,7 @@ fn dpo_raises_the_margin_and_follows_the_rule() {
     let logs = metrics(&out);
     let (first, last) = (&logs[0], logs.last().unwrap());
     eprintln!(
-        "dpo: rule {before:.2} -> {after:.2}; margin {:.3} -> {:.3}, accuracy {:.2} -> {:.2}, loss {:.3} -> {:.3}",
+        "{arch} dpo: rule {before:.2} -> {after:.2}; margin {:.3} -> {:.3}, accuracy {:.2} -> {:.2}, loss {:.3} -> {:.3}",
         first.extra["rewards/margins"],
         last.extra["rewards/margins"],
         first.extra["rewards/accuracies"],
@@ -214,7 +273,7 @@ fn dpo_raises_the_margin_and_follows_the_rule() {
     );
     assert!((first.loss - std::f64::consts::LN_2).abs() < 1e-4, "first DPO loss {}", first.loss);
     assert!(last.extra["rewards/margins"] > 1.0 && last.extra["rewards/accuracies"] >= 0.9);
-    assert!(after >= 0.75 && after > before + 0.25, "rule rate {before} -> {after}");
+    assert!(after >= 0.75 && after > before + 0.25, "{arch}: rule rate {before} -> {after}");
     assert!(out.join("reference_logps.json").is_file());
 }
 

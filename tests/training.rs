@@ -26,6 +26,7 @@ fn lora_config(r: usize, targets: &[&str]) -> LoraConfig {
         dropout: 0.0,
         target_modules: targets.iter().map(|s| s.to_string()).collect(),
         use_rslora: false,
+        fan_in_fan_out: false,
     }
 }
 
@@ -283,9 +284,21 @@ fn soft_prompts_saved_by_peft_give_peft_logits() {
 /// of exactly that form (same files, keys, shapes and config fields).
 #[test]
 fn adapters_trained_here_load_in_peft_with_the_same_logits() {
-    let fix = fixtures().join("meet-trained");
+    roundtrip("meet-trained", "tiny-llama3", r#"["q_proj", "v_proj", "down_proj"]"#);
+}
+
+/// The same on GPT-Neo (LoRA on its attention and MLP) and GPT-2 (`Conv1D` layers, PEFT's
+/// `fan_in_fan_out`), on the fixtures of tests/gpt.rs.
+#[test]
+fn gpt_adapters_trained_here_load_in_peft_with_the_same_logits() {
+    roundtrip("meet-trained-gpt-neo", "tiny-gpt-neo", r#"["q_proj", "out_proj", "c_fc"]"#);
+    roundtrip("meet-trained-gpt2", "tiny-gpt2", r#"["c_attn", "c_proj", "c_fc"]"#);
+}
+
+fn roundtrip(fixture: &str, base: &str, targets: &str) {
+    let fix = fixtures().join(fixture);
     let out = tempfile::tempdir().unwrap();
-    let model = fixtures().join("tiny-llama3");
+    let model = fixtures().join(base);
     let data = out.path().join("data.jsonl");
     let lines: String = (0..6)
         .map(|i| {
@@ -300,9 +313,9 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
     let mut got = serde_json::Map::new();
     for kind in ["lora", "prompt"] {
         let section = if kind == "lora" {
-            "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n"
+            format!("[lora]\nr = 4\nalpha = 8.0\ntarget_modules = {targets}\n")
         } else {
-            "[prompt]\nn = 4\n"
+            "[prompt]\nn = 4\n".to_string()
         };
         let cfg_text = format!(
             "method = \"sft\"\noutput_dir = \"{}\"\n[model]\nsource = \"{}\"\n{section}[data]\ntrain = \"{}\"\n[train]\nmax_steps = 3\nbatch_size = 2\nlr = 0.05\n",
@@ -316,6 +329,11 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
         if write {
             let _ = std::fs::remove_dir_all(fix.join(kind));
             copy_dir(&saved, &fix.join(kind));
+            // PEFT finds the base model beside the fixture.
+            let c = fix.join(kind).join("adapter_config.json");
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+            v["base_model_name_or_path"] = serde_json::json!(format!("../../{base}"));
+            std::fs::write(&c, serde_json::to_string_pretty(&v).unwrap()).unwrap();
         }
         // Today's training writes the committed folder's form.
         let ta = meet::io::safetensors::load(&[saved.join("adapter_model.safetensors")], &Device::Cpu).unwrap();
@@ -350,10 +368,10 @@ fn adapters_trained_here_load_in_peft_with_the_same_logits() {
         std::fs::write(fix.join("meet_logits.json"), serde_json::to_string(&j).unwrap()).unwrap();
         return; // now run scripts/check_peft_roundtrip.py
     }
-    let peft = peft.expect("tests/fixtures/meet-trained/peft_logits.json: run scripts/check_peft_roundtrip.py");
+    let peft = peft.expect("tests/fixtures/<fixture>/peft_logits.json: run scripts/check_peft_roundtrip.py");
     for kind in ["lora", "prompt"] {
         let d = max_diff(&rows(&got[kind]), &rows(&peft[kind]));
-        assert!(d < 1e-4, "{kind}: max |logit diff| {d} between meet and PEFT on meet's folder");
+        assert!(d < 1e-4, "{fixture} {kind}: max |logit diff| {d} between meet and PEFT on meet's folder");
     }
 }
 

@@ -99,19 +99,22 @@ pub fn add_tokens(raw: &mut RawModel, tokens: &[String], seed: u64) -> Result<()
         .collect();
     raw.tokenizer.inner.add_special_tokens(added)?;
     let needed = raw.tokenizer.vocab_size();
-    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-        let Some(t) = raw.tensors.get(name) else {
-            if name == "model.embed_tokens.weight" {
-                return Err(Error::Invalid("control tokens: the model has no dense model.embed_tokens.weight".into()));
-            }
-            continue;
-        };
+    let arch = crate::models::architecture(&raw.config, &raw.origin)?;
+    let present: Vec<&str> = arch.vocab_tensors.iter().copied().filter(|n| raw.tensors.contains_key(*n)).collect();
+    let Some(first) = present.first().copied() else {
+        return Err(Error::Invalid(format!(
+            "control tokens: the model has no dense token embeddings ({})",
+            arch.vocab_tensors.join(" or ")
+        )));
+    };
+    for name in &present {
+        let t = &raw.tensors[*name];
         if t.dims2()?.0 < needed {
             let grown = grow(t, needed, seed)?;
             raw.tensors.insert(name.to_string(), grown);
         }
     }
-    let rows = raw.tensors["model.embed_tokens.weight"].dims2()?.0;
+    let rows = raw.tensors[first].dims2()?.0;
     raw.config["vocab_size"] = serde_json::json!(rows);
     Ok(())
 }

@@ -155,7 +155,8 @@ fn save(policy: &Policy, head: &Tensor, cfg: &RunConfig, out: &std::path::Path) 
         .and_then(|a| a.get(0))
         .and_then(|a| a.as_str())
         .unwrap_or("LlamaForCausalLM")
-        .replace("ForCausalLM", "ForSequenceClassification");
+        .replace("ForCausalLM", "ForSequenceClassification")
+        .replace("LMHeadModel", "ForSequenceClassification"); // GPT2LMHeadModel
     config["architectures"] = serde_json::json!([arch]);
     config["num_labels"] = serde_json::json!(1);
     config["id2label"] = serde_json::json!({"0": "LABEL_0"});

@@ -6,6 +6,7 @@
 use crate::data::preference::{preferences_from_records, Pair};
 use crate::data::{first_value, read_records, supervised_from_records, Example, SupervisedOptions};
 use crate::methods::config::RunConfig;
+use crate::models;
 use crate::models::pretrained::{self, LoadOptions, Packing, RawModel};
 use crate::peft::folder;
 use crate::peft::lora::Adapters;
@@ -47,7 +48,11 @@ pub fn policy(cfg: &RunConfig, raw: RawModel) -> Result<Policy> {
     let seed = cfg.train.seed;
     let names = cfg.adapter_names();
     let lora = match &cfg.lora {
-        Some(l) => Some(Adapters::new(names.iter().map(|n| (n.clone(), l.clone())).collect(), seed)?),
+        Some(l) => {
+            let model_type = raw.config.get("model_type").and_then(|v| v.as_str()).unwrap_or("?");
+            let l = l.for_architecture(models::architecture(&raw.config, &raw.origin)?, model_type)?;
+            Some(Adapters::new(names.iter().map(|n| (n.clone(), l.clone())).collect(), seed)?)
+        }
         None => None,
     };
     let pretrained = Pretrained::from_raw(raw, &load_options(cfg, lora.as_ref()))?;

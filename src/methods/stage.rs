@@ -139,8 +139,7 @@ pub fn save_outputs(policy: &Policy, base: &str, out: &Path) -> Result<()> {
     if let Some(raw) = trained_model(policy, base)? {
         save_hf_folder(&raw, out)?;
     }
-    let layers = p.config.get("num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    let heads = p.config.get("num_attention_heads").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let (layers, heads) = (p.model.num_layers(), p.model.num_heads());
     if let Some(l) = &policy.lora {
         folder::save_lora(l, &out.join("lora"), base)?;
     }

@@ -5,7 +5,7 @@
 //! attention, SwiGLU MLP. Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models".
 //! Fields are named like the HF tensors they load.
 
-use crate::models::{AttentionInputs, CausalLm, KvCache};
+use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
 use crate::nn::linear::{Linear, LinearWeight};
 use crate::nn::ops::{rms_norm, rope, swiglu, swiglu_packed, RopeTables};
@@ -14,6 +14,19 @@ use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// Llama-family checkpoints (and Qwen2's, which differ in their biases).
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_types: &["llama", "qwen2"],
+    build: |config, b, path| {
+        let cfg: Config = parse_config(config, path)?;
+        cfg.validate().map_err(|e| crate::Error::parse(path, e))?;
+        Ok(Box::new(Llama::new(&cfg, b)?))
+    },
+    vocab_tensors: &["model.embed_tokens.weight", "lm_head.weight"],
+    lora_targets: &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    fan_in_fan_out: false,
+};
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) of an HF config
 /// (`{"rope_type": "llama3", "factor": 8.0, ...}`).
@@ -353,6 +366,14 @@ impl CausalLm for Llama {
 
     fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
+    }
+
+    fn num_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+
+    fn num_heads(&self) -> usize {
+        self.cfg.num_attention_heads
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {

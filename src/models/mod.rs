@@ -1,6 +1,9 @@
 //! Causal language model architectures, one file each, behind the small [`CausalLm`] trait.
-//! A new architecture is a new file plus one line in [`build`].
+//! A new architecture is a new file (with its [`Architecture`]) plus one line in
+//! [`ARCHITECTURES`].
 
+pub mod gpt2;
+pub mod gpt_neo;
 pub mod llama;
 pub mod pretrained;
 
@@ -74,6 +77,10 @@ pub trait CausalLm: Send + Sync {
     fn hidden_size(&self) -> usize;
     /// Longest sequence the model accepts (`max_position_embeddings`).
     fn max_positions(&self) -> usize;
+    /// Decoder layers.
+    fn num_layers(&self) -> usize;
+    /// Attention (query) heads per layer.
+    fn num_heads(&self) -> usize;
     /// Token ids `(b, t)` to embeddings `(b, t, hidden)`.
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// Embeddings `(b, t, hidden)` to final, normalised hidden states `(b, t, hidden)`; with a cache
@@ -104,25 +111,82 @@ pub trait CausalLm: Send + Sync {
     }
 }
 
-/// Architectures `meet` implements, by HF `model_type`.
-pub const SUPPORTED: &[&str] = &["llama", "qwen2"];
+/// What the code above the models knows of an architecture, besides the [`CausalLm`] it builds.
+pub struct Architecture {
+    /// HF `model_type`s it reads.
+    pub model_types: &'static [&'static str],
+    /// Builds the model a config describes (`path` names the config in errors).
+    pub build: fn(&serde_json::Value, &Builder, &Path) -> Result<Box<dyn CausalLm>>,
+    /// Tensors with one row per vocabulary entry (input embeddings, an untied LM head), by every
+    /// name checkpoints use; a new token grows those present.
+    pub vocab_tensors: &'static [&'static str],
+    /// The linear layers LoRA may target, by PEFT's module names.
+    pub lora_targets: &'static [&'static str],
+    /// Projection weights stored `[in, out]` (GPT-2's `Conv1D`): PEFT's `fan_in_fan_out`.
+    pub fan_in_fan_out: bool,
+}
+
+/// Every architecture `meet` implements, one line each.
+pub const ARCHITECTURES: &[&Architecture] = &[&llama::ARCHITECTURE, &gpt_neo::ARCHITECTURE, &gpt2::ARCHITECTURE];
+
+/// The `model_type`s `meet` reads.
+pub fn supported() -> Vec<&'static str> {
+    ARCHITECTURES.iter().flat_map(|a| a.model_types.iter().copied()).collect()
+}
+
+/// The architecture of an HF `config.json`. `path` names the config in errors.
+pub fn architecture(config: &serde_json::Value, path: &Path) -> Result<&'static Architecture> {
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    if model_type.is_empty() {
+        return Err(Error::parse(path, "missing field 'model_type'"));
+    }
+    ARCHITECTURES.iter().copied().find(|a| a.model_types.contains(&model_type)).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("unsupported model_type '{model_type}' (meet supports: {})", supported().join(", ")),
+        )
+    })
+}
 
 /// Builds the model an HF `config.json` describes. `path` names the config in errors.
 pub fn build(config: &serde_json::Value, b: &Builder, path: &Path) -> Result<Box<dyn CausalLm>> {
+    (architecture(config, path)?.build)(config, b, path)
+}
+
+/// Reads a config into an architecture's typed `Config` (unknown fields ignored, as transformers).
+pub fn parse_config<T: serde::de::DeserializeOwned>(config: &serde_json::Value, path: &Path) -> Result<T> {
     let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    match model_type {
-        "llama" | "qwen2" => {
-            let cfg: llama::Config = serde_json::from_value(config.clone())
-                .map_err(|e| Error::parse(path, format!("invalid {model_type} config: {e}")))?;
-            cfg.validate().map_err(|e| Error::parse(path, e))?;
-            Ok(Box::new(llama::Llama::new(&cfg, b)?))
-        }
-        "" => Err(Error::parse(path, "missing field 'model_type'")),
-        other => Err(Error::format(
-            path,
-            format!("unsupported model_type '{other}' (meet supports: {})", SUPPORTED.join(", ")),
-        )),
+    serde_json::from_value(config.clone()).map_err(|e| Error::parse(path, format!("invalid {model_type} config: {e}")))
+}
+
+/// Tokens already in a cache of `t` more, checked against its capacity.
+fn cache_past(cache: Option<&KvCache>, t: usize) -> Result<usize> {
+    match cache {
+        Some(c) if c.len + t > c.capacity => Err(Error::Invalid(format!(
+            "{} cached + {t} new tokens exceed the KV cache capacity of {}",
+            c.len, c.capacity
+        ))),
+        Some(c) => Ok(c.len),
+        None => Ok(0),
     }
+}
+
+/// Learned absolute position embeddings `(b, t, h)` of `inp`'s positions (which follow left
+/// padding, as transformers' position ids from the attention mask).
+fn position_embeddings(wpe: &Tensor, inp: &AttentionInputs, b: usize, t: usize, h: usize) -> Result<Tensor> {
+    let rows = wpe.dim(0)?;
+    if let Some(&p) = inp.positions.iter().find(|&&p| p as usize >= rows) {
+        return Err(Error::Invalid(format!("position {p} is beyond the model's {rows} learned positions")));
+    }
+    let idx = Tensor::from_vec(inp.positions.as_ref().clone(), b * t, wpe.device())?;
+    Ok(wpe.index_select(&idx, 0)?.reshape((b, t, h))?)
+}
+
+/// A cache of `layers` zeroed key/value pairs of `shape` `(b, capacity, heads, head_dim)`.
+fn zero_cache(layers: usize, shape: (usize, usize, usize, usize), capacity: usize, device: &Device) -> Result<KvCache> {
+    let zeros = || Tensor::zeros(shape, candle_core::DType::F32, device);
+    let layers = (0..layers).map(|_| Ok((zeros()?, zeros()?))).collect::<Result<Vec<_>>>()?;
+    Ok(KvCache { layers, len: 0, capacity })
 }
 
 /// Fresh weights for `config`, by HF name, drawn from `seed` (normal with the config's

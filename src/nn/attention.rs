@@ -30,12 +30,30 @@ pub struct Mask {
     pub past: usize,
     /// `b` rows of `total` flags, `true` = hidden; `None`: only the causal rule.
     pub hidden: Option<Arc<Vec<bool>>>,
+    /// A sliding window (GPT-Neo's local layers): step `i` sees only the `window` keys ending
+    /// at `past + i`.
+    pub window: Option<usize>,
 }
 
 impl Mask {
     /// The causal mask of `t` steps after `past`, with `hidden` keys (`b` rows of `past + t`).
     pub fn causal(b: usize, t: usize, past: usize, hidden: Option<Vec<bool>>) -> Self {
-        Self { b, t, total: past + t, past, hidden: hidden.map(Arc::new) }
+        Self { b, t, total: past + t, past, hidden: hidden.map(Arc::new), window: None }
+    }
+
+    /// The same mask limited to a sliding window of `window` keys.
+    pub fn with_window(self, window: usize) -> Self {
+        Self { window: Some(window), ..self }
+    }
+
+    /// Keys before this one are outside step `i`'s window.
+    pub fn visible_start(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (self.past + i + 1).saturating_sub(w))
+    }
+
+    /// Whether the window hides any key from any step (else it is the plain causal mask).
+    fn window_cuts(&self) -> bool {
+        self.window.is_some_and(|w| self.total > w)
     }
 
     /// Keys `0..end` may be visible to step `i`; none after.
@@ -54,7 +72,7 @@ impl Mask {
         for (row, out) in m.chunks_exact_mut(self.total).enumerate() {
             let (bi, i) = (row / self.t, row % self.t);
             for (j, x) in out.iter_mut().enumerate() {
-                if j >= self.visible_end(i) || self.hides(bi, j) {
+                if j >= self.visible_end(i) || j < self.visible_start(i) || self.hides(bi, j) {
                     *x = f32::MIN;
                 }
             }
@@ -511,7 +529,9 @@ fn probs(q: &Tensor, k: &Tensor, mask: Option<&Mask>, t: usize, scale: f64) -> c
 /// `softmax(q k^T * scale + mask) v` for queries `(b, t, h, d)` and keys/values `(b, T, kvh, d)`
 /// (`h` a multiple of `kvh`); returns `(b, t, h, d)`. Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> candle_core::Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+    // The kernels know the causal limit and hidden keys, not windows: a window that hides keys
+    // (sequences longer than it) takes the composed path.
+    if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 && !mask.is_some_and(Mask::window_cuts) {
         let keep_probs = q.track_op() || k.track_op() || v.track_op();
         let op = Attention { mask: mask.cloned(), scale: scale as f32, keep_probs, probs: Mutex::new(None) };
         q.apply_op3(k, v, op)

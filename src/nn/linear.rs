@@ -102,7 +102,9 @@ impl Linear {
     /// The layer without its adapters.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) if x.device().is_cpu() => {
+            // A weight computed from a `Var` (GPT-2's transposed Conv1D) takes candle's product,
+            // whose backward reaches that `Var`; the kernel writes gradients to `Var`s only.
+            LinearWeight::Dense(w) if x.device().is_cpu() && (w.is_variable() || !w.track_op()) => {
                 let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
                 let wt = if !w.is_variable() && rows >= MIN_ROWS_TRANSPOSED {
                     match self.transposed.get() {

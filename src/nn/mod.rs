@@ -119,6 +119,12 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Whether the source has tensor `name` (below this builder's prefix); always false for fresh
+    /// parameters.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        matches!(self.origin, Origin::Loaded { .. }) && self.vb.contains_tensor(name)
+    }
+
     /// The tensor `name` with the given shape; missing or misshapen tensors are errors naming the
     /// tensor and the file.
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
@@ -181,6 +187,19 @@ impl<'a> Builder<'a> {
         Ok(l)
     }
 
+    /// GPT-2's `Conv1D` `in_dim -> out_dim`: a linear layer whose `weight` is stored `[in, out]`
+    /// (with a bias). A trainable weight stays the stored `Var` (its transpose is a view whose
+    /// gradient reaches it, and what is saved keeps the stored layout); a frozen one is laid out
+    /// `[out, in]` once for the product kernels.
+    pub fn conv1d(&self, in_dim: usize, out_dim: usize, std: f64) -> Result<Linear> {
+        let bias = Some(self.get(out_dim, "bias", Init::Const(0.0))?);
+        let w = self.get((in_dim, out_dim), "weight", Init::Normal(std))?;
+        let w = if w.is_variable() { w.t()? } else { w.t()?.contiguous()? };
+        let mut l = Linear::new(w, bias);
+        l.adapter = self.adapter(in_dim, out_dim)?;
+        Ok(l)
+    }
+
     fn adapter(&self, in_dim: usize, out_dim: usize) -> Result<Option<Arc<dyn LinearAdapter>>> {
         match &self.adapters {
             Some(a) => a.layer(&self.vb.prefix(), in_dim, out_dim, self.device()),
@@ -239,7 +258,30 @@ impl Embedding {
     }
 }
 
+/// LayerNorm with weight and bias (`weight`, `bias`), as torch's `nn.LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
 impl<'a> Builder<'a> {
+    /// A LayerNorm over `size` features (weight 1, bias 0 when initialised).
+    pub fn layer_norm(&self, size: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.get(size, "weight", Init::Const(1.0))?,
+            bias: self.get(size, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
     /// An embedding table `vocab x hidden` under `weight`.
     pub fn embedding(&self, vocab: usize, hidden: usize, std: f64) -> Result<Embedding> {
         let lin = self.linear(hidden, vocab, false, std)?;

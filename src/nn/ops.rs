@@ -148,6 +148,20 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Resul
     x.broadcast_mul(&r)?.broadcast_mul(w)
 }
 
+/// LayerNorm over the last dimension (`(x - mean) / sqrt(var + eps) * w + b`, biased variance as
+/// torch's), from differentiable primitives.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let r = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    centred.broadcast_mul(&r)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// GPT-2's GELU (`gelu_new`, the tanh approximation):
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, which candle's `gelu` computes.
+pub fn gelu_new(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.gelu()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary position embedding, HF "rotate_half" layout (first half pairs with second half).
 

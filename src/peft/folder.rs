@@ -57,7 +57,7 @@ fn lora_config_json(c: &LoraConfig, base_model: &str) -> Value {
     json!({
         "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
         "base_model_name_or_path": base_model, "bias": "none", "corda_config": null,
-        "ensure_weight_tying": false, "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false,
+        "ensure_weight_tying": false, "eva_config": null, "exclude_modules": null, "fan_in_fan_out": c.fan_in_fan_out,
         "inference_mode": true, "init_lora_weights": true, "kasa_config": null, "layer_replication": null,
         "layers_pattern": null, "layers_to_transform": null, "loftq_config": {}, "lora_alpha": c.alpha,
         "lora_bias": false, "lora_dropout": c.dropout, "lora_ga_config": null, "megatron_config": null,
@@ -139,7 +139,7 @@ fn weights_of(dir: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Reads a LoRA adapter folder written by PEFT or `meet`: its config and its tensors under
 /// model-relative names (`model.layers.0.self_attn.q_proj.lora_A.weight`). PEFT features `meet`
-/// does not implement (DoRA, bias training, per-layer ranks, fan-in-fan-out) are refused.
+/// does not implement (DoRA, bias training, per-layer ranks) are refused.
 pub fn read_lora(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
     let (path, cfg) = config_of(dir, "LORA")?;
     let field = |k: &str| cfg.get(k).filter(|v| !v.is_null());
@@ -149,7 +149,6 @@ pub fn read_lora(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
     for (k, ok) in [
         ("use_dora", field("use_dora").is_none_or(|v| v == &json!(false))),
         ("bias", field("bias").is_none_or(|v| v == "none")),
-        ("fan_in_fan_out", field("fan_in_fan_out").is_none_or(|v| v == &json!(false))),
         ("rank_pattern", field("rank_pattern").is_none_or(|v| v.as_object().is_some_and(|o| o.is_empty()))),
         ("alpha_pattern", field("alpha_pattern").is_none_or(|v| v.as_object().is_some_and(|o| o.is_empty()))),
         ("layers_to_transform", field("layers_to_transform").is_none()),
@@ -172,6 +171,7 @@ pub fn read_lora(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
         dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
         use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        fan_in_fan_out: field("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false),
     };
     config.validate().map_err(|e| Error::format(&path, e.to_string()))?;
     let mut tensors = HashMap::new();

@@ -4,6 +4,7 @@
 //! several named adapters on one model and a per-row choice of adapter within a batch (PEFT's
 //! `adapter_names` forward argument), which MEET needs: one adapter per preference.
 
+use crate::models::{Architecture, ARCHITECTURES};
 use crate::nn::linear::{matmul_t, LinearAdapter};
 use crate::nn::AdapterSource;
 use crate::{Error, Result};
@@ -27,13 +28,18 @@ pub struct LoraConfig {
     /// Dropout on the adapter's input while training (`lora_dropout`).
     #[serde(default, alias = "lora_dropout")]
     pub dropout: f64,
-    /// Module names the adapter wraps: among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    /// down_proj.
+    /// Module names the adapter wraps, as PEFT names them for the architecture (Llama: q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; GPT-Neo: q_proj, k_proj, v_proj,
+    /// out_proj, c_fc, c_proj; GPT-2: c_attn, c_proj, c_fc).
     #[serde(default = "default_targets")]
     pub target_modules: Vec<String>,
     /// Scale by `alpha / √r` instead of `alpha / r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// The wrapped weights are stored `[in, out]` (GPT-2's `Conv1D`), as PEFT's field of this
+    /// name; set from the model's architecture ([`LoraConfig::for_architecture`]), not by users.
+    #[serde(skip)]
+    pub fan_in_fan_out: bool,
 }
 
 fn default_r() -> usize {
@@ -47,7 +53,7 @@ fn default_targets() -> Vec<String> {
 }
 
 /// The projections a LoRA adapter may wrap in the Llama family.
-pub const TARGETABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const TARGETABLE: &[&str] = crate::models::llama::ARCHITECTURE.lora_targets;
 
 impl Default for LoraConfig {
     fn default() -> Self {
@@ -57,6 +63,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             target_modules: default_targets(),
             use_rslora: false,
+            fan_in_fan_out: false,
         }
     }
 }
@@ -111,15 +118,33 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             return Err(Error::Invalid("lora: target_modules is empty".into()));
         }
+        let mut known: Vec<&str> = Vec::new();
+        for t in ARCHITECTURES.iter().flat_map(|a| a.lora_targets.iter().copied()) {
+            if !known.contains(&t) {
+                known.push(t);
+            }
+        }
         for t in &self.target_modules {
-            if !TARGETABLE.contains(&t.as_str()) {
+            if !known.contains(&t.as_str()) {
                 return Err(Error::Invalid(format!(
                     "lora: unknown target module '{t}' (choose among {})",
-                    TARGETABLE.join(", ")
+                    known.join(", ")
                 )));
             }
         }
         Ok(())
+    }
+
+    /// This adapter on a model of `arch` (its `model_type` for messages): every target must be
+    /// one of the architecture's layers, and its weight layout sets `fan_in_fan_out`.
+    pub fn for_architecture(&self, arch: &Architecture, model_type: &str) -> Result<LoraConfig> {
+        if let Some(t) = self.target_modules.iter().find(|t| !arch.lora_targets.contains(&t.as_str())) {
+            return Err(Error::Invalid(format!(
+                "lora: {model_type} models have no '{t}' layers to target (choose among {})",
+                arch.lora_targets.join(", ")
+            )));
+        }
+        Ok(LoraConfig { fan_in_fan_out: arch.fan_in_fan_out, ..self.clone() })
     }
 }
 

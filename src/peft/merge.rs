@@ -30,7 +30,9 @@ pub fn merge(source: &str, config: &LoraConfig, tensors: &HashMap<String, Tensor
         let key = format!("{path}.weight");
         let w =
             raw.tensors.get(&key).ok_or_else(|| Error::Invalid(format!("base model has no '{key}' to merge into")))?;
-        let (out_dim, in_dim) = w.dims2()?;
+        // GPT-2's Conv1D stores the weight [in, out] (PEFT's fan_in_fan_out): merge Δᵀ.
+        let fan_in_fan_out = crate::models::architecture(&raw.config, &raw.origin)?.fan_in_fan_out;
+        let (out_dim, in_dim) = if fan_in_fan_out { w.dims2().map(|(i, o)| (o, i))? } else { w.dims2()? };
         if t.dims() != [config.r, in_dim] || b.dims() != [out_dim, config.r] {
             return Err(Error::Invalid(format!(
                 "adapter '{path}': lora_A {:?} and lora_B {:?} do not fit r = {} and the weight [{out_dim}, {in_dim}]",
@@ -39,7 +41,8 @@ pub fn merge(source: &str, config: &LoraConfig, tensors: &HashMap<String, Tensor
                 config.r
             )));
         }
-        let merged = (w + b.matmul(t)?.affine(scale, 0.0)?)?;
+        let delta = b.matmul(t)?.affine(scale, 0.0)?;
+        let merged = if fan_in_fan_out { (w + delta.t()?)? } else { (w + delta)? };
         raw.tensors.insert(key, merged);
     }
     Pretrained::from_raw(raw.clone(), &LoadOptions::default())?;
