@@ -3,6 +3,8 @@
 # fixed 4x128 batch of SmolLM2, f32, AdamW; full fine-tuning, LoRA r 64 on all projections, prompt
 # tuning with 20 virtual tokens), alternating the two programs ROUNDS times per mode on this
 # machine, and prints medians, ratios and peak memory. Needs the reference venv (its setup.sh).
+# GPT=1: the same race on a random GPT-Neo of gpt-neo-125m's shape (scripts/bench_gpt_neo.py makes
+# it once under runs/gpt-neo-125m-random; both programs train the same weights on the same batch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF=${REF:-$(cd ../shared/reference && pwd)}
@@ -14,13 +16,27 @@ OUT=runs/bench-train-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 ./scripts/fetch-model.sh >/dev/null
 cargo build --release --quiet
+PY_REF() { env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE REF_HOME="$REF_HOME" "$REF_HOME/venv/bin/python" "$@"; }
+if [ "${GPT:-0}" = 1 ]; then
+  NEO=runs/gpt-neo-125m-random
+  [ -f "$NEO/model.safetensors" ] || PY_REF scripts/bench_gpt_neo.py make "$NEO" >&2
+  # A tokenizer for meet to load (the batch is token ids; the bench never tokenises).
+  cp tests/fixtures/tiny-gpt2/vocab.json tests/fixtures/tiny-gpt2/merges.txt "$NEO/"
+  BATCH=tests/fixtures/lm_batch_4x128.json
+fi
 for r in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     echo "round $r/$ROUNDS $mode (loadavg $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE REF_HOME="$REF_HOME" "$REF_HOME/venv/bin/python" \
-        "$REF/bench_train.py" "$mode" --steps "$STEPS" --warmup 1 2>/dev/null | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
-    ./target/release/meet bench train --mode "$mode" --steps "$STEPS" --warmup 1 \
-        --batch "$REF/data/lm_batch_4x128.json" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+    if [ "${GPT:-0}" = 1 ]; then
+      PY_REF scripts/bench_gpt_neo.py "$mode" "$NEO" "$BATCH" --steps "$STEPS" --warmup 1 2>/dev/null \
+          | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
+      ./target/release/meet bench train --mode "$mode" --model "$NEO" --steps "$STEPS" --warmup 1 \
+          --batch "$BATCH" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+    else
+      PY_REF "$REF/bench_train.py" "$mode" --steps "$STEPS" --warmup 1 2>/dev/null | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
+      ./target/release/meet bench train --mode "$mode" --steps "$STEPS" --warmup 1 \
+          --batch "$REF/data/lm_batch_4x128.json" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+    fi
   done
 done
 python3 - "$OUT" <<'PY'
@@ -39,5 +55,6 @@ for mode in dict.fromkeys(o["mode"] for o in ours):
     rs = "%.2f (%.2f/%.2f/%.2f)" % (med(x["sec_per_step"]["median"] for x in r), *(med(x[k] for x in r) for k in ["fwd_median", "bwd_median", "opt_median"]))
     print(f"{mode:8} {mt:10.1f} {rt:10.1f} {mt / rt:5.2f}x {ms:>28} {rs:>26} "
           f"{med(x['peak_rss_mib'] for x in o):9.0f} {med(x['peak_rss_mib_self'] for x in r):8.0f}")
+    print(f"         losses meet {o[0]['losses'][:3]}  ref {r[0]['losses'][:3]}")
 print(f"rounds: {len(ours)}; raw results in {out}")
 PY

@@ -141,3 +141,50 @@ reward = {{ eval_share = 0.3 }}
     let e = ExperimentConfig::from_file(&cfg_path).unwrap_err().to_string();
     assert!(e.contains("exp.toml") && e.contains("unknown experiment method 'ppo'"), "{e}");
 }
+
+/// The paper's architecture through the whole experiment: GPT-Neo (a local window shorter than
+/// the sequences) trained by SFT, DPO and MEET with soft prompts and LoRA (`all-linear`: its own
+/// projections), judged by VADER and by a reward model with a GPT-Neo backbone.
+#[test]
+fn the_experiment_runs_on_gpt_neo() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let mut raw = common::tiny_raw(3, 96);
+    raw.config = serde_json::json!({
+        "model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+        "num_layers": 2, "num_heads": 4, "max_position_embeddings": 96, "attention_layers": ["global", "local"],
+        "window_size": 8, "initializer_range": 0.2, "bos_token_id": 257, "eos_token_id": 258,
+    });
+    raw.tensors = meet::models::random_weights(&raw.config, 3, &candle_core::Device::Cpu).unwrap();
+    meet::models::pretrained::save_hf_folder(&raw, &model).unwrap();
+    let snippets: String =
+        (0..60).map(|i| format!("{i}\t{}\tthis film is good and {} overall\n", (i % 9) as f64 - 4.0, i % 7)).collect();
+    let sn = dir.path().join("snippets.txt");
+    std::fs::write(&sn, snippets).unwrap();
+    let out = dir.path().join("exp");
+    let text = format!(
+        "output_dir = {:?}\nmodel = {:?}\nsnippets = {:?}\nseeds = [0]\ntemperatures = [1.0]\n\
+         methods = [\"sft\", \"dpo\", \"meet-prompt\", \"meet-lora\"]\n[task]\ntrain = 12\neval = 4\nhuman_pairs = 8\n\
+         [pairs]\nsamples = 2\nmax_new_tokens = 6\n[eval]\nsamples = 1\nmax_new_tokens = 6\n\
+         [train]\nmax_steps = 2\nbatch_size = 4\nlr = 1e-3\n[method.meet-prompt]\nprompt = {{ n = 2 }}\n\
+         [method.meet-lora]\nlora = {{ r = 2, alpha = 4.0 }}\n[reward_model]\nreward = {{ eval_share = 0.25 }}\n",
+        out.to_string_lossy(),
+        model.to_string_lossy(),
+        sn.to_string_lossy()
+    );
+    let cfg_path = dir.path().join("exp.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let report = run(&ExperimentConfig::from_file(&cfg_path).unwrap()).unwrap();
+    let md = std::fs::read_to_string(report).unwrap();
+    for want in ["| sft |", "| dpo |", "| meet-prompt (good) |", "| meet-lora (good) |", "## Mean reward model score"] {
+        assert!(md.contains(want), "report lacks {want:?}:\n{md}");
+    }
+    // meet-lora's "all-linear" became GPT-Neo's own projections.
+    let lora = std::fs::read_to_string(out.join("runs/meet-lora-seed0/final/lora/good/adapter_config.json")).unwrap();
+    for t in ["out_proj", "c_fc", "c_proj", "q_proj"] {
+        assert!(lora.contains(&format!("\"{t}\"")), "{t} not targeted: {lora}");
+    }
+    assert!(!lora.contains("gate_proj"), "{lora}");
+    let rm = std::fs::read_to_string(out.join("runs/reward-model/final/config.json")).unwrap();
+    assert!(rm.contains("GPTNeoForSequenceClassification"), "{rm}");
+}

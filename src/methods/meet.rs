@@ -102,7 +102,7 @@ impl Recipe for Meet {
             },
             ExperimentEntry {
                 name: "meet-lora",
-                options: "[lora]\nr = 16\nalpha = 32.0\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
+                options: "[lora]\nr = 16\nalpha = 32.0\ntarget_modules = \"all-linear\"",
                 starts_from: None,
             },
         ]

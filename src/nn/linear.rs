@@ -10,7 +10,7 @@
 use crate::nn::gemm::sgemm;
 use crate::nn::ops::with_f32;
 use crate::nn::packed::PackedWeight;
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::{Arc, OnceLock};
 
 /// What is added to a linear layer's output, `y + Δ(x)`: LoRA adapters implement it in `peft`, so
@@ -118,7 +118,12 @@ impl Linear {
                 } else {
                     None
                 };
-                x.contiguous()?.apply_op2(w, MatMulT { weight_grad: w.is_variable(), wt })?
+                let op = MatMulT { weight_grad: w.is_variable(), wt };
+                // The bias is the product's starting value: no second pass over the output.
+                return match &self.bias {
+                    Some(b) => x.contiguous()?.apply_op3(w, &b.contiguous()?, op),
+                    None => x.contiguous()?.apply_op2(w, op),
+                };
             }
             LinearWeight::Dense(w) => {
                 let (out, inp) = w.dims2()?;
@@ -181,14 +186,7 @@ impl CustomOp2 for MatMulT {
             (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => (&x[a..b], &w[c..d]),
             _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
         };
-        let (n, k) = l2.shape().dims2()?;
-        let (m, out) = product_shape(l1.shape(), k, n)?;
-        let mut y = vec![0f32; m * n];
-        match &self.wt {
-            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, false))?,
-            None => sgemm(m, n, k, x, false, w, true, &mut y, false),
-        }
-        Ok((CpuStorage::F32(y), out))
+        self.forward(x, w, l1.shape(), l2.shape(), None)
     }
 
     fn bwd(
@@ -198,6 +196,90 @@ impl CustomOp2 for MatMulT {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, dy)
+    }
+}
+
+/// `x Wᵀ + b`: [`MatMulT`] with the bias as the product's starting value, and `db = Σ_rows dy`
+/// for a bias that trains.
+impl CustomOp3 for MatMulT {
+    fn name(&self) -> &'static str {
+        "meet-matmul-t-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = match (s1, s2, s3, l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets()) {
+            (
+                CpuStorage::F32(x),
+                CpuStorage::F32(w),
+                CpuStorage::F32(b),
+                Some((a0, a1)),
+                Some((c0, c1)),
+                Some((d0, d1)),
+            ) => (&x[a0..a1], &w[c0..c1], &b[d0..d1]),
+            _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
+        };
+        self.forward(x, w, l1.shape(), l2.shape(), Some(b))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.backward(x, w, dy)?;
+        let db = if b.track_op() {
+            let n = b.elem_count();
+            let mut db = vec![0f32; n];
+            with_f32(dy, |g| g.chunks_exact(n.max(1)).for_each(|r| db.iter_mut().zip(r).for_each(|(a, v)| *a += v)))?;
+            Some(Tensor::from_vec(db, n, dy.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl MatMulT {
+    /// `y = x Wᵀ (+ b)` for `x: [.., k]` and `W: [n, k]`.
+    fn forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        x_shape: &Shape,
+        w_shape: &Shape,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = w_shape.dims2()?;
+        let (m, out) = product_shape(x_shape, k, n)?;
+        let mut y = vec![0f32; m * n];
+        if let Some(b) = bias {
+            if b.len() != n {
+                candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
+            }
+            y.chunks_exact_mut(n.max(1)).for_each(|r| r.copy_from_slice(b));
+        }
+        let acc = bias.is_some();
+        match &self.wt {
+            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
+            None => sgemm(m, n, k, x, false, w, true, &mut y, acc),
+        }
+        Ok((CpuStorage::F32(y), out))
+    }
+
+    /// `dx = dy W` and, for a trainable `W`, `dW = dyᵀ x` (into its registered buffer when it has one).
+    fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let mut dims = dy.dims().to_vec();
         dims.pop();
@@ -256,6 +338,56 @@ mod tests {
     use super::*;
     use crate::nn::packed::PackedFormat;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_fused_bias_matches_composed_ops_with_gradients() {
+        // 70 rows: a frozen weight then takes its transposed copy; a trainable one does not.
+        let dev = Device::Cpu;
+        let t = |n: usize, k: usize, s: f32| {
+            Tensor::arange(0f32, (n * k) as f32, &dev)
+                .unwrap()
+                .reshape((n, k))
+                .unwrap()
+                .affine(0.013, -s as f64)
+                .unwrap()
+                .sin()
+                .unwrap()
+        };
+        let x = Var::from_tensor(&t(70, 32, 0.3)).unwrap();
+        for trainable in [true, false] {
+            let (w0, b0) = (t(6, 32, 0.7), t(1, 6, 0.1).squeeze(0).unwrap());
+            let (wv, bv) = (Var::from_tensor(&w0).unwrap(), Var::from_tensor(&b0).unwrap());
+            let (w, b) = if trainable { (wv.as_tensor().clone(), bv.as_tensor().clone()) } else { (w0, b0) };
+            let layer = Linear::new(w.clone(), Some(b.clone()));
+            let probe = t(70, 6, 0.5);
+            let y = layer.forward(&x).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let d: f32 =
+                (&y - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            assert!(d < 1e-5, "trainable {trainable}: forward {d}");
+            let ga = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut checked = vec![x.as_tensor()];
+            if trainable {
+                checked.extend([wv.as_tensor(), bv.as_tensor()]);
+            } else {
+                assert!(ga.get(&b).is_none(), "a frozen bias gets no gradient");
+            }
+            for v in checked {
+                let d: f32 = (ga.get(v).unwrap() - gb.get(v).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(d < 1e-4, "trainable {trainable}: gradient {d} of {:?}", v.dims());
+            }
+        }
+    }
 
     #[test]
     fn packed_layer_matches_dense_layer_and_passes_input_gradients() {

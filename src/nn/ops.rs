@@ -1,4 +1,5 @@
-//! Differentiable fused ops for the decoder: RMSNorm, rotary embeddings, SwiGLU and softmax.
+//! Differentiable fused ops for the decoders: RMSNorm, LayerNorm, rotary embeddings, SwiGLU,
+//! GELU-new and softmax.
 //!
 //! candle-nn's fused versions of these (`ops::rms_norm`, `rotary_emb::rope`,
 //! `ops::softmax_last_dim`) have no backward pass, so gradients through them silently vanish. Here
@@ -6,9 +7,11 @@
 //! function falls back to a composition of differentiable candle ops. The composed forms double as
 //! the reference the tests hold the kernels to.
 
-use crate::nn::simd::{silu_mul, silu_mul_grads};
+use crate::nn::simd::{self, silu_mul, silu_mul_grads};
 use crate::nn::team::{SharedMut, Team};
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D,
+};
 use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
@@ -148,17 +151,183 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Resul
     x.broadcast_mul(&r)?.broadcast_mul(w)
 }
 
-/// LayerNorm over the last dimension (`(x - mean) / sqrt(var + eps) * w + b`, biased variance as
-/// torch's), from differentiable primitives.
+// ---------------------------------------------------------------------------------------------
+// LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b   (Ba et al. 2016; torch's nn.LayerNorm,
+// biased variance)
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// The mean and `1 / sqrt(var + eps)` of a row.
+fn moments(xr: &[f32], eps: f32) -> (f32, f32) {
+    let h = xr.len() as f32;
+    let mean = xr.iter().sum::<f32>() / h;
+    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "meet-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm")?;
+        let (w, b) = (f32_slice(s2, l2, "layer_norm")?, f32_slice(s3, l3, "layer_norm")?);
+        let h = w.len();
+        if b.len() != h || x.len() % h.max(1) != 0 {
+            candle_core::bail!("layer_norm: weight {h}, bias {} for rows of {:?}", b.len(), l1.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        let eps = self.eps;
+        for_rows(&mut y, x, h, &|yr, xr| {
+            let (mean, r) = moments(xr, eps);
+            for i in 0..h {
+                yr[i] = (xr[i] - mean) * r * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With xh = (x - mean) r and g = dy w:
+        //   dx = r (g - mean(g) - xh mean(g xh)),  dw = Σ_rows dy xh,  db = Σ_rows dy.
+        let h = w.dim(0)?;
+        let rows = x.elem_count() / h.max(1);
+        let mut dx = vec![0f32; x.elem_count()];
+        let partial = std::sync::Mutex::new((vec![0f32; h], vec![0f32; h]));
+        let eps = self.eps;
+        let out = SharedMut(dx.as_mut_ptr());
+        with_f32(x, |xv| {
+            with_f32(w, |wv| {
+                with_f32(dy, |dyv| {
+                    let f = |range: std::ops::Range<usize>| {
+                        let out = &out;
+                        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                        let mut xh = vec![0f32; h];
+                        for r in range {
+                            let (xr, gr) = (&xv[r * h..(r + 1) * h], &dyv[r * h..(r + 1) * h]);
+                            let (mean, inv) = moments(xr, eps);
+                            let (mut mg, mut mgx) = (0f32, 0f32);
+                            for i in 0..h {
+                                xh[i] = (xr[i] - mean) * inv;
+                                let g = gr[i] * wv[i];
+                                mg += g;
+                                mgx += g * xh[i];
+                                dw[i] += gr[i] * xh[i];
+                                db[i] += gr[i];
+                            }
+                            let (mg, mgx) = (mg / h as f32, mgx / h as f32);
+                            // SAFETY: row r of dx is written by this part only, and lies inside dx.
+                            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * h), h) };
+                            for i in 0..h {
+                                o[i] = inv * (gr[i] * wv[i] - mg - xh[i] * mgx);
+                            }
+                        }
+                        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
+                        p.0.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+                        p.1.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
+                    };
+                    split(rows, rows * h, &f)
+                })
+            })
+        })???;
+        let (dw, db) = partial.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Frozen norm parameters get no gradient.
+        let dw = if w.track_op() { Some(Tensor::from_vec(dw, h, w.device())?) } else { None };
+        let db = if b.track_op() { Some(Tensor::from_vec(db, h, b.device())?) } else { None };
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw, db))
+    }
+}
+
+/// LayerNorm over the last dimension with weight `w` and bias `b`, differentiable in all three.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if use_kernel(x) {
+        x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 })
+    } else {
+        layer_norm_composed(x, w, b, eps)
+    }
+}
+
+/// [`layer_norm`] from differentiable primitives (any device, and the tests' reference).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let r = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     centred.broadcast_mul(&r)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
+// ---------------------------------------------------------------------------------------------
+// GELU-new (GPT-2's tanh approximation; Hendrycks & Gimpel 2016)
+
+struct GeluNew;
+
+impl CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "meet-gelu-new"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu_new")?;
+        let mut y = vec![0f32; x.len()];
+        for_rows(&mut y, x, GELU_BLOCK, &|yr, xr| simd::gelu_new(xr, yr));
+        let done = x.len() / GELU_BLOCK * GELU_BLOCK;
+        simd::gelu_new(&x[done..], &mut y[done..]);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let mut dx = vec![0f32; x.elem_count()];
+        with_f32(x, |xv| {
+            with_f32(dy, |dv| {
+                let n = xv.len();
+                let blocks = n.div_ceil(GELU_BLOCK);
+                let out = SharedMut(dx.as_mut_ptr());
+                split(blocks, n, &|range| {
+                    let out = &out;
+                    for blk in range {
+                        let (a, e) = (blk * GELU_BLOCK, ((blk + 1) * GELU_BLOCK).min(n));
+                        // SAFETY: block blk of dx is written by this part only, and lies inside dx.
+                        let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(a), e - a) };
+                        simd::gelu_new_grad(&xv[a..e], &dv[a..e], o);
+                    }
+                })
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Elements per unit of work of the GELU kernels.
+const GELU_BLOCK: usize = 4096;
+
 /// GPT-2's GELU (`gelu_new`, the tanh approximation):
-/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, which candle's `gelu` computes.
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, differentiable.
 pub fn gelu_new(x: &Tensor) -> candle_core::Result<Tensor> {
+    if use_kernel(x) {
+        x.contiguous()?.apply_op1(GeluNew)
+    } else {
+        gelu_new_composed(x)
+    }
+}
+
+/// [`gelu_new`] from candle's own tanh-approximated `gelu` (any device, and the tests' reference).
+pub fn gelu_new_composed(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
 }
 
@@ -513,6 +682,73 @@ mod tests {
         let gc = (c * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let want = Tensor::cat(&[gb.get(g.as_tensor()).unwrap(), gb.get(u.as_tensor()).unwrap()], 1).unwrap();
         assert!(max_diff(gc.get(gu.as_tensor()).unwrap(), &want) < 1e-5);
+    }
+
+    /// Central differences of `sum(f(x) * probe)` at a few elements of `x` against the kernel's
+    /// gradient.
+    fn check_finite_differences(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, probe: &Tensor) {
+        let g = grads(f, x, probe).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x0 = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let loss = |v: &[f32]| {
+            let t = Tensor::from_vec(v.to_vec(), x.shape(), &Device::Cpu).unwrap();
+            (f(&t) * probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        for i in [0, x0.len() / 3, x0.len() - 1] {
+            let h = 1e-2f32;
+            let (mut up, mut down) = (x0.clone(), x0.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * h as f64);
+            let tol = 2e-3 + 1e-2 * g[i].abs() as f64;
+            assert!((numeric - g[i] as f64).abs() <= tol, "[{i}]: finite difference {numeric} vs kernel {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn layer_norm_kernel_matches_composed_and_finite_differences() {
+        // 2 x 3 rows of 8 (one thread), and 300 rows of 256 (over the team).
+        for (shape, h) in [(vec![2, 3, 8], 8), (vec![300, 256], 256)] {
+            let x = (rand(&shape, 1) * 3.0).unwrap();
+            let w = Var::from_tensor(&rand(&[h], 2)).unwrap();
+            let b = Var::from_tensor(&rand(&[h], 3)).unwrap();
+            let probe = rand(&shape, 4);
+            let a = layer_norm(&x, &w, &b, 1e-5).unwrap();
+            let c = layer_norm_composed(&x, &w, &b, 1e-5).unwrap();
+            assert!(max_diff(&a, &c) < 1e-5, "{shape:?}: forward {}", max_diff(&a, &c));
+            let ga = grads(&|x| layer_norm(x, &w, &b, 1e-5).unwrap(), &x, &probe);
+            let gc = grads(&|x| layer_norm_composed(x, &w, &b, 1e-5).unwrap(), &x, &probe);
+            assert!(max_diff(&ga, &gc) < 1e-4, "{shape:?}: dx {}", max_diff(&ga, &gc));
+            let gk = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (c * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("dw", &w), ("db", &b)] {
+                let d = max_diff(gk.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-3, "{shape:?}: {name} {d}");
+            }
+        }
+        let (x, probe) = ((rand(&[3, 16], 5) * 2.0).unwrap(), rand(&[3, 16], 6));
+        let (w, b) = (rand(&[16], 7), rand(&[16], 8));
+        check_finite_differences(&|x| layer_norm(x, &w, &b, 1e-5).unwrap(), &x, &probe);
+    }
+
+    #[test]
+    fn gelu_new_kernel_matches_composed_and_finite_differences() {
+        // Lengths with a partial vector and several blocks (over the team) with a partial one.
+        for n in [13, 3 * GELU_BLOCK * 7 + 5] {
+            let x = (rand(&[n], 1) * 6.0).unwrap();
+            let probe = rand(&[n], 2);
+            let a = gelu_new(&x).unwrap();
+            let c = gelu_new_composed(&x).unwrap();
+            assert!(max_diff(&a, &c) < 1e-5, "n {n}: forward {}", max_diff(&a, &c));
+            let ga = grads(&|x| gelu_new(x).unwrap(), &x, &probe);
+            let gc = grads(&|x| gelu_new_composed(x).unwrap(), &x, &probe);
+            assert!(max_diff(&ga, &gc) < 1e-5, "n {n}: dx {}", max_diff(&ga, &gc));
+        }
+        // Far in both tails GELU is x and 0, its slope 1 and 0.
+        let x = Tensor::new(&[-30f32, 30.0], &Device::Cpu).unwrap();
+        assert_eq!(gelu_new(&x).unwrap().to_vec1::<f32>().unwrap(), [0.0, 30.0]);
+        let g = grads(&|x| gelu_new(x).unwrap(), &x, &Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap());
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [0.0, 1.0]);
+        check_finite_differences(&|x| gelu_new(x).unwrap(), &(rand(&[40], 3) * 3.0).unwrap(), &rand(&[40], 4));
     }
 
     #[test]

@@ -30,8 +30,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Module names the adapter wraps, as PEFT names them for the architecture (Llama: q_proj,
     /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; GPT-Neo: q_proj, k_proj, v_proj,
-    /// out_proj, c_fc, c_proj; GPT-2: c_attn, c_proj, c_fc).
-    #[serde(default = "default_targets")]
+    /// out_proj, c_fc, c_proj; GPT-2: c_attn, c_proj, c_fc), or PEFT's `"all-linear"`: all of them.
+    #[serde(default = "default_targets", deserialize_with = "targets")]
     pub target_modules: Vec<String>,
     /// Scale by `alpha / √r` instead of `alpha / r`.
     #[serde(default)]
@@ -50,6 +50,23 @@ fn default_alpha() -> f64 {
 }
 fn default_targets() -> Vec<String> {
     ["q_proj", "v_proj"].iter().map(|s| s.to_string()).collect()
+}
+
+/// PEFT's name for every linear layer but the output head: the architecture's projections.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// `target_modules` as a list of names, or PEFT's single string `"all-linear"`.
+fn targets<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Targets {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Targets::deserialize(d)? {
+        Targets::One(s) => vec![s],
+        Targets::Many(v) => v,
+    })
 }
 
 /// The projections a LoRA adapter may wrap in the Llama family.
@@ -125,6 +142,9 @@ impl LoraConfig {
             }
         }
         for t in &self.target_modules {
+            if t == ALL_LINEAR && self.target_modules.len() == 1 {
+                continue;
+            }
             if !known.contains(&t.as_str()) {
                 return Err(Error::Invalid(format!(
                     "lora: unknown target module '{t}' (choose among {})",
@@ -138,6 +158,10 @@ impl LoraConfig {
     /// This adapter on a model of `arch` (its `model_type` for messages): every target must be
     /// one of the architecture's layers, and its weight layout sets `fan_in_fan_out`.
     pub fn for_architecture(&self, arch: &Architecture, model_type: &str) -> Result<LoraConfig> {
+        if self.target_modules == [ALL_LINEAR] {
+            let target_modules = arch.lora_targets.iter().map(|t| t.to_string()).collect();
+            return Ok(LoraConfig { target_modules, fan_in_fan_out: arch.fan_in_fan_out, ..self.clone() });
+        }
         if let Some(t) = self.target_modules.iter().find(|t| !arch.lora_targets.contains(&t.as_str())) {
             return Err(Error::Invalid(format!(
                 "lora: {model_type} models have no '{t}' layers to target (choose among {})",
@@ -384,8 +408,9 @@ impl LoraLayer {
             None => x.clone(),
         };
         // Both products through the layer kernel, whose backward writes dA and dB directly.
-        let h = matmul_t(&x, a)?; // (.., r)
-        let y = matmul_t(&h, b)?.affine(*scale, 0.0)?; // (.., out)
+        // The scale on the rank-r activations: a pass over r columns instead of the output's.
+        let h = matmul_t(&x, a)?.affine(*scale, 0.0)?; // (.., r)
+        let y = matmul_t(&h, b)?; // (.., out)
         let dims = y.dims().to_vec();
         Ok(Some(y.reshape(dims)?))
     }

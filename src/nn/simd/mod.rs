@@ -243,6 +243,40 @@ pub fn silu_mul_grads(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut
     }
 }
 
+/// √(2/π), GELU-new's slope inside the tanh.
+const GELU_K: f32 = 0.797_884_6;
+/// GELU-new's cubic coefficient.
+const GELU_C: f32 = 0.044_715;
+
+/// GPT-2's GELU (`gelu_new`): `out = 0.5 x (1 + tanh(k (x + c x³)))`.
+pub fn gelu_new(x: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: the features were detected.
+        return unsafe { x86::gelu_new_512(x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 0.5 * v * (1.0 + (GELU_K * (v + GELU_C * v * v * v)).tanh());
+    }
+}
+
+/// GELU-new's input gradient: with `t = tanh(k (x + c x³))`,
+/// `dx = dy (0.5 (1 + t) + 0.5 x (1 − t²) k (1 + 3 c x²))`.
+pub fn gelu_new_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    debug_assert!(x.len() == dy.len() && dy.len() == dx.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: the features were detected.
+        return unsafe { x86::gelu_new_grad_512(x, dy, dx) };
+    }
+    for i in 0..x.len() {
+        let v = x[i];
+        let t = (GELU_K * (v + GELU_C * v * v * v)).tanh();
+        dx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * v * v));
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -287,6 +287,62 @@ pub(super) unsafe fn exp_shifted_sum_512(x: &mut [f32], shift: f32) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
+/// `tanh(u) = 1 − 2 / (exp(2u) + 1)` on 16 lanes (exact at both saturations: exp gives inf or 0).
+#[target_feature(enable = "avx512f")]
+unsafe fn tanh512(u: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    let e = exp512(_mm512_add_ps(u, u));
+    _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e, one)))
+}
+
+/// `t = tanh(k (x + c x³))` of GELU-new on 16 lanes.
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh512(v: __m512) -> __m512 {
+    let x3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    let inner = _mm512_mul_ps(_mm512_set1_ps(super::GELU_K), _mm512_fmadd_ps(_mm512_set1_ps(super::GELU_C), x3, v));
+    tanh512(inner)
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn gelu_new_512(x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+    let mut i = 0;
+    while i < n {
+        // Whole vectors, then the tail through a lane mask.
+        let m: __mmask16 = if i + 16 <= n { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let v = _mm512_maskz_loadu_ps(m, px.add(i));
+        let y = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, gelu_tanh512(v)));
+        _mm512_mask_storeu_ps(po.add(i), m, y);
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn gelu_new_grad_512(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let n = x.len();
+    let (px, pd, po) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+    let (k, c3) = (_mm512_set1_ps(super::GELU_K), _mm512_set1_ps(3.0 * super::GELU_C));
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if i + 16 <= n { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let v = _mm512_maskz_loadu_ps(m, px.add(i));
+        let t = gelu_tanh512(v);
+        // 0.5 (1 + t) + 0.5 x (1 − t²) k (1 + 3 c x²)
+        let sech2 = _mm512_fnmadd_ps(t, t, one);
+        let slope = _mm512_mul_ps(k, _mm512_fmadd_ps(c3, _mm512_mul_ps(v, v), one));
+        let d = _mm512_fmadd_ps(
+            _mm512_mul_ps(_mm512_mul_ps(half, v), sech2),
+            slope,
+            _mm512_mul_ps(half, _mm512_add_ps(one, t)),
+        );
+        _mm512_mask_storeu_ps(po.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pd.add(i)), d));
+        i += 16;
+    }
+}
+
 /// [`exp256`] on 16 lanes (the same range reduction and polynomial).
 #[target_feature(enable = "avx512f")]
 unsafe fn exp512(x: __m512) -> __m512 {
