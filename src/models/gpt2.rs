@@ -9,7 +9,7 @@
 
 use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
-use crate::nn::linear::{Linear, LinearWeight};
+use crate::nn::linear::Linear;
 use crate::nn::ops::gelu_new;
 use crate::nn::{Builder, Embedding, Init, LayerNorm};
 use crate::{Error, Result};
@@ -134,14 +134,7 @@ impl Block {
         let q = qkv.narrow(2, 0, hidden)?.reshape((b, t, h, d))?;
         let k = qkv.narrow(2, hidden, hidden)?.reshape((b, t, h, d))?;
         let v = qkv.narrow(2, 2 * hidden, hidden)?.reshape((b, t, h, d))?;
-        let (k, v) = match cache {
-            Some((kc, vc)) => {
-                kc.slice_set(&k.contiguous()?, 1, past)?;
-                vc.slice_set(&v.contiguous()?, 1, past)?;
-                (kc.narrow(1, 0, past + t)?, vc.narrow(1, 0, past + t)?)
-            }
-            None => (k, v),
-        };
+        let (k, v) = super::with_cache(cache, k, v, past)?;
         let out = attention(&q, &k, &v, inp.mask.as_ref(), self.scale)?.reshape((b, t, hidden))?;
         Ok(self.attn_c_proj.forward(&out)?)
     }
@@ -233,10 +226,7 @@ impl CausalLm for Gpt2 {
     }
 
     fn frozen_lm_head(&self) -> Option<Tensor> {
-        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.adapter) {
-            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
-            _ => None,
-        }
+        self.lm_head.frozen_dense()
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {

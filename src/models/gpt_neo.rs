@@ -9,7 +9,7 @@
 
 use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::{attention, Mask};
-use crate::nn::linear::{Linear, LinearWeight};
+use crate::nn::linear::Linear;
 use crate::nn::ops::gelu_new;
 use crate::nn::{Builder, Embedding, LayerNorm};
 use crate::{Error, Result};
@@ -146,14 +146,7 @@ impl SelfAttention {
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?;
         let k = self.k_proj.forward(x)?.reshape((b, t, h, d))?;
         let v = self.v_proj.forward(x)?.reshape((b, t, h, d))?;
-        let (k, v) = match cache {
-            Some((kc, vc)) => {
-                kc.slice_set(&k.contiguous()?, 1, past)?;
-                vc.slice_set(&v.contiguous()?, 1, past)?;
-                (kc.narrow(1, 0, past + t)?, vc.narrow(1, 0, past + t)?)
-            }
-            None => (k, v),
-        };
+        let (k, v) = super::with_cache(cache, k, v, past)?;
         let mask = match (self.window, &inp.mask) {
             (Some(w), Some(m)) => Some(m.clone().with_window(w)),
             (Some(w), None) => Some(Mask::causal(b, t, past, None).with_window(w)),
@@ -278,10 +271,7 @@ impl CausalLm for GptNeo {
     }
 
     fn frozen_lm_head(&self) -> Option<Tensor> {
-        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.adapter) {
-            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
-            _ => None,
-        }
+        self.lm_head.frozen_dense()
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {

@@ -7,7 +7,7 @@
 
 use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
-use crate::nn::linear::{Linear, LinearWeight};
+use crate::nn::linear::Linear;
 use crate::nn::ops::{rms_norm, rope, swiglu, swiglu_packed, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
@@ -227,14 +227,7 @@ impl Attention {
         let v = v.reshape((b, t, kvh, d))?;
         let q = rope(&q, rt, &inp.positions)?; // (b, t, h, d)
         let k = rope(&k, rt, &inp.positions)?; // (b, t, kvh, d)
-        let (k, v) = match cache {
-            Some((kc, vc)) => {
-                kc.slice_set(&k, 1, past)?;
-                vc.slice_set(&v.contiguous()?, 1, past)?;
-                (kc.narrow(1, 0, past + t)?, vc.narrow(1, 0, past + t)?) // (b, T, kvh, d)
-            }
-            None => (k, v),
-        };
+        let (k, v) = super::with_cache(cache, k, v, past)?; // (b, T, kvh, d)
         let out = attention(&q, &k, &v, inp.mask.as_ref(), 1.0 / (d as f64).sqrt())?; // (b, t, h, d)
         let out = out.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
@@ -408,10 +401,7 @@ impl CausalLm for Llama {
     }
 
     fn frozen_lm_head(&self) -> Option<Tensor> {
-        match (&self.lm_head.weight, &self.lm_head.bias, &self.lm_head.adapter) {
-            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
-            _ => None,
-        }
+        self.lm_head.frozen_dense()
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {

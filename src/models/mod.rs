@@ -182,6 +182,16 @@ fn position_embeddings(wpe: &Tensor, inp: &AttentionInputs, b: usize, t: usize, 
     Ok(wpe.index_select(&idx, 0)?.reshape((b, t, h))?)
 }
 
+/// Keys and values `(b, t, heads, d)` of `t` new steps written into a layer's cache after `past`
+/// cached ones: all `past + t` of them, as views of the cache (or the new ones without a cache).
+fn with_cache(cache: Option<&mut (Tensor, Tensor)>, k: Tensor, v: Tensor, past: usize) -> Result<(Tensor, Tensor)> {
+    let Some((kc, vc)) = cache else { return Ok((k, v)) };
+    let t = k.dim(1)?;
+    kc.slice_set(&k.contiguous()?, 1, past)?;
+    vc.slice_set(&v.contiguous()?, 1, past)?;
+    Ok((kc.narrow(1, 0, past + t)?, vc.narrow(1, 0, past + t)?))
+}
+
 /// A cache of `layers` zeroed key/value pairs of `shape` `(b, capacity, heads, head_dim)`.
 fn zero_cache(layers: usize, shape: (usize, usize, usize, usize), capacity: usize, device: &Device) -> Result<KvCache> {
     let zeros = || Tensor::zeros(shape, candle_core::DType::F32, device);

@@ -90,6 +90,15 @@ impl Linear {
         }
     }
 
+    /// The weight when it is a frozen dense CPU matrix without bias or adapter: what a loss may
+    /// fuse with the LM head (see `objectives::logps::frozen_head_logps`).
+    pub fn frozen_dense(&self) -> Option<Tensor> {
+        match (&self.weight, &self.bias, &self.adapter) {
+            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
+            _ => None,
+        }
+    }
+
     /// Applies the layer (and its routed LoRA adapters) to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.forward_base(x)?;
