@@ -1,4 +1,5 @@
-//! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens) through `meet::nn::gemm`.
+//! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens), and of LoRA r 64 on
+//! GPT-Neo-125M, through `meet::nn::gemm`.
 //!     cargo run --release --example gemm_speed
 use meet::nn::gemm::sgemm;
 use std::time::Instant;
@@ -11,6 +12,11 @@ fn main() {
         ("gate/up 1536x576", 1536, 576),
         ("down 576x1536", 576, 1536),
         ("lm_head 49152x576", 49152, 576),
+        // LoRA r 64 on GPT-Neo-125M's projections: A (r x in), B (out x r).
+        ("lora A 64x768", 64, 768),
+        ("lora B 768x64", 768, 64),
+        ("lora A 64x3072", 64, 3072),
+        ("lora B 3072x64", 3072, 64),
     ] {
         let x = vec![0.5f32; rows * k];
         let w = vec![0.25f32; n * k];
