@@ -18,6 +18,13 @@ use std::sync::{Arc, OnceLock};
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// `y` (the layer's output for `x`) with the adapter's contribution.
     fn apply(&self, x: &Tensor, y: Tensor) -> crate::Result<Tensor>;
+
+    /// When the adapter adds `scale · x Aᵀ Bᵀ` to every row (one routed low-rank adapter without
+    /// dropout): `(A [r, in], B [out, r], scale)`, so that a frozen layer can run base and
+    /// adapter as one op. `None`: go through [`LinearAdapter::apply`].
+    fn low_rank(&self) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
 }
 
 /// `x Wᵀ` for a dense `W: [out, in]` through the layer kernel, whose backward writes `dW` (only
@@ -101,11 +108,43 @@ impl Linear {
 
     /// Applies the layer (and its routed LoRA adapters) to `x: [..., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // A frozen dense layer with one low-rank adapter: one op, one node in the graph. Apart,
+        // the two products, the scale and the sum are five nodes whose gradients candle
+        // accumulates with a zeroed tensor and an add each, on one thread.
+        if let (Some(adapter), LinearWeight::Dense(w)) = (&self.adapter, &self.weight) {
+            if x.device().is_cpu() && !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op()) {
+                if let Some((a, b, scale)) = adapter.low_rank() {
+                    let op = LowRankMatMulT {
+                        w: w.clone(),
+                        wt: self.frozen_transposed(w, x)?,
+                        bias: self.bias.clone(),
+                        scale: scale as f32,
+                        hs: std::sync::Mutex::new(None),
+                    };
+                    return x.contiguous()?.apply_op3(&a, &b, op);
+                }
+            }
+        }
         let y = self.forward_base(x)?;
         match &self.adapter {
             Some(a) => a.apply(x, y).map_err(|e| candle_core::Error::Msg(e.to_string())),
             None => Ok(y),
         }
+    }
+
+    /// `Wᵀ` of a frozen weight for an input of many rows (made once, kept): the product kernels
+    /// run faster on a row-major right operand.
+    fn frozen_transposed(&self, w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        if w.is_variable() || rows < MIN_ROWS_TRANSPOSED {
+            return Ok(None);
+        }
+        if let Some(t) = self.transposed.get() {
+            return Ok(Some(t.clone()));
+        }
+        let t = w.t()?.contiguous()?;
+        let _ = self.transposed.set(t.clone());
+        Ok(Some(t))
     }
 
     /// The layer without its adapters.
@@ -114,19 +153,7 @@ impl Linear {
             // A weight computed from a `Var` (GPT-2's transposed Conv1D) takes candle's product,
             // whose backward reaches that `Var`; the kernel writes gradients to `Var`s only.
             LinearWeight::Dense(w) if x.device().is_cpu() && (w.is_variable() || !w.track_op()) => {
-                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-                let wt = if !w.is_variable() && rows >= MIN_ROWS_TRANSPOSED {
-                    match self.transposed.get() {
-                        Some(t) => Some(t.clone()),
-                        None => {
-                            let t = w.t()?.contiguous()?;
-                            let _ = self.transposed.set(t.clone());
-                            Some(t)
-                        }
-                    }
-                } else {
-                    None
-                };
+                let wt = self.frozen_transposed(w, x)?;
                 let op = MatMulT { weight_grad: w.is_variable(), wt };
                 // The bias is the product's starting value: no second pass over the output.
                 return match &self.bias {
@@ -313,6 +340,115 @@ impl MatMulT {
     }
 }
 
+/// `y = x Wᵀ + bias + s (x Aᵀ) Bᵀ` for a frozen dense `W` (LoRA on a frozen layer): inputs
+/// `x [.., k]`, `A [r, k]`, `B [n, r]`. The backward writes `dx = dy W + s (dy B) A` into one
+/// buffer and `dA = s (dy B)ᵀ x`, `dB = dyᵀ (s x Aᵀ)` into the adapters' gradient buffers.
+struct LowRankMatMulT {
+    w: Tensor,
+    /// `Wᵀ` contiguous, for the forward product when available.
+    wt: Option<Tensor>,
+    bias: Option<Tensor>,
+    scale: f32,
+    /// `s x Aᵀ` `[m, r]` from the forward pass, for `dB`.
+    hs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for LowRankMatMulT {
+    fn name(&self) -> &'static str {
+        "meet-low-rank-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = match (s1, s2, s3, l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets()) {
+            (
+                CpuStorage::F32(x),
+                CpuStorage::F32(a),
+                CpuStorage::F32(b),
+                Some((x0, x1)),
+                Some((a0, a1)),
+                Some((b0, b1)),
+            ) => (&x[x0..x1], &a[a0..a1], &b[b0..b1]),
+            _ => candle_core::bail!("low-rank linear: needs contiguous f32 tensors"),
+        };
+        let (n, k) = self.w.dims2()?;
+        let (r, ka) = l2.shape().dims2()?;
+        if ka != k || l3.shape().dims2()? != (n, r) {
+            candle_core::bail!("low-rank linear: A {:?} and B {:?} do not fit W [{n}, {k}]", l2.shape(), l3.shape());
+        }
+        let (m, out) = product_shape(l1.shape(), k, n)?;
+        let mut y = vec![0f32; m * n];
+        if let Some(bias) = &self.bias {
+            with_f32(bias, |bv| y.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(&bv[..n])))?;
+        }
+        let acc = self.bias.is_some();
+        match &self.wt {
+            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
+            None => with_f32(&self.w, |wv| sgemm(m, n, k, x, false, wv, true, &mut y, acc))?,
+        }
+        let mut hs = vec![0f32; m * r];
+        sgemm(m, r, k, x, false, a, true, &mut hs, false);
+        hs.iter_mut().for_each(|v| *v *= self.scale);
+        sgemm(m, n, r, &hs, false, b, true, &mut y, true);
+        *self.hs.lock().unwrap_or_else(|e| e.into_inner()) = Some(hs);
+        Ok((CpuStorage::F32(y), out))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.w.dims2()?;
+        let r = a.dim(0)?;
+        let mut dims = dy.dims().to_vec();
+        dims.pop();
+        let m: usize = dims.iter().product();
+        dims.push(k);
+        let hs = self.hs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let hs = match hs {
+            Some(h) => h,
+            None => candle_core::bail!("low-rank linear: backward without its forward"),
+        };
+        let mut dx = vec![0f32; m * k];
+        let mut gbs = vec![0f32; m * r];
+        let (buf_a, buf_b) = (crate::nn::grad::buffer(a), crate::nn::grad::buffer(b));
+        let mut da = if a.track_op() && buf_a.is_none() { vec![0f32; r * k] } else { Vec::new() };
+        let mut db = if b.track_op() && buf_b.is_none() { vec![0f32; n * r] } else { Vec::new() };
+        with_f32(dy, |g| {
+            with_f32(b, |bv| sgemm(m, r, n, g, false, bv, false, &mut gbs, false))?;
+            gbs.iter_mut().for_each(|v| *v *= self.scale);
+            with_f32(&self.w, |wv| sgemm(m, k, n, g, false, wv, false, &mut dx, false))?;
+            with_f32(a, |av| sgemm(m, k, r, &gbs, false, av, false, &mut dx, true))?;
+            with_f32(x, |xv| match &buf_a {
+                Some(buf) => buf.update(|dst, acc| sgemm(r, k, m, &gbs, true, xv, false, dst, acc)),
+                None if a.track_op() => sgemm(r, k, m, &gbs, true, xv, false, &mut da, false),
+                None => {}
+            })?;
+            match &buf_b {
+                Some(buf) => buf.update(|dst, acc| sgemm(n, r, m, g, true, &hs, false, dst, acc)),
+                None if b.track_op() => sgemm(n, r, m, g, true, &hs, false, &mut db, false),
+                None => {}
+            }
+            Ok::<(), candle_core::Error>(())
+        })??;
+        let dx = Tensor::from_vec(dx, dims, dy.device())?;
+        let da = if da.is_empty() { None } else { Some(Tensor::from_vec(da, (r, k), dy.device())?) };
+        let db = if db.is_empty() { None } else { Some(Tensor::from_vec(db, (n, r), dy.device())?) };
+        Ok((Some(dx), da, db))
+    }
+}
+
 struct PackedMatMul(Arc<PackedWeight>);
 
 impl CustomOp1 for PackedMatMul {
@@ -395,6 +531,64 @@ mod tests {
                     .unwrap();
                 assert!(d < 1e-4, "trainable {trainable}: gradient {d} of {:?}", v.dims());
             }
+        }
+    }
+
+    /// `y + s (x Aᵀ) Bᵀ` from candle ops; `fused` says whether to offer the low-rank form.
+    #[derive(Debug)]
+    struct TestAdapter {
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        fused: bool,
+    }
+
+    impl LinearAdapter for TestAdapter {
+        fn apply(&self, x: &Tensor, y: Tensor) -> crate::Result<Tensor> {
+            let h = x.broadcast_matmul(&self.a.t()?)?;
+            Ok((y + (h.broadcast_matmul(&self.b.t()?)? * self.scale)?)?)
+        }
+
+        fn low_rank(&self) -> Option<(Tensor, Tensor, f64)> {
+            self.fused.then(|| (self.a.clone(), self.b.clone(), self.scale))
+        }
+    }
+
+    #[test]
+    fn a_frozen_layer_with_a_low_rank_adapter_is_one_op_with_the_same_values_and_gradients() {
+        let dev = Device::Cpu;
+        let t = |dims: &[usize], s: f64| {
+            let n: usize = dims.iter().product();
+            Tensor::arange(0f32, n as f32, &dev)
+                .unwrap()
+                .reshape(dims)
+                .unwrap()
+                .affine(0.017, s)
+                .unwrap()
+                .sin()
+                .unwrap()
+        };
+        let (w, bias) = (t(&[12, 20], 0.2), t(&[12], 0.4));
+        let x = Var::from_tensor(&t(&[3, 5, 20], 0.1)).unwrap();
+        let (a, b) = (Var::from_tensor(&t(&[4, 20], 0.3)).unwrap(), Var::from_tensor(&t(&[12, 4], 0.5)).unwrap());
+        let probe = t(&[3, 5, 12], 0.7);
+        let run = |fused: bool| {
+            let mut l = Linear::new(w.clone(), Some(bias.clone()));
+            let adapter = TestAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.5, fused };
+            l.adapter = Some(Arc::new(adapter));
+            let y = l.forward(&x).unwrap();
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Tensor> =
+                [x.as_tensor(), a.as_tensor(), b.as_tensor()].iter().map(|v| g.get(v).unwrap().clone()).collect();
+            (y, grads)
+        };
+        let ((yf, gf), (yg, gg)) = (run(true), run(false));
+        let diff = |p: &Tensor, q: &Tensor| -> f32 {
+            (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        };
+        assert!(diff(&yf, &yg) < 1e-5, "forward {}", diff(&yf, &yg));
+        for (name, (p, q)) in ["dx", "dA", "dB"].iter().zip(gf.iter().zip(&gg)) {
+            assert!(diff(p, q) < 1e-4, "{name}: {}", diff(p, q));
         }
     }
 

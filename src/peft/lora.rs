@@ -360,6 +360,21 @@ impl LinearAdapter for LoraLayer {
     fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         LoraLayer::apply(self, x, y)
     }
+
+    fn low_rank(&self) -> Option<(Tensor, Tensor, f64)> {
+        let i = match self.adapters.routing() {
+            Routing::All(i) => i,
+            Routing::PerRow(rows) if rows.iter().all(|r| *r == rows[0]) => rows.first().copied().flatten()?,
+            _ => return None,
+        };
+        let (a, b, scale) = self.parts.get(i)?.as_ref()?;
+        // Dropout draws a mask per call: that takes the general path.
+        let training = self.adapters.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if training && self.adapters.configs[i].dropout > 0.0 {
+            return None;
+        }
+        Some((a.clone(), b.clone(), *scale))
+    }
 }
 
 /// The adapters wrapping one linear layer.
