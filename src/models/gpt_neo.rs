@@ -91,7 +91,7 @@ impl Config {
             .map(|k| match k.as_str() {
                 "global" => Ok(false),
                 "local" => Ok(true),
-                other => Err(format!("attention layer kind '{other}' (global or local)")),
+                other => Err(format!("unknown attention layer kind '{other}' (global or local)")),
             })
             .collect()
     }
