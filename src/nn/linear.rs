@@ -415,7 +415,8 @@ impl CustomOp3 for LowRankMatMulT {
         dims.pop();
         let m: usize = dims.iter().product();
         dims.push(k);
-        let hs = self.hs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Kept (not taken): a second backward over the same graph must find it too.
+        let hs = self.hs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let hs = match hs {
             Some(h) => h,
             None => candle_core::bail!("low-rank linear: backward without its forward"),
