@@ -8,9 +8,9 @@
 //! transposed copies.
 
 use crate::nn::gemm::sgemm;
-use crate::nn::ops::with_f32;
+use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::packed::PackedWeight;
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::{Arc, OnceLock};
 
 /// What is added to a linear layer's output, `y + Δ(x)`: LoRA adapters implement it in `peft`, so
@@ -218,10 +218,7 @@ impl CustomOp2 for MatMulT {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => (&x[a..b], &w[c..d]),
-            _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
-        };
+        let (x, w) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
         self.forward(x, w, l1.shape(), l2.shape(), None)
     }
 
@@ -252,17 +249,7 @@ impl CustomOp3 for MatMulT {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = match (s1, s2, s3, l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets()) {
-            (
-                CpuStorage::F32(x),
-                CpuStorage::F32(w),
-                CpuStorage::F32(b),
-                Some((a0, a1)),
-                Some((c0, c1)),
-                Some((d0, d1)),
-            ) => (&x[a0..a1], &w[c0..c1], &b[d0..d1]),
-            _ => candle_core::bail!("linear: needs contiguous f32 tensors, got {:?}", s1.dtype()),
-        };
+        let (x, w, b) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, f32_slice(s3, l3, "linear")?);
         self.forward(x, w, l1.shape(), l2.shape(), Some(b))
     }
 
@@ -367,17 +354,8 @@ impl CustomOp3 for LowRankMatMulT {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, a, b) = match (s1, s2, s3, l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets()) {
-            (
-                CpuStorage::F32(x),
-                CpuStorage::F32(a),
-                CpuStorage::F32(b),
-                Some((x0, x1)),
-                Some((a0, a1)),
-                Some((b0, b1)),
-            ) => (&x[x0..x1], &a[a0..a1], &b[b0..b1]),
-            _ => candle_core::bail!("low-rank linear: needs contiguous f32 tensors"),
-        };
+        let op = "low-rank linear";
+        let (x, a, b) = (f32_slice(s1, l1, op)?, f32_slice(s2, l2, op)?, f32_slice(s3, l3, op)?);
         let (n, k) = self.w.dims2()?;
         let (r, ka) = l2.shape().dims2()?;
         if ka != k || l3.shape().dims2()? != (n, r) {
@@ -459,10 +437,7 @@ impl CustomOp1 for PackedMatMul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = self.0.dims();
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("packed matmul: needs a contiguous f32 input"),
-        };
+        let x = f32_slice(s, l, "packed matmul")?;
         let (m, out) = product_shape(l.shape(), k, n)?;
         Ok((CpuStorage::F32(self.0.matmul_t(x, m)), out))
     }

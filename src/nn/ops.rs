@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 type CResult<T> = candle_core::Result<T>;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+/// The f32 values of a contiguous CPU storage (a custom op's input), or an error naming `op`.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input must be contiguous"),
