@@ -11,12 +11,19 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
         // Safety: the features were detected.
         return unsafe { x86::exp_shifted_sum(x, shift) };
     }
-    let mut sum = 0f32;
+    exp_shifted_sum_scalar(x, shift)
+}
+
+/// The plain-Rust [`exp_shifted_sum`], summed in f64: one f32 running sum over a 49k-entry
+/// vocabulary drops the many tiny terms (each below half an ulp of the sum) and biased log-probs
+/// by ~1e-4 per token (the vector paths keep 8 or 16 partial sums, which is why they did not).
+fn exp_shifted_sum_scalar(x: &mut [f32], shift: f32) -> f32 {
+    let mut sum = 0f64;
     for v in x.iter_mut() {
         *v = (*v - shift).exp();
-        sum += *v;
+        sum += *v as f64;
     }
-    sum
+    sum as f32
 }
 
 /// [`exp_shifted_sum`] with the widest vectors the CPU has (AVX-512 when present: twice the
@@ -31,12 +38,15 @@ pub fn exp_shifted_sum_wide(x: &mut [f32], shift: f32) -> f32 {
     exp_shifted_sum(x, shift)
 }
 
-/// Whether the CPU has AVX-512 F (with AVX2 and FMA, which the kernels here also use).
+/// Whether the CPU has AVX-512 F (with AVX2 and FMA, which the kernels here also use) and the
+/// environment allows it: `MEET_SIMD=avx2` keeps `meet`'s own kernels on their AVX2 paths, so a
+/// machine with AVX-512 also tests the fallback (`scripts/test.sh` does). The `gemm` crate's
+/// products choose their kernels themselves.
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| has_avx2() && std::arch::is_x86_feature_detected!("avx512f"))
+        *HAS.get_or_init(|| has_avx2() && std::arch::is_x86_feature_detected!("avx512f") && simd_allows("avx512"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -64,8 +74,13 @@ pub fn log_sum_exp(x: &[f32]) -> f32 {
         // Safety: the features were detected.
         return unsafe { x86::log_sum_exp(x) };
     }
+    log_sum_exp_scalar(x)
+}
+
+/// The plain-Rust [`log_sum_exp`], summed in f64 as [`exp_shifted_sum_scalar`].
+fn log_sum_exp_scalar(x: &[f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    max + (x.iter().map(|v| (v - max).exp() as f64).sum::<f64>().ln() as f32)
 }
 
 /// Whether the CPU has AVX2, FMA and F16C (every x86 core since Haswell / Zen), which all the
@@ -75,11 +90,31 @@ pub(crate) fn has_avx2() -> bool {
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+                && simd_allows("avx2")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Whether `MEET_SIMD` (unset, `avx512`, `avx2` or `scalar`: the widest vector kernels `meet`
+/// may use) allows the `level` kernels. Read once per level; any other value is a warning and
+/// allows everything, so a typo never silently slows a run down.
+#[cfg(target_arch = "x86_64")]
+fn simd_allows(level: &str) -> bool {
+    const LEVELS: [&str; 3] = ["scalar", "avx2", "avx512"];
+    let Ok(v) = std::env::var("MEET_SIMD") else { return true };
+    let rank = |l: &str| LEVELS.iter().position(|x| *x == l);
+    match rank(v.trim()) {
+        Some(max) => rank(level).is_some_and(|r| r <= max),
+        None => {
+            tracing::warn!("MEET_SIMD={v:?} is not one of scalar, avx2, avx512; ignored");
+            true
+        }
+    }
 }
 
 /// `sum(a[i] * b[i])` over equal-length slices.
@@ -305,6 +340,23 @@ mod tests {
         let mut far = [-200.0f32, 0.0];
         assert_eq!(exp_shifted_sum_wide(&mut far, 0.0), 1.0);
         assert_eq!(far[0], 0.0);
+    }
+
+    #[test]
+    fn plain_rust_normalisers_keep_a_vocabulary_of_tiny_terms() {
+        // One likely token and 49151 at exp(-12) each (0.30 of the mass together), each a few
+        // dozen ulps of a running sum near 1: a single f32 running sum rounds every one of them
+        // the same way and drifts.
+        let mut x = vec![-12.0f32; 49152];
+        x[7] = 0.0;
+        let want = (1.0 + 49151.0 * (-12f64).exp()).ln();
+        let naive = x.iter().map(|v| v.exp()).fold(0f32, |s, v| s + v).ln();
+        assert!((naive as f64 - want).abs() > 1e-4, "the case no longer shows the drift: {naive}");
+        let lse = log_sum_exp_scalar(&x);
+        let ess = exp_shifted_sum_scalar(&mut x.clone(), 0.0).ln();
+        for (name, got) in [("log_sum_exp", lse), ("exp_shifted_sum", ess)] {
+            assert!((got as f64 - want).abs() < 1e-6, "{name}: {got} vs {want}");
+        }
     }
 
     #[test]
