@@ -21,59 +21,32 @@ static double now(void) {
 
 #define REPS 50000000L
 
-__attribute__((target("avx2,fma"))) static double peak256(void) {
-    __m256 a0 = _mm256_set1_ps(0.1f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;
-    const __m256 b = _mm256_set1_ps(0.9999f), c = _mm256_set1_ps(0.0001f);
-    double t0 = now();
-    for (long i = 0; i < REPS; i++) {
-        a0 = _mm256_fmadd_ps(a0, b, c); a1 = _mm256_fmadd_ps(a1, b, c); a2 = _mm256_fmadd_ps(a2, b, c);
-        a3 = _mm256_fmadd_ps(a3, b, c); a4 = _mm256_fmadd_ps(a4, b, c); a5 = _mm256_fmadd_ps(a5, b, c);
-        a6 = _mm256_fmadd_ps(a6, b, c); a7 = _mm256_fmadd_ps(a7, b, c); a8 = _mm256_fmadd_ps(a8, b, c);
-        a9 = _mm256_fmadd_ps(a9, b, c);
+// A register-only peak: ten independent accumulators, `op(acc, b, c)` REPS times each, `flops`
+// per instruction. Each use below is one function compiled for its own instruction set.
+#define PEAK(name, isa, vec, zero, b_init, c_init, op, reduce, flops)                                  \
+    __attribute__((target(isa))) static double name(void) {                                            \
+        vec a0 = zero, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;      \
+        const __typeof__(b_init) b = b_init, c = c_init;                                                   \
+        double t0 = now();                                                                                 \
+        for (long i = 0; i < REPS; i++) {                                                                  \
+            a0 = op(a0, b, c); a1 = op(a1, b, c); a2 = op(a2, b, c); a3 = op(a3, b, c); a4 = op(a4, b, c); \
+            a5 = op(a5, b, c); a6 = op(a6, b, c); a7 = op(a7, b, c); a8 = op(a8, b, c); a9 = op(a9, b, c); \
+        }                                                                                                  \
+        double t = now() - t0;                                                                             \
+        volatile float sink = reduce(a0) + reduce(a1) + reduce(a2) + reduce(a3) + reduce(a4) + reduce(a5) + \
+                              reduce(a6) + reduce(a7) + reduce(a8) + reduce(a9);                           \
+        (void)sink;                                                                                        \
+        return REPS * 10.0 * (flops) / t / 1e9;                                                            \
     }
-    double t = now() - t0;
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(_mm256_add_ps(a6, a7), _mm256_add_ps(a8, a9))));
-    volatile float sink = s[0];
-    (void)sink;
-    return REPS * 10.0 * 16 / t / 1e9;
-}
 
-__attribute__((target("avx512f"))) static double peak512(void) {
-    __m512 a0 = _mm512_set1_ps(0.1f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;
-    const __m512 b = _mm512_set1_ps(0.9999f), c = _mm512_set1_ps(0.0001f);
-    double t0 = now();
-    for (long i = 0; i < REPS; i++) {
-        a0 = _mm512_fmadd_ps(a0, b, c); a1 = _mm512_fmadd_ps(a1, b, c); a2 = _mm512_fmadd_ps(a2, b, c);
-        a3 = _mm512_fmadd_ps(a3, b, c); a4 = _mm512_fmadd_ps(a4, b, c); a5 = _mm512_fmadd_ps(a5, b, c);
-        a6 = _mm512_fmadd_ps(a6, b, c); a7 = _mm512_fmadd_ps(a7, b, c); a8 = _mm512_fmadd_ps(a8, b, c);
-        a9 = _mm512_fmadd_ps(a9, b, c);
-    }
-    double t = now() - t0;
-    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(_mm512_add_ps(a6, a7), _mm512_add_ps(a8, a9))));
-    volatile float sink = _mm512_reduce_add_ps(s);
-    (void)sink;
-    return REPS * 10.0 * 32 / t / 1e9;
-}
-
-__attribute__((target("avx512f,avx512bf16"))) static double peak_bf16(void) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;
-    const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80), c = (__m512bh)_mm512_set1_epi16(0x3c00);
-    double t0 = now();
-    for (long i = 0; i < REPS; i++) {
-        a0 = _mm512_dpbf16_ps(a0, b, c); a1 = _mm512_dpbf16_ps(a1, b, c); a2 = _mm512_dpbf16_ps(a2, b, c);
-        a3 = _mm512_dpbf16_ps(a3, b, c); a4 = _mm512_dpbf16_ps(a4, b, c); a5 = _mm512_dpbf16_ps(a5, b, c);
-        a6 = _mm512_dpbf16_ps(a6, b, c); a7 = _mm512_dpbf16_ps(a7, b, c); a8 = _mm512_dpbf16_ps(a8, b, c);
-        a9 = _mm512_dpbf16_ps(a9, b, c);
-    }
-    double t = now() - t0;
-    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                             _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(_mm512_add_ps(a6, a7), _mm512_add_ps(a8, a9))));
-    volatile float sink = _mm512_reduce_add_ps(s);
-    (void)sink;
-    return REPS * 10.0 * 64 / t / 1e9;
-}
+#define FMA512(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FIRST512(v) _mm512_reduce_add_ps(v)
+PEAK(peak512, "avx512f", __m512, _mm512_set1_ps(0.1f), _mm512_set1_ps(0.9999f), _mm512_set1_ps(0.0001f), FMA512,
+     FIRST512, 32)
+// bf16 1.0 and 2^-7 in every half of every lane: 16 lanes x 2 multiply-adds.
+#define DP(a, b, c) _mm512_dpbf16_ps(a, b, c)
+PEAK(peak_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps(), (__m512bh)_mm512_set1_epi16(0x3f80),
+     (__m512bh)_mm512_set1_epi16(0x3c00), DP, FIRST512, 64)
 
 // The 12 x 32 f32 tile: per step of k, two 16-lane loads of the B panel and twelve broadcasts of A
 // into 24 accumulators (what a packed AVX-512 SGEMM's inner loop is).
@@ -174,8 +147,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static double peak_amx(void) {
 int main(void) {
     __builtin_cpu_init();
     printf("per core, GFLOP/s\n");
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        printf("  f32 FMA, 256-bit registers (peak):      %7.1f\n", peak256());
+    // The AVX2 peak and meet's AVX2 tiles: scripts/fma_ceiling.c.
     if (!__builtin_cpu_supports("avx512f")) {
         printf("  no AVX-512 F: the 512-bit and bf16 parts are skipped\n");
         return 0;
