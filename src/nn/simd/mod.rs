@@ -15,8 +15,8 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
 }
 
 /// The plain-Rust [`exp_shifted_sum`], summed in f64: one f32 running sum over a 49k-entry
-/// vocabulary drops the many tiny terms (each below half an ulp of the sum) and biased log-probs
-/// by ~1e-4 per token (the vector paths keep 8 or 16 partial sums, which is why they did not).
+/// vocabulary rounds each of its many tiny terms against a sum near 1 and biased log-probs by
+/// ~1e-4 per token (the vector paths keep 8 or 16 partial sums, which is why they did not).
 fn exp_shifted_sum_scalar(x: &mut [f32], shift: f32) -> f32 {
     let mut sum = 0f64;
     for v in x.iter_mut() {
@@ -101,20 +101,20 @@ pub(crate) fn has_avx2() -> bool {
 }
 
 /// Whether `MEET_SIMD` (unset, `avx512`, `avx2` or `scalar`: the widest vector kernels `meet`
-/// may use) allows the `level` kernels. Read once per level; any other value is a warning and
-/// allows everything, so a typo never silently slows a run down.
+/// may use) allows the `level` kernels. Read once; any other value is one warning and allows
+/// everything, so a typo never silently slows a run down.
 #[cfg(target_arch = "x86_64")]
 fn simd_allows(level: &str) -> bool {
     const LEVELS: [&str; 3] = ["scalar", "avx2", "avx512"];
-    let Ok(v) = std::env::var("MEET_SIMD") else { return true };
-    let rank = |l: &str| LEVELS.iter().position(|x| *x == l);
-    match rank(v.trim()) {
-        Some(max) => rank(level).is_some_and(|r| r <= max),
-        None => {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(|| {
+        let Ok(v) = std::env::var("MEET_SIMD") else { return LEVELS.len() - 1 };
+        LEVELS.iter().position(|x| *x == v.trim()).unwrap_or_else(|| {
             tracing::warn!("MEET_SIMD={v:?} is not one of scalar, avx2, avx512; ignored");
-            true
-        }
-    }
+            LEVELS.len() - 1
+        })
+    });
+    LEVELS.iter().position(|x| *x == level).is_some_and(|r| r <= cap)
 }
 
 /// `sum(a[i] * b[i])` over equal-length slices.
