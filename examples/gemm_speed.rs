@@ -1,10 +1,22 @@
 //! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens), and of LoRA r 64 on
-//! GPT-Neo-125M, through `meet::nn::gemm`.
-//!     cargo run --release --example gemm_speed
-use meet::nn::gemm::sgemm;
+//! GPT-Neo-125M, through `meet::nn::gemm` (f32), or `meet::nn::bf16` (bf16 operands, f32 sums)
+//! with the argument `bf16`.
+//!     cargo run --release --example gemm_speed [-- bf16]
+use meet::nn::bf16::{self, Src};
 use std::time::Instant;
 
+#[allow(clippy::too_many_arguments)]
+fn product(bf: bool, m: usize, n: usize, k: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, c: &mut [f32]) {
+    if bf {
+        bf16::gemm(m, n, k, Src::F32(a), a_t, Src::F32(b), b_t, c, false)
+    } else {
+        meet::nn::gemm::sgemm(m, n, k, a, a_t, b, b_t, c, false)
+    }
+}
+
 fn main() {
+    let bf = std::env::args().nth(1).as_deref() == Some("bf16");
+    println!("{} products", if bf { "bf16" } else { "f32" });
     let rows = 512;
     for (name, n, k) in [
         ("q/o 576x576", 576, 576),
@@ -28,17 +40,17 @@ fn main() {
         let flop = 2.0 * (rows * n * k) as f64 * reps as f64;
         let t = Instant::now();
         for _ in 0..reps {
-            sgemm(rows, n, k, &x, false, &w, true, &mut y, false);
+            product(bf, rows, n, k, &x, false, &w, true, &mut y);
         }
         let f = flop / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
         for _ in 0..reps {
-            sgemm(rows, k, n, &dy, false, &w, false, &mut dx, false);
+            product(bf, rows, k, n, &dy, false, &w, false, &mut dx);
         }
         let d = flop / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
         for _ in 0..reps {
-            sgemm(n, k, rows, &dy, true, &x, false, &mut dw, false);
+            product(bf, n, k, rows, &dy, true, &x, false, &mut dw);
         }
         let g = flop / t.elapsed().as_secs_f64() / 1e9;
         println!("{name:>20}: fwd {f:6.1}  dx {d:6.1}  dW {g:6.1} GFLOP/s");

@@ -14,3 +14,5 @@ cargo test --release --all-targets
 MEET_SIMD=avx2 cargo test --release --lib --test gpt --test smollm2 --test tiny
 MEET_SIMD=scalar cargo test --release --lib --test gpt --test smollm2 --test tiny -- \
   --skip dpo_losses_match_the_python_reference
+# Every method's rule-learning test again under bf16 mixed precision (`[train] dtype = "bf16"`).
+MEET_TEST_DTYPE=bf16 cargo test --release --test methods

@@ -199,6 +199,7 @@ pub fn bench_train(
     batch_file: &std::path::Path,
     steps: usize,
     warmup: usize,
+    dtype: crate::train::Dtype,
 ) -> Result<TrainFigures> {
     use crate::methods::config::{DataSection, RunConfig};
     use crate::methods::setup::standard as build;
@@ -242,6 +243,7 @@ pub fn bench_train(
         max_grad_norm: None,
         shuffle: false,
         save_every: Some(0),
+        dtype,
         ..Default::default()
     };
     let mut built = build(&cfg)?;
@@ -333,7 +335,13 @@ fn lora_targets(model: &str) -> Result<&'static [&'static str]> {
 /// f32 model, AdamW lr 1e-6 without clipping, all pairs of `pairs_file` (`[{"prompt_ids",
 /// "chosen_ids", "rejected_ids"}]`) in one step; `warmup` untimed steps then `steps` timed ones.
 /// Unlike the reference, the reference log-probabilities are computed once, before training.
-pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup: usize) -> Result<DpoFigures> {
+pub fn bench_dpo(
+    model: &str,
+    pairs_file: &std::path::Path,
+    steps: usize,
+    warmup: usize,
+    dtype: crate::train::Dtype,
+) -> Result<DpoFigures> {
     use crate::data::preference::Pair;
     use crate::methods::config::{DataSection, RunConfig};
     use crate::methods::setup::standard as build;
@@ -361,6 +369,7 @@ pub fn bench_dpo(model: &str, pairs_file: &std::path::Path, steps: usize, warmup
     cfg.train.max_steps = Some(warmup + steps);
     cfg.train.shuffle = false;
     cfg.train.save_every = Some(0);
+    cfg.train.dtype = dtype;
     let d = DpoConfig::default();
     let t = Instant::now();
     let refs = crate::methods::dpo::cached_reference_logps(&cfg, &d, &pairs, 0)?;

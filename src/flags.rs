@@ -474,6 +474,9 @@ pub enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// f32, or bf16 (products with bf16 operands and f32 sums, as PyTorch's CPU autocast).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Forward, backward and AdamW on the Python reference's fixed batch; ends with one JSON line.
     Train {
@@ -493,6 +496,9 @@ pub enum BenchCommand {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// f32, or bf16 (products with bf16 operands and f32 sums, as PyTorch's CPU autocast).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
 }
 

@@ -225,8 +225,9 @@ fn run() -> anyhow::Result<ExitCode> {
             meet::models::pretrained::save_hf_folder(&raw, &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Command::Bench { what: BenchCommand::Train { model, mode, batch, steps, warmup } } => {
-            let f = meet::bench::bench_train(&model, &mode, &batch, steps, warmup)?;
+        Command::Bench { what: BenchCommand::Train { model, mode, batch, steps, warmup, dtype } } => {
+            let dtype = meet::train::Dtype::parse(&dtype)?;
+            let f = meet::bench::bench_train(&model, &mode, &batch, steps, warmup, dtype)?;
             println!(
                 "train {}: {:.3} s/step (fwd {:.3}, bwd {:.3}, opt {:.3}), {:.1} tok/s, losses {:?}, peak RSS {:.0} MiB",
                 f.mode, f.sec_per_step_median, f.fwd_median, f.bwd_median, f.opt_median, f.tokens_per_s_median,
@@ -234,11 +235,12 @@ fn run() -> anyhow::Result<ExitCode> {
             );
             println!(
                 "{}",
-                serde_json::json!({"bench": "train", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
+                serde_json::json!({"bench": "train", "model": model, "dtype": dtype, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
-        Command::Bench { what: BenchCommand::Dpo { model, pairs, steps, warmup } } => {
-            let f = meet::bench::bench_dpo(&model, &pairs, steps, warmup)?;
+        Command::Bench { what: BenchCommand::Dpo { model, pairs, steps, warmup, dtype } } => {
+            let dtype = meet::train::Dtype::parse(&dtype)?;
+            let f = meet::bench::bench_dpo(&model, &pairs, steps, warmup, dtype)?;
             println!(
                 "dpo: {} pairs, {:.3} s/step (fwd {:.3}, bwd {:.3}, opt {:.3}) + reference pass {:.3} s once, {:.3} pairs/s with it, losses {:?}, peak RSS {:.0} MiB",
                 f.pairs, f.sec_per_step_median, f.fwd_median, f.bwd_median, f.opt_median, f.reference_s,
@@ -247,7 +249,7 @@ fn run() -> anyhow::Result<ExitCode> {
             );
             println!(
                 "{}",
-                serde_json::json!({"bench": "dpo", "model": model, "threads": meet::nn::team::Team::global().threads(), "result": f})
+                serde_json::json!({"bench": "dpo", "model": model, "dtype": dtype, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
         Command::Bench { what: BenchCommand::Prefill { model, lengths, reps, ids } } => {

@@ -92,7 +92,12 @@ seed = 1
         data.to_string_lossy()
     );
     let table: toml::Table = toml::from_str(&text).unwrap();
-    let set: Vec<(String, String)> = set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut set: Vec<(String, String)> = set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    // MEET_TEST_DTYPE=bf16 (scripts/test.sh sets it for a second pass): every method learns the
+    // rule under bf16 mixed precision too.
+    if let Ok(dtype) = std::env::var("MEET_TEST_DTYPE") {
+        set.push(("train.dtype".into(), format!("{dtype:?}")));
+    }
     RunConfig::from_table(table, &set).unwrap()
 }
 
@@ -256,7 +261,7 @@ fn dpo_on(arch: &str) {
     let (sft, before) = pretrained(dir.path(), &model, &data, &prompts);
 
     let out = dir.path().join("dpo");
-    let set = [("model.train_weights", "true"), ("train.epochs", "20"), ("train.lr", "3e-4"), ("dpo.beta", "0.1")];
+    let set = [("model.train_weights", "true"), ("train.epochs", "30"), ("train.lr", "3e-4"), ("dpo.beta", "0.1")];
     let cfg = config("dpo", &sft, &data, &out, &set);
     meet::methods::run(&cfg, false).unwrap();
     let after = rate(&final_dir(&out), None, &prompts);

@@ -67,7 +67,9 @@ struct Cache {
 /// Reference log-probabilities of `pairs`, from the cache when it matches.
 pub fn cached_reference_logps(cfg: &RunConfig, d: &DpoConfig, pairs: &[Pair], pad: u32) -> Result<Vec<(f64, f64)>> {
     let reference = d.reference.clone().unwrap_or_else(|| cfg.model.source.clone());
-    let fingerprint = config_hash(&(&reference, pairs));
+    // bf16 reference log-probabilities differ from f32 ones; f32 keeps its old fingerprint.
+    let bf16 = cfg.train.dtype == crate::train::Dtype::Bf16;
+    let fingerprint = if bf16 { config_hash(&(&reference, pairs, "bf16")) } else { config_hash(&(&reference, pairs)) };
     let path = cfg.output_dir.join("reference_logps.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<Cache>(&text) {
@@ -82,7 +84,10 @@ pub fn cached_reference_logps(cfg: &RunConfig, d: &DpoConfig, pairs: &[Pair], pa
     crate::ui::header(&format!("DPO reference pass: log-probabilities of {} pairs under {reference}", pairs.len()));
     crate::ui::note(&format!("computed once, cached in {}", path.display()));
     let model = Pretrained::load(&reference, &LoadOptions::default())?;
-    let logps = reference_logps(&Policy::plain(model), pairs, cfg.train.batch_size, pad)?;
+    let logps = {
+        let _autocast = crate::nn::bf16::autocast(bf16);
+        reference_logps(&Policy::plain(model), pairs, cfg.train.batch_size, pad)?
+    };
     let cache = Cache { reference, fingerprint, logps };
     let text = serde_json::to_string(&cache).map_err(|e| Error::Invalid(e.to_string()))?;
     crate::files::atomic_write(&path, text.as_bytes())?;

@@ -400,7 +400,7 @@ impl CausalLm for Llama {
         Ok(self.lm_head.forward(h)?)
     }
 
-    fn frozen_lm_head(&self) -> Option<Tensor> {
+    fn frozen_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
         self.lm_head.frozen_dense()
     }
 

@@ -7,6 +7,7 @@
 //! frozen weight too (a third of the backward pass in LoRA and prompt tuning), and goes through
 //! transposed copies.
 
+use crate::nn::bf16::{PackedB, Src};
 use crate::nn::gemm::sgemm;
 use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::packed::PackedWeight;
@@ -53,12 +54,22 @@ pub struct Linear {
     /// kernels run ~20% faster on a row-major right operand than on a transposed one, and a frozen
     /// weight never changes (training of adapters and prompts, prefill in f32).
     pub transposed: Arc<OnceLock<Tensor>>,
+    /// A frozen dense weight packed for bf16 products (`x Wᵀ` inside
+    /// [`crate::nn::bf16::autocast`]), made on the first such product; `None` inside once made
+    /// means the CPU has no tile unit.
+    pub bf16: Arc<OnceLock<Option<Arc<PackedB>>>>,
 }
 
 impl Linear {
     /// A dense layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Dense(weight), bias, adapter: None, transposed: Default::default() }
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            adapter: None,
+            transposed: Default::default(),
+            bf16: Default::default(),
+        }
     }
 
     /// One layer computing `layers` side by side (outputs concatenated), when all of them are
@@ -78,6 +89,7 @@ impl Linear {
             bias: None,
             adapter: None,
             transposed: Default::default(),
+            bf16: Default::default(),
         })
     }
 
@@ -97,13 +109,31 @@ impl Linear {
         }
     }
 
-    /// The weight when it is a frozen dense CPU matrix without bias or adapter: what a loss may
-    /// fuse with the LM head (see `objectives::logps::frozen_head_logps`).
-    pub fn frozen_dense(&self) -> Option<Tensor> {
+    /// The weight when it is a frozen dense CPU matrix without bias or adapter, with its bf16
+    /// packing inside autocast: what a loss may fuse with the LM head (see
+    /// `objectives::logps::frozen_head_logps`).
+    pub fn frozen_dense(&self) -> Option<(Tensor, Option<Arc<PackedB>>)> {
         match (&self.weight, &self.bias, &self.adapter) {
-            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => Some(w.clone()),
+            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => {
+                Some((w.clone(), self.packed_bf16(w).ok().flatten()))
+            }
             _ => None,
         }
+    }
+
+    /// The bf16 packing of a frozen dense CPU weight for `x Wᵀ`, inside autocast only (made
+    /// once, kept with the layer); `None` otherwise or without a tile unit.
+    fn packed_bf16(&self, w: &Tensor) -> candle_core::Result<Option<Arc<PackedB>>> {
+        if !crate::nn::bf16::autocast_on() || w.is_variable() || w.track_op() || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        if let Some(p) = self.bf16.get() {
+            return Ok(p.clone());
+        }
+        let (n, k) = w.dims2()?;
+        let p = with_f32(w, |wv| PackedB::new(k, n, Src::F32(wv), true))?.map(Arc::new);
+        let _ = self.bf16.set(p.clone());
+        Ok(p)
     }
 
     /// Applies the layer (and its routed LoRA adapters) to `x: [..., in]`.
@@ -114,9 +144,11 @@ impl Linear {
         if let (Some(adapter), LinearWeight::Dense(w)) = (&self.adapter, &self.weight) {
             if x.device().is_cpu() && !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op()) {
                 if let Some((a, b, scale)) = adapter.low_rank() {
+                    let packed = self.packed_bf16(w)?;
                     let op = LowRankMatMulT {
                         w: w.clone(),
-                        wt: self.frozen_transposed(w, x)?,
+                        wt: if packed.is_some() { None } else { self.frozen_transposed(w, x)? },
+                        packed,
                         bias: self.bias.clone(),
                         scale: scale as f32,
                         hs: std::sync::Mutex::new(None),
@@ -153,8 +185,9 @@ impl Linear {
             // A weight computed from a `Var` (GPT-2's transposed Conv1D) takes candle's product,
             // whose backward reaches that `Var`; the kernel writes gradients to `Var`s only.
             LinearWeight::Dense(w) if x.device().is_cpu() && (w.is_variable() || !w.track_op()) => {
-                let wt = self.frozen_transposed(w, x)?;
-                let op = MatMulT { weight_grad: w.is_variable(), wt };
+                let packed = self.packed_bf16(w)?;
+                let wt = if packed.is_some() { None } else { self.frozen_transposed(w, x)? };
+                let op = MatMulT { weight_grad: w.is_variable(), wt, packed };
                 // The bias is the product's starting value: no second pass over the output.
                 return match &self.bias {
                     Some(b) => x.contiguous()?.apply_op3(w, &b.contiguous()?, op),
@@ -200,6 +233,8 @@ struct MatMulT {
     weight_grad: bool,
     /// `Wᵀ` contiguous, for the forward product when available.
     wt: Option<Tensor>,
+    /// A frozen `Wᵀ` packed for bf16 products, inside autocast.
+    packed: Option<Arc<PackedB>>,
 }
 
 /// Inputs of at least this many rows use (and make) the transposed copy of a frozen weight;
@@ -294,9 +329,10 @@ impl MatMulT {
             y.chunks_exact_mut(n.max(1)).for_each(|r| r.copy_from_slice(b));
         }
         let acc = bias.is_some();
-        match &self.wt {
-            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
-            None => sgemm(m, n, k, x, false, w, true, &mut y, acc),
+        match (&self.packed, &self.wt) {
+            (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
+            (None, Some(wt)) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
+            (None, None) => sgemm(m, n, k, x, false, w, true, &mut y, acc),
         }
         Ok((CpuStorage::F32(y), out))
     }
@@ -334,6 +370,8 @@ struct LowRankMatMulT {
     w: Tensor,
     /// `Wᵀ` contiguous, for the forward product when available.
     wt: Option<Tensor>,
+    /// `Wᵀ` packed for bf16 products, inside autocast.
+    packed: Option<Arc<PackedB>>,
     bias: Option<Tensor>,
     scale: f32,
     /// `s x Aᵀ` `[m, r]` from the forward pass, for `dB`.
@@ -367,9 +405,10 @@ impl CustomOp3 for LowRankMatMulT {
             with_f32(bias, |bv| y.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(&bv[..n])))?;
         }
         let acc = self.bias.is_some();
-        match &self.wt {
-            Some(wt) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
-            None => with_f32(&self.w, |wv| sgemm(m, n, k, x, false, wv, true, &mut y, acc))?,
+        match (&self.packed, &self.wt) {
+            (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
+            (None, Some(wt)) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
+            (None, None) => with_f32(&self.w, |wv| sgemm(m, n, k, x, false, wv, true, &mut y, acc))?,
         }
         let mut hs = vec![0f32; m * r];
         sgemm(m, r, k, x, false, a, true, &mut hs, false);
@@ -574,8 +613,13 @@ mod tests {
         let w: Vec<f32> = (0..6 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let p = Arc::new(PackedWeight::quantize(PackedFormat::Q8_0, 6, 32, &w).unwrap());
         let dense = Linear::new(Tensor::from_vec(p.dequantize(), (6, 32), &dev).unwrap(), None);
-        let packed =
-            Linear { weight: LinearWeight::Packed(p), bias: None, adapter: None, transposed: Default::default() };
+        let packed = Linear {
+            weight: LinearWeight::Packed(p),
+            bias: None,
+            adapter: None,
+            transposed: Default::default(),
+            bf16: Default::default(),
+        };
         let x = Var::from_tensor(
             &Tensor::arange(0f32, 2.0 * 3.0 * 32.0, &dev)
                 .unwrap()

@@ -2,6 +2,7 @@
 //! ops, and [`Builder`], which hands each layer its weights by Hugging Face tensor name.
 
 pub mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod grad;
 pub mod linear;
@@ -179,6 +180,7 @@ impl<'a> Builder<'a> {
                     bias,
                     adapter,
                     transposed: Default::default(),
+                    bf16: Default::default(),
                 });
             }
         }
@@ -254,7 +256,13 @@ impl Embedding {
 
     /// The output projection that shares this table (tied embeddings).
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None, adapter: None, transposed: Default::default() }
+        Linear {
+            weight: self.weight.clone(),
+            bias: None,
+            adapter: None,
+            transposed: Default::default(),
+            bf16: Default::default(),
+        }
     }
 }
 

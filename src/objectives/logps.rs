@@ -66,7 +66,7 @@ pub fn label_logps(policy: &Policy, batch: &Batch) -> Result<LabelLogps> {
     let h = h.reshape((b * total, hidden))?.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
     // The fused head computes its input gradient up front: only worth it when one is needed.
     let logps = match policy.pretrained.model.frozen_lm_head().filter(|_| h.track_op()) {
-        Some(w) => frozen_head_logps(&h, &w, &tgt)?,
+        Some((w, packed)) => frozen_head_logps(&h, &w, packed, &tgt)?,
         None => token_logps(&policy.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
     };
     Ok(LabelLogps { logps, rows, b })
@@ -155,6 +155,8 @@ impl CustomOp1 for TokenLogps {
 /// logits (100 MB for a 4x128 batch of SmolLM2) and their gradient never exist in full.
 struct FrozenHeadLogps {
     w: Tensor,
+    /// `Wᵀ` packed for bf16 products (inside autocast).
+    packed: Option<Arc<crate::nn::bf16::PackedB>>,
     targets: Arc<Vec<u32>>,
     /// `(onehot − softmax) W` per row, from the forward pass.
     dh: Mutex<Vec<f32>>,
@@ -186,7 +188,11 @@ impl CustomOp1 for FrozenHeadLogps {
             for r0 in (0..n).step_by(CHUNK) {
                 let c = CHUNK.min(n - r0);
                 let z = &mut logits[..c * v];
-                sgemm(c, v, hidden, &h[r0 * hidden..(r0 + c) * hidden], false, w, true, z, false);
+                let hc = &h[r0 * hidden..(r0 + c) * hidden];
+                match &self.packed {
+                    Some(p) => p.gemm(c, crate::nn::bf16::Src::F32(hc), false, z, false),
+                    None => sgemm(c, v, hidden, hc, false, w, true, z, false),
+                }
                 let po = SharedMut(out.as_mut_ptr());
                 let pz = SharedMut(z.as_mut_ptr());
                 Team::global().for_chunks(c, 1, &|rows| {
@@ -225,8 +231,14 @@ impl CustomOp1 for FrozenHeadLogps {
 }
 
 /// [`token_logps`] of `h W^T` for a frozen LM head `w`, without materialising the logits.
-pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let op = FrozenHeadLogps { w: w.clone(), targets: Arc::new(targets.to_vec()), dh: Mutex::new(Vec::new()) };
+/// `packed`: the head packed for bf16 products, used inside autocast.
+pub fn frozen_head_logps(
+    h: &Tensor,
+    w: &Tensor,
+    packed: Option<Arc<crate::nn::bf16::PackedB>>,
+    targets: &[u32],
+) -> Result<Tensor> {
+    let op = FrozenHeadLogps { w: w.clone(), packed, targets: Arc::new(targets.to_vec()), dh: Mutex::new(Vec::new()) };
     Ok(h.contiguous()?.apply_op1(op)?)
 }
 
@@ -295,7 +307,7 @@ mod tests {
         let h = Var::from_vec(h, (n, hidden), &dev).unwrap();
         let w = Tensor::from_vec(w, (v, hidden), &dev).unwrap();
         let y: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
-        let fused = frozen_head_logps(h.as_tensor(), &w, &y).unwrap();
+        let fused = frozen_head_logps(h.as_tensor(), &w, None, &y).unwrap();
         let plain = token_logps(&h.as_tensor().matmul(&w.t().unwrap()).unwrap(), &y).unwrap();
         let d = (&fused - &plain).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "{d}");

@@ -53,6 +53,36 @@ pub struct TrainConfig {
     pub save_every: Option<usize>,
     /// Keep the checkpoints of a finished stage, including one of its last step.
     pub keep_checkpoints: bool,
+    /// `"f32"` (default) or `"bf16"`: mixed precision as PyTorch's CPU autocast — products with
+    /// bf16 operands and f32 sums; weights, AdamW state, norms, softmax and losses in f32.
+    /// Left out of the serialised config when f32, so run fingerprints made before it existed
+    /// still match.
+    #[serde(skip_serializing_if = "Dtype::is_f32")]
+    pub dtype: Dtype,
+}
+
+/// The precision of the products in training (`[train] dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn is_f32(&self) -> bool {
+        *self == Dtype::F32
+    }
+
+    /// Parses `f32` or `bf16` (a CLI flag's value).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Dtype::F32),
+            "bf16" => Ok(Dtype::Bf16),
+            other => Err(Error::Invalid(format!("unknown dtype '{other}' (f32, bf16)"))),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -73,6 +103,7 @@ impl Default for TrainConfig {
             group_by_length: true,
             save_every: None,
             keep_checkpoints: false,
+            dtype: Dtype::F32,
         }
     }
 }
@@ -196,6 +227,7 @@ pub fn train<T: Item>(
     if examples.is_empty() {
         return Err(Error::Invalid("no training examples".into()));
     }
+    let _autocast = crate::nn::bf16::autocast(cfg.dtype == Dtype::Bf16);
     let n = examples.len();
     let total = cfg.total_steps(n);
     let lrs_base = [cfg.lr, cfg.control_lr.unwrap_or(cfg.lr)];

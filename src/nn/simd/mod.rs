@@ -100,17 +100,17 @@ pub(crate) fn has_avx2() -> bool {
     false
 }
 
-/// Whether `MEET_SIMD` (unset, `avx512`, `avx2` or `scalar`: the widest vector kernels `meet`
+/// Whether `MEET_SIMD` (unset, `amx`, `avx512`, `avx2` or `scalar`: the widest kernels `meet`
 /// may use) allows the `level` kernels. Read once; any other value is one warning and allows
 /// everything, so a typo never silently slows a run down.
 #[cfg(target_arch = "x86_64")]
-fn simd_allows(level: &str) -> bool {
-    const LEVELS: [&str; 3] = ["scalar", "avx2", "avx512"];
+pub(crate) fn simd_allows(level: &str) -> bool {
+    const LEVELS: [&str; 4] = ["scalar", "avx2", "avx512", "amx"];
     static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cap = *CAP.get_or_init(|| {
         let Ok(v) = std::env::var("MEET_SIMD") else { return LEVELS.len() - 1 };
         LEVELS.iter().position(|x| *x == v.trim()).unwrap_or_else(|| {
-            tracing::warn!("MEET_SIMD={v:?} is not one of scalar, avx2, avx512; ignored");
+            tracing::warn!("MEET_SIMD={v:?} is not one of scalar, avx2, avx512, amx; ignored");
             LEVELS.len() - 1
         })
     });

@@ -1,0 +1,648 @@
+//! Matrix products with bf16 operands and f32 accumulation: what PyTorch's CPU autocast does with
+//! a matmul. Operands are rounded to bf16 (round to nearest even), products are exact in f32 and
+//! summed in f32.
+//!
+//! On a CPU with AMX-BF16 (Intel Sapphire Rapids and later) the products run on the tile unit:
+//! one `tdpbf16ps` is 16 x 16 x 32 multiply-adds, ~10x the f32 FMA peak of a core
+//! (`scripts/cpu_ceiling.c`). Elsewhere the operands are rounded the same way and multiplied by
+//! the f32 kernels ([`crate::nn::gemm`]): the same products and f32 sums, in another order.
+//! AVX512_BF16's `vdpbf16ps` is not used: it measured no faster than two f32 FMAs per cycle.
+
+#[cfg(doc)]
+use crate::nn::gemm::sgemm;
+use crate::nn::team::{SharedMut, Team};
+
+thread_local! {
+    static AUTOCAST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, [`sgemm`] on this thread (every dense product of the layers,
+/// their backward and the fused LM-head loss) multiplies bf16-rounded operands with f32 sums, as
+/// inside PyTorch's `torch.autocast("cpu", torch.bfloat16)`; with `on = false` it changes nothing.
+/// Norms, softmax, losses and the optimizer stay in f32; attention's products run on the kernel
+/// team's threads and stay f32 too. Guards nest: dropping one restores the previous state.
+pub fn autocast(on: bool) -> Autocast {
+    Autocast(AUTOCAST.with(|a| a.replace(on || a.get())))
+}
+
+/// Restores the autocast state it replaced when dropped (see [`autocast`]).
+pub struct Autocast(bool);
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        AUTOCAST.with(|a| a.set(self.0));
+    }
+}
+
+/// Whether products on this thread run in bf16 (inside an [`autocast`] guard).
+pub fn autocast_on() -> bool {
+    AUTOCAST.with(|a| a.get())
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its upper 16 bits; NaN stays a quiet NaN.
+#[inline(always)]
+pub fn to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((b >> 16) | 0x40) as u16;
+    // A select, not a branch, so that loops over slices vectorise.
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+/// `x` rounded to bf16 and back to f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16_bits(x) as u32) << 16)
+}
+
+/// A matrix operand: f32 (rounded to bf16 while it is packed) or already bf16 (a frozen weight
+/// stored that way), row-major.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Src::F32(v) => v.len(),
+            Src::Bf16(v) => v.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn bits(&self, i: usize) -> u16 {
+        match self {
+            Src::F32(v) => to_bf16_bits(v[i]),
+            Src::Bf16(v) => v[i],
+        }
+    }
+}
+
+/// `c[m, n] = (accumulate ? c : 0) + op(a) · op(b)` with bf16 operands and f32 sums, all
+/// row-major; `op(a)` is `a[m, k]` or `a[k, m]ᵀ` (`a_t`), `op(b)` is `b[k, n]` or `b[n, k]ᵀ`
+/// (`b_t`), as [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Src, b_t: bool, c: &mut [f32], accumulate: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "bf16 gemm: buffers too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() && m * n * k >= 1 << 15 {
+        amx::gemm(m, n, k, a, a_t, amx::Right::Pack(b, b_t), c, accumulate);
+        return;
+    }
+    // The same bf16 operands, multiplied and summed in f32 by the f32 kernels.
+    let widen =
+        |s: Src, len: usize| -> Vec<f32> { (0..len).map(|i| f32::from_bits((s.bits(i) as u32) << 16)).collect() };
+    let (av, bv) = (widen(a, m * k), widen(b, k * n));
+    crate::nn::gemm::sgemm_f32(m, n, k, &av, a_t, &bv, b_t, c, accumulate);
+}
+
+/// A frozen right operand `op(b)` (`k x n`) packed once for the tile unit (bf16, half the
+/// memory of its f32 source): a frozen layer's weight, used by every product of a run.
+pub struct PackedB {
+    #[cfg(target_arch = "x86_64")]
+    inner: amx::Packed,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB {:?}", self.dims())
+    }
+}
+
+impl PackedB {
+    /// `op(b)` packed, or `None` where products do not run on AMX (then [`gemm`] is the way).
+    pub fn new(k: usize, n: usize, b: Src, b_t: bool) -> Option<PackedB> {
+        assert!(b.len() >= k * n, "bf16 pack: buffer too small");
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() && k > 0 && n > 0 {
+            return Some(PackedB { inner: amx::Packed::new(k, n, b, b_t) });
+        }
+        None
+    }
+
+    /// `(k, n)` of `op(b)`.
+    pub fn dims(&self) -> (usize, usize) {
+        #[cfg(target_arch = "x86_64")]
+        return (self.inner.k, self.inner.n);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("PackedB exists only on x86-64")
+    }
+
+    /// `c[m, n] = (accumulate ? c : 0) + op(a) · B`, as [`gemm`] with this packed right operand.
+    pub fn gemm(&self, m: usize, a: Src, a_t: bool, c: &mut [f32], accumulate: bool) {
+        let (k, n) = self.dims();
+        assert!(a.len() >= m * k && c.len() >= m * n, "bf16 gemm: buffers too small");
+        if m == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        amx::gemm(m, n, k, a, a_t, amx::Right::Packed(&self.inner), c, accumulate);
+    }
+}
+
+/// The AMX path: both operands packed into bf16 tiles, 32 x 32 output blocks of four 16 x 16
+/// f32 accumulator tiles, column panels of `op(b)` spread over the kernel team.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::*;
+    use std::ops::Range;
+
+    /// Columns of `op(b)` one thread packs and multiplies at a time.
+    const PANEL: usize = 256;
+    /// Most depths summed per packed panel (a `DEPTH x PANEL` bf16 panel is 384 KB, in L2; the
+    /// 32 rows of `a` multiplied against it, 48 KB, mostly in L1). A longer `k` (1536 of an MLP's
+    /// down projection, the LM head's 49152 in its backward) is cut in even slices summed one
+    /// after the other into `c`.
+    const DEPTH: usize = 768;
+
+    /// The depth of each slice of `k` (a multiple of 32; the last slice may be shorter).
+    fn slice_depth(k: usize) -> usize {
+        k.div_ceil(k.div_ceil(DEPTH)).div_ceil(32) * 32
+    }
+
+    /// The right operand of a product: packed on the fly, or once ahead.
+    pub enum Right<'a> {
+        Pack(Src<'a>, bool),
+        Packed(&'a Packed),
+    }
+
+    /// `op(b)` packed panel by panel and slice by slice, as [`pack_b`] lays each out.
+    pub struct Packed {
+        pub k: usize,
+        pub n: usize,
+        data: Vec<u32>,
+        /// Start of block `(panel, slice)` at `panel * slices + slice`.
+        offsets: Vec<usize>,
+    }
+
+    impl Packed {
+        pub fn new(k: usize, n: usize, b: Src, b_t: bool) -> Packed {
+            let (per, panels) = (slice_depth(k), n.div_ceil(PANEL));
+            let slices = k.div_ceil(per);
+            let mut offsets = Vec::with_capacity(panels * slices);
+            let mut total = 0;
+            for p in 0..panels {
+                let width = (((p + 1) * PANEL).min(n) - p * PANEL).div_ceil(32) * 32;
+                for s in 0..slices {
+                    offsets.push(total);
+                    total += (((s + 1) * per).min(k) - s * per).div_ceil(32) * 16 * width;
+                }
+            }
+            let mut data = vec![0u32; total];
+            let out = SharedMut(data.as_mut_ptr());
+            let offsets_ref = &offsets;
+            Team::global().for_ranges(panels, 1, &|range| {
+                let out = &out;
+                for p in range {
+                    let cols = p * PANEL..((p + 1) * PANEL).min(n);
+                    for s in 0..slices {
+                        let o = offsets_ref[p * slices + s];
+                        let end = offsets_ref.get(p * slices + s + 1).copied().unwrap_or(total);
+                        // SAFETY: blocks are disjoint and each is packed by one thread; the CPU
+                        // has AVX-512 (AMX CPUs do).
+                        unsafe {
+                            let dst = std::slice::from_raw_parts_mut(out.0.add(o), end - o);
+                            let depth = s * per..((s + 1) * per).min(k);
+                            match b {
+                                Src::F32(v) => pack_b(k, n, v, b_t, cols.clone(), depth, dst),
+                                Src::Bf16(v) => pack_b(k, n, v, b_t, cols.clone(), depth, dst),
+                            }
+                        }
+                    }
+                }
+            });
+            Packed { k, n, data, offsets }
+        }
+    }
+    /// One tile: 16 rows of 64 bytes, stored contiguously in both packed operands so that a tile
+    /// load reads 1 KB of consecutive lines.
+    const TILE: usize = 1024;
+
+    /// Whether the CPU has AMX-BF16, the kernel lets this process use the tile state, and
+    /// `MEET_SIMD` allows it (`MEET_SIMD=avx512` or lower takes the fallback).
+    pub fn available() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE (std's detection of them is
+            // not stable yet).
+            let edx = crate::nn::simd::has_avx2().then(|| std::arch::x86_64::__cpuid_count(7, 0).edx);
+            let cpu = edx.is_some_and(|d| d & (1 << 22) != 0 && d & (1 << 24) != 0);
+            if !(cpu && crate::nn::simd::simd_allows("amx")) {
+                return false;
+            }
+            // Linux hands out the 8 KB tile state only on request (arch_prctl
+            // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once per process.
+            // SAFETY: a plain system call with integer arguments.
+            let r = unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) };
+            if r != 0 {
+                tracing::warn!("the kernel refused AMX tile state; bf16 products use the f32 kernels");
+            }
+            r == 0
+        })
+    }
+
+    /// An element that packs into a bf16 tile: f32 (rounded) or bf16 bits.
+    trait Bits: Copy + Send + Sync {
+        fn bits(self) -> u16;
+    }
+    impl Bits for f32 {
+        #[inline(always)]
+        fn bits(self) -> u16 {
+            to_bf16_bits(self)
+        }
+    }
+    impl Bits for u16 {
+        #[inline(always)]
+        fn bits(self) -> u16 {
+            self
+        }
+    }
+
+    /// Rows `rows` (from and to multiples of 16) of `op(a)` packed as whole tiles into `out`, the
+    /// part of the packed matrix they own: tile `(i / 16, l / 32)` holds rows `i..i + 16` and
+    /// depths `l..l + 32` as 16 x 32 bf16, at `((i / 16) * (k_pad / 32) + l / 32) * 512` of the
+    /// whole; zero padded.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW (every AMX CPU does): the loops are compiled for it.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_a<T: Bits>(
+        m: usize,
+        k: usize,
+        a: &[T],
+        a_t: bool,
+        k_pad: usize,
+        out: &mut [u16],
+        rows: Range<usize>,
+    ) {
+        // `out` holds exactly the tiles of `rows` (whole tiles: rows.start is a multiple of 16).
+        let base = rows.start * k_pad;
+        let at = |i: usize, l: usize| ((i / 16) * (k_pad / 32) + l / 32) * 512 + (i % 16) * 32 - base;
+        for i in rows.clone() {
+            if i >= m {
+                (0..k_pad).step_by(32).for_each(|l| out[at(i, l)..at(i, l) + 32].fill(0));
+                continue;
+            }
+            // The padded depths past k (a partial chunk is completed below).
+            (k.div_ceil(32) * 32..k_pad).step_by(32).for_each(|l| out[at(i, l)..at(i, l) + 32].fill(0));
+            if !k.is_multiple_of(32) {
+                let l = k / 32 * 32;
+                out[at(i, l) + k % 32..at(i, l) + 32].fill(0);
+            }
+            if !a_t {
+                let src = &a[i * k..(i + 1) * k];
+                for (c, chunk) in src.chunks(32).enumerate() {
+                    let o = at(i, c * 32);
+                    out[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(d, s)| *d = s.bits());
+                }
+            }
+        }
+        if a_t {
+            // `a` is `[k, m]`: transposed through a 32 x 32 block, read and written a row at
+            // a time.
+            let mut block = [[0u16; 32]; 32];
+            for i0 in (rows.start..rows.end.min(m)).step_by(32) {
+                let ni = (rows.end.min(m) - i0).min(32);
+                for l0 in (0..k).step_by(32) {
+                    let nl = (k - l0).min(32);
+                    for ll in 0..nl {
+                        let src = &a[(l0 + ll) * m + i0..(l0 + ll) * m + i0 + ni];
+                        for (ii, s) in src.iter().enumerate() {
+                            block[ii][ll] = s.bits();
+                        }
+                    }
+                    for (ii, b) in block.iter().enumerate().take(ni) {
+                        let o = at(i0 + ii, l0);
+                        out[o..o + nl].copy_from_slice(&b[..nl]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Columns `cols` and depths `depth` of `op(b)` packed as AMX wants its right operand, in
+    /// whole tiles: row `p` of the panel holds, as 32-bit word `j`, the pair
+    /// `(op(b)[d + 2p, j], op(b)[d + 2p + 1, j])` for `d = depth.start`; tile `(j / 16, p / 16)`
+    /// is 16 x 16 words at `((j / 16) * (pairs / 16) + p / 16) * 256`. Zero padded to `pairs`
+    /// (a multiple of 16) rows and a multiple of 32 columns.
+    ///
+    /// # Safety
+    /// As [`pack_a`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_b<T: Bits>(
+        k: usize,
+        n: usize,
+        b: &[T],
+        b_t: bool,
+        cols: Range<usize>,
+        depth: Range<usize>,
+        out: &mut [u32],
+    ) {
+        let width = cols.len().div_ceil(32) * 32;
+        let pairs = depth.len().div_ceil(32) * 16;
+        let out = &mut out[..pairs * width];
+        let at = |p: usize, jj: usize| ((jj / 16) * (pairs / 16) + p / 16) * 256 + (p % 16) * 16 + jj % 16;
+        let pair = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+        if b_t || cols.len() < width || depth.len() < 2 * pairs {
+            out.fill(0);
+        }
+        if b_t {
+            // `b` is `[n, k]`: each pair is two neighbours in a row of `b`.
+            for (jj, j) in cols.clone().enumerate() {
+                let row = &b[j * k + depth.start..j * k + depth.end];
+                let mut two = row.chunks_exact(2);
+                for (p, t) in (&mut two).enumerate() {
+                    out[at(p, jj)] = pair(t[0].bits(), t[1].bits());
+                }
+                if let [last] = two.remainder() {
+                    out[at(row.len() / 2, jj)] = pair(last.bits(), 0);
+                }
+            }
+            return;
+        }
+        // `b` is `[k, n]`: row `p` interleaves two rows of `b`, 16 columns (one tile row) at a time.
+        for p in 0..depth.len().div_ceil(2) {
+            let (l0, l1) = (depth.start + 2 * p, depth.start + 2 * p + 1);
+            let r0 = &b[l0 * n + cols.start..l0 * n + cols.end];
+            let r1 = (l1 < depth.end).then(|| &b[l1 * n + cols.start..l1 * n + cols.end]);
+            for (t, c0) in r0.chunks(16).enumerate() {
+                let o = at(p, t * 16);
+                let dst = &mut out[o..o + c0.len()];
+                match r1 {
+                    Some(r1) => {
+                        let c1 = &r1[t * 16..t * 16 + c0.len()];
+                        dst.iter_mut().zip(c0.iter().zip(c1)).for_each(|(d, (x, y))| *d = pair(x.bits(), y.bits()))
+                    }
+                    None => dst.iter_mut().zip(c0).for_each(|(d, x)| *d = pair(x.bits(), 0)),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Right, c: &mut [f32], acc: bool) {
+        let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
+        // Packed operands live in per-thread buffers that are reused: a fresh 50 MB buffer per
+        // call (the LM head's backward) cost more in page faults than its products.
+        thread_local! {
+            static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+            static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut ap = PACKED_A.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        ap.resize(m_pad * k_pad, 0);
+        let team = Team::global();
+        let pa = SharedMut(ap.as_mut_ptr());
+        team.for_ranges(m_pad, 32, &|rows| {
+            let pa = &pa;
+            // SAFETY: each range gets the disjoint part of `ap` holding the tiles of its rows
+            // (ranges are multiples of 32 rows, tiles 16), which outlives the call; the CPU has
+            // AVX-512 (AMX CPUs do).
+            unsafe {
+                let out = std::slice::from_raw_parts_mut(pa.0.add(rows.start * k_pad), rows.len() * k_pad);
+                match a {
+                    Src::F32(v) => pack_a(m, k, v, a_t, k_pad, out, rows),
+                    Src::Bf16(v) => pack_a(m, k, v, a_t, k_pad, out, rows),
+                }
+            }
+        });
+        // Jobs are (column panel, row block) pairs: panels alone when there are enough for
+        // every thread, else the rows split too (a narrow `b` is packed by each of its jobs).
+        let panels = n.div_ceil(PANEL);
+        let row_parts = team.threads().div_ceil(panels).min(m_pad / 32).max(1);
+        let rows_per = (m_pad / 32).div_ceil(row_parts) * 32;
+        let pc = SharedMut(c.as_mut_ptr());
+        let ap = &mut ap;
+        let apr: &[u16] = ap;
+        team.for_ranges(panels * row_parts, 1, &|jobs| {
+            let pc = &pc;
+            let mut bp = PACKED_B.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            let per = slice_depth(k);
+            if let Right::Pack(..) = b {
+                bp.resize(per / 2 * PANEL, 0);
+            }
+            for job in jobs {
+                let (panel, part) = (job / row_parts, job % row_parts);
+                let cols = panel * PANEL..((panel + 1) * PANEL).min(n);
+                let rows = part * rows_per..((part + 1) * rows_per).min(m);
+                for (s, d) in (0..k).step_by(per).enumerate() {
+                    let depth = d..(d + per).min(k);
+                    // SAFETY: AVX-512 as above; `ap` and the panel are packed and padded as
+                    // `tiles` requires; this job writes only its rows and columns of `c`.
+                    unsafe {
+                        let panel_b: &[u32] = match b {
+                            Right::Pack(Src::F32(v), b_t) => {
+                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), &mut bp);
+                                &bp
+                            }
+                            Right::Pack(Src::Bf16(v), b_t) => {
+                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), &mut bp);
+                                &bp
+                            }
+                            Right::Packed(p) => &p.data[p.offsets[panel * k.div_ceil(per) + s]..],
+                        };
+                        tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc || d > 0)
+                    };
+                }
+            }
+            PACKED_B.with(|b| *b.borrow_mut() = bp);
+        });
+        PACKED_A.with(|b| *b.borrow_mut() = std::mem::take(ap));
+    }
+
+    /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    fn config() -> Config {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t] = 64; // colsb[t], little-endian u16
+            c[48 + t] = 16; // rows[t]
+        }
+        Config(c)
+    }
+
+    /// Multiplies rows `rows` and depths `depth` of packed `a` by one packed panel of `b`
+    /// (those depths) into those rows and the columns `cols` of `c`: 32 x 32 blocks of four
+    /// accumulator tiles, two tiles of `a` and two of `b` per 32 depths.
+    ///
+    /// # Safety
+    /// The CPU has AMX-BF16 and the process its tile state ([`available`]); `ap` is laid out
+    /// by [`pack_a`] for `k_pad`, `bp` by [`pack_b`] for `cols` and `depth`; `c` is row-major
+    /// with `n` columns and only this caller writes its block `rows` x `cols` meanwhile;
+    /// `rows.start` and `depth.start` are multiples of 32.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        n: usize,
+        k_pad: usize,
+        ap: &[u16],
+        bp: &[u32],
+        rows: Range<usize>,
+        cols: Range<usize>,
+        depth: Range<usize>,
+        c: *mut f32,
+        acc: bool,
+    ) {
+        let steps = depth.len().div_ceil(32);
+        let pairs = steps * 16;
+        let cfg = config();
+        let mut edge = [0f32; 32 * 32];
+        // SAFETY: the configuration is valid for palette 1.
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        for i in rows.clone().step_by(32) {
+            for jj in (0..cols.len()).step_by(32) {
+                let j = cols.start + jj;
+                let full = i + 32 <= rows.end && j + 32 <= cols.end;
+                // Where the 32 x 32 block goes: straight into `c`, or via `edge` at the borders.
+                let (dst, sd) = if full { (c.add(i * n + j), n * 4) } else { (edge.as_mut_ptr(), 32 * 4) };
+                if !full && acc {
+                    for r in 0..32.min(rows.end - i) {
+                        for q in 0..32.min(cols.end - j) {
+                            edge[r * 32 + q] = *c.add((i + r) * n + j + q);
+                        }
+                    }
+                }
+                let a0 = (ap.as_ptr() as *const u8).add(((i / 16) * (k_pad / 32) + depth.start / 32) * TILE);
+                let b0 = (bp.as_ptr() as *const u8).add((jj / 16) * (pairs / 16) * TILE);
+                // SAFETY (whole block): every tile load reads one packed 1 KB tile inside the
+                // packed buffers (padded to whole tiles), every store writes a 16 x 16 block of
+                // `dst` inside `c` (a full block) or `edge`.
+                std::arch::asm!(
+                    "test {acc}, {acc}",
+                    "jz 3f",
+                    "tileloadd tmm0, [{d} + {sd}*1]",
+                    "tileloadd tmm1, [{d1} + {sd}*1]",
+                    "tileloadd tmm2, [{d2} + {sd}*1]",
+                    "tileloadd tmm3, [{d3} + {sd}*1]",
+                    "jmp 5f",
+                    "3:",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "5:",
+                    "tileloadd tmm4, [{a} + {s64}*1]",
+                    "tileloadd tmm6, [{b} + {s64}*1]",
+                    "tileloadd tmm7, [{b2} + {s64}*1]",
+                    "tileloadd tmm5, [{a2} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {a}, 1024",
+                    "add {a2}, 1024",
+                    "add {b}, 1024",
+                    "add {b2}, 1024",
+                    "dec {steps}",
+                    "jnz 5b",
+                    "tilestored [{d} + {sd}*1], tmm0",
+                    "tilestored [{d1} + {sd}*1], tmm1",
+                    "tilestored [{d2} + {sd}*1], tmm2",
+                    "tilestored [{d3} + {sd}*1], tmm3",
+                    acc = in(reg) acc as usize,
+                    d = in(reg) dst,
+                    d1 = in(reg) (dst as *mut u8).add(64),
+                    d2 = in(reg) (dst as *mut u8).add(16 * sd),
+                    d3 = in(reg) (dst as *mut u8).add(16 * sd + 64),
+                    sd = in(reg) sd,
+                    s64 = in(reg) 64usize,
+                    a = inout(reg) a0 => _,
+                    a2 = inout(reg) a0.add((k_pad / 32) * TILE) => _,
+                    b = inout(reg) b0 => _,
+                    b2 = inout(reg) b0.add((pairs / 16) * TILE) => _,
+                    steps = inout(reg) steps => _,
+                    options(nostack),
+                );
+                if !full {
+                    for r in 0..32.min(rows.end - i) {
+                        for q in 0..32.min(cols.end - j) {
+                            *c.add((i + r) * n + j + q) = edge[r * 32 + q];
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: releases the tile state this thread configured.
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+        for x in [0.1f32, -3.3, 1e-30, 6.5e4] {
+            assert_eq!(to_bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+    }
+
+    /// The product of the bf16-rounded operands, summed in f64.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        (0..m * n)
+            .map(|i| (0..k).map(|l| round_bf16(a[(i / n) * k + l]) as f64 * round_bf16(b[l * n + i % n]) as f64).sum())
+            .collect()
+    }
+
+    fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
+    }
+
+    #[test]
+    fn products_match_rounded_operands_in_every_layout_and_size() {
+        #[cfg(target_arch = "x86_64")]
+        eprintln!("AMX: {}", amx::available());
+        // Sizes around the 32 x 32 blocks, 256-column panels and depth slices, and under the AMX
+        // threshold.
+        for (m, n, k) in
+            [(3, 5, 7), (32, 32, 32), (33, 47, 70), (70, 300, 65), (128, 520, 96), (5, 600, 40), (40, 70, 1600)]
+        {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want = reference(m, n, k, &a, &b);
+            let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                let av = if a_t { &at } else { &a };
+                let bv = if b_t { &bt } else { &b };
+                let mut c = vec![0.5f32; m * n];
+                gemm(m, n, k, Src::F32(av), a_t, Src::F32(bv), b_t, &mut c, false);
+                let close = |c: &[f32], shift: f64| {
+                    c.iter().zip(&want).all(|(x, y)| (*x as f64 - y - shift).abs() <= 1e-5 * (1.0 + y.abs()))
+                };
+                assert!(close(&c, 0.0), "{m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                c.fill(0.5);
+                let bits: Vec<u16> = bv.iter().map(|&x| to_bf16_bits(x)).collect();
+                gemm(m, n, k, Src::F32(av), a_t, Src::Bf16(&bits), b_t, &mut c, true);
+                assert!(close(&c, 0.5), "accumulate, bf16 b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                if let Some(p) = PackedB::new(k, n, Src::F32(bv), b_t) {
+                    p.gemm(m, Src::F32(av), a_t, &mut c, false);
+                    assert!(close(&c, 0.0), "packed b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                }
+            }
+        }
+    }
+}
