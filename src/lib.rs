@@ -24,6 +24,7 @@ pub mod nn;
 pub mod objectives;
 pub mod peft;
 pub mod policy;
+pub mod provenance;
 pub mod tokenizer;
 pub mod train;
 pub mod ui;

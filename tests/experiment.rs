@@ -82,8 +82,11 @@ reward = {{ eval_share = 0.3 }}
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     // base + 4 methods at 2 temperatures, `bad` at the last one for the 2 controllable ones, and
     // the two new sweep sizes (n = 1, r = 2; n = 2 is the main run) under good and bad.
-    assert_eq!(results.lines().count(), 5 * 2 + 2 + 4);
-    assert!(results.lines().all(|l| l.contains("\"reward_model\"")), "{results}");
+    // (after the provenance line)
+    assert!(results.lines().next().unwrap().starts_with("{\"provenance\":{\"meet\":"), "{results}");
+    assert!(md.contains("Made by meet ") && md.contains(" threads"), "{md}");
+    assert_eq!(results.lines().count(), 1 + 5 * 2 + 2 + 4);
+    assert!(results.lines().skip(1).all(|l| l.contains("\"reward_model\"")), "{results}");
     assert!(out.join("runs/meet-prompt-n1-seed0/final").is_dir() && out.join("runs/meet-lora-r2-seed0/final").is_dir());
     assert!(!out.join("runs/meet-prompt-n2-seed0").exists(), "the main size is reused");
     // Finished runs keep their outputs and metrics, not their checkpoints.

@@ -600,7 +600,13 @@ fn write_report(cfg: &ExperimentConfig, cells: &[Evaluated], sweep: &[SweepPoint
     let md = report::write(cfg, cells, sweep, judge)?;
     let path = cfg.dir(&["report.md"]);
     atomic_write(&path, md.as_bytes())?;
-    write_jsonl(&cfg.dir(&["results.jsonl"]), &cells.iter().map(|c| &c.cell).collect::<Vec<_>>())?;
+    // The first line says which build, machine and kernels made the numbers; one cell per line
+    // after it.
+    let mut lines = vec![serde_json::json!({ "provenance": crate::provenance::Provenance::current() })];
+    for c in cells {
+        lines.push(serde_json::to_value(&c.cell).map_err(|e| Error::Invalid(e.to_string()))?);
+    }
+    write_jsonl(&cfg.dir(&["results.jsonl"]), &lines)?;
     ui::note(&format!("{} and its figures", path.display()));
     Ok(path)
 }

@@ -400,6 +400,16 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
             total / 60.0
         );
     }
-    let _ = writeln!(r, "Raw figures: `results.jsonl`; every scored response: `eval/`; training runs: `runs/`.");
+    let _ = writeln!(
+        r,
+        "Raw figures: `results.jsonl` (its first line: the provenance below); every scored response: `eval/`; \
+         training runs: `runs/`.\n"
+    );
+    let _ = writeln!(
+        r,
+        "Made by {}. A rerun reproduces these numbers bit for bit with the same commit and kernels and thread \
+         count; other kernels sum in another order and move them within their intervals.",
+        crate::provenance::Provenance::current().line()
+    );
     Ok(r)
 }

@@ -39,6 +39,14 @@ pub fn autocast_on() -> bool {
     AUTOCAST.with(|a| a.get())
 }
 
+/// Whether bf16 products run on AMX tiles here (else on the f32 kernels).
+pub fn uses_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `x` rounded to the nearest bf16 (ties to even), as its upper 16 bits; NaN stays a quiet NaN.
 #[inline(always)]
 pub fn to_bf16_bits(x: f32) -> u16 {
@@ -541,6 +549,7 @@ mod amx {
                     "tileloadd tmm6, [{b} + {s64}*1]",
                     "tileloadd tmm7, [{b2} + {s64}*1]",
                     "tileloadd tmm5, [{a2} + {s64}*1]",
+
                     "tdpbf16ps tmm0, tmm4, tmm6",
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",

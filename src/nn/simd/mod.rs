@@ -52,6 +52,20 @@ pub(crate) fn has_avx512() -> bool {
     false
 }
 
+/// The widest of `meet`'s own kernels this process uses: `amx` (bf16 products on the tile
+/// unit), `avx512`, `avx2` or `scalar`.
+pub fn kernel_level() -> &'static str {
+    if crate::nn::bf16::uses_amx() {
+        "amx"
+    } else if has_avx512() {
+        "avx512"
+    } else if has_avx2() {
+        "avx2"
+    } else {
+        "scalar"
+    }
+}
+
 /// The largest value of a non-empty row (`-inf` for an empty one). Sixteen running maxima, so
 /// the compiler keeps them in vector registers (a plain `fold(f32::max)` stays scalar).
 pub fn max(x: &[f32]) -> f32 {
