@@ -19,9 +19,12 @@ pub struct Provenance {
 /// What decides the exact floating-point results of a run on the CPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Numerics {
-    /// The widest of `meet`'s own kernels in use: `amx`, `avx512`, `avx2` or `scalar` (the CPU's
+    /// The widest of `meet`'s own vector kernels in use: `avx512`, `avx2` or `scalar` (the CPU's
     /// best, capped by `MEET_SIMD`).
     pub kernels: String,
+    /// Where bf16 products run (`[train] dtype = "bf16"` only): `amx`, or `f32-kernels` (the
+    /// rounded operands multiplied by the f32 kernels).
+    pub bf16_products: String,
     /// Whether the `gemm` crate's f32 products run their AVX-512 kernels (the CPU has AVX-512 F;
     /// they cannot be capped).
     pub gemm_avx512: bool,
@@ -45,6 +48,7 @@ impl Provenance {
             cpu: cpu_name(),
             numerics: Numerics {
                 kernels: crate::nn::simd::kernel_level().into(),
+                bf16_products: if crate::nn::bf16::uses_amx() { "amx" } else { "f32-kernels" }.into(),
                 gemm_avx512: gemm_avx512(),
                 threads: crate::nn::team::Team::global().threads(),
             },
@@ -54,13 +58,14 @@ impl Provenance {
     /// One line for a report: commit, build, CPU and kernels.
     pub fn line(&self) -> String {
         format!(
-            "meet {} (commit {}; {}) on {}: {} kernels{}, {} threads",
+            "meet {} (commit {}; {}) on {}: {} kernels{}, bf16 products on {}, {} threads",
             self.meet,
             self.commit,
             self.build.join(", "),
             self.cpu,
             self.numerics.kernels,
             if self.numerics.gemm_avx512 { ", AVX-512 f32 products" } else { "" },
+            self.numerics.bf16_products,
             self.numerics.threads
         )
     }

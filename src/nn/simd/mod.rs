@@ -52,12 +52,10 @@ pub(crate) fn has_avx512() -> bool {
     false
 }
 
-/// The widest of `meet`'s own kernels this process uses: `amx` (bf16 products on the tile
-/// unit), `avx512`, `avx2` or `scalar`.
+/// The widest of `meet`'s own vector kernels this process uses: `avx512`, `avx2` or `scalar`
+/// (bf16 products: [`crate::nn::bf16::uses_amx`]).
 pub fn kernel_level() -> &'static str {
-    if crate::nn::bf16::uses_amx() {
-        "amx"
-    } else if has_avx512() {
+    if has_avx512() {
         "avx512"
     } else if has_avx2() {
         "avx2"
