@@ -8,7 +8,6 @@
 //! the f32 kernels ([`crate::nn::gemm`]): the same products and f32 sums, in another order.
 //! AVX512_BF16's `vdpbf16ps` is not used: it measured no faster than two f32 FMAs per cycle.
 
-#[cfg(doc)]
 use crate::nn::gemm::sgemm;
 use crate::nn::team::{SharedMut, Team};
 
@@ -16,7 +15,7 @@ thread_local! {
     static AUTOCAST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While the returned guard lives, [`sgemm`] on this thread (every dense product of the layers,
+/// While the returned guard lives, [`sgemm_autocast`] on this thread (every dense product of the layers,
 /// their backward and the fused LM-head loss) multiplies bf16-rounded operands with f32 sums, as
 /// inside PyTorch's `torch.autocast("cpu", torch.bfloat16)`; with `on = false` it changes nothing.
 /// Norms, softmax, losses and the optimizer stay in f32; attention's products run on the kernel
@@ -37,6 +36,27 @@ impl Drop for Autocast {
 /// Whether products on this thread run in bf16 (inside an [`autocast`] guard).
 pub fn autocast_on() -> bool {
     AUTOCAST.with(|a| a.get())
+}
+
+/// [`sgemm`] (same arguments), or [`gemm`] with f32 operands rounded to bf16 inside an
+/// [`autocast`] guard: the product every layer, its backward and the fused LM-head loss call.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_autocast(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if autocast_on() {
+        gemm(m, n, k, Src::F32(a), a_t, Src::F32(b), b_t, c, accumulate)
+    } else {
+        sgemm(m, n, k, a, a_t, b, b_t, c, accumulate)
+    }
 }
 
 /// Whether bf16 products run on AMX tiles here (else on the f32 kernels).
@@ -116,7 +136,7 @@ pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Src, b_t: bool, 
     let widen =
         |s: Src, len: usize| -> Vec<f32> { (0..len).map(|i| f32::from_bits((s.bits(i) as u32) << 16)).collect() };
     let (av, bv) = (widen(a, m * k), widen(b, k * n));
-    crate::nn::gemm::sgemm_f32(m, n, k, &av, a_t, &bv, b_t, c, accumulate);
+    sgemm(m, n, k, &av, a_t, &bv, b_t, c, accumulate);
 }
 
 /// A frozen right operand `op(b)` (`k x n`) packed once for the tile unit (bf16, half the

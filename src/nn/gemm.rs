@@ -7,30 +7,10 @@ use gemm::Parallelism;
 
 /// `c[m, n] = beta_c * c + op(a) · op(b)`, all row-major; `op(a)` is `a[m, k]`, or `a[k, m]ᵀ` when
 /// `a_t`; `op(b)` is `b[k, n]`, or `b[n, k]ᵀ` when `b_t`. With `accumulate` the old `c` is added
-/// (`beta_c = 1`), else overwritten. Inside [`crate::nn::bf16::autocast`] the operands are
-/// rounded to bf16 ([`crate::nn::bf16::gemm`]).
+/// (`beta_c = 1`), else overwritten. Always f32; the layers call
+/// [`crate::nn::bf16::sgemm_autocast`], which comes here outside autocast.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_t: bool,
-    b: &[f32],
-    b_t: bool,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    use crate::nn::bf16::{self, Src};
-    if bf16::autocast_on() {
-        return bf16::gemm(m, n, k, Src::F32(a), a_t, Src::F32(b), b_t, c, accumulate);
-    }
-    sgemm_f32(m, n, k, a, a_t, b, b_t, c, accumulate)
-}
-
-/// [`sgemm`] in f32 whatever the autocast state.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_f32(
     m: usize,
     n: usize,
     k: usize,

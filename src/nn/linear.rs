@@ -7,8 +7,7 @@
 //! frozen weight too (a third of the backward pass in LoRA and prompt tuning), and goes through
 //! transposed copies.
 
-use crate::nn::bf16::{PackedB, Src};
-use crate::nn::gemm::sgemm;
+use crate::nn::bf16::{sgemm_autocast, PackedB, Src};
 use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::packed::PackedWeight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -331,8 +330,8 @@ impl MatMulT {
         let acc = bias.is_some();
         match (&self.packed, &self.wt) {
             (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
-            (None, Some(wt)) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
-            (None, None) => sgemm(m, n, k, x, false, w, true, &mut y, acc),
+            (None, Some(wt)) => with_f32(wt, |wt| sgemm_autocast(m, n, k, x, false, wt, false, &mut y, acc))?,
+            (None, None) => sgemm_autocast(m, n, k, x, false, w, true, &mut y, acc),
         }
         Ok((CpuStorage::F32(y), out))
     }
@@ -349,10 +348,14 @@ impl MatMulT {
         let buf = if self.weight_grad { crate::nn::grad::buffer(w) } else { None };
         let mut dw = if self.weight_grad && buf.is_none() { vec![0f32; n * k] } else { Vec::new() };
         with_f32(dy, |g| {
-            with_f32(w, |wv| sgemm(m, k, n, g, false, wv, false, &mut dx, false))?;
+            with_f32(w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?;
             match &buf {
-                Some(b) => with_f32(x, |xv| b.update(|dst, acc| sgemm(n, k, m, g, true, xv, false, dst, acc)))?,
-                None if self.weight_grad => with_f32(x, |xv| sgemm(n, k, m, g, true, xv, false, &mut dw, false))?,
+                Some(b) => {
+                    with_f32(x, |xv| b.update(|dst, acc| sgemm_autocast(n, k, m, g, true, xv, false, dst, acc)))?
+                }
+                None if self.weight_grad => {
+                    with_f32(x, |xv| sgemm_autocast(n, k, m, g, true, xv, false, &mut dw, false))?
+                }
                 None => {}
             }
             Ok::<(), candle_core::Error>(())
@@ -407,13 +410,13 @@ impl CustomOp3 for LowRankMatMulT {
         let acc = self.bias.is_some();
         match (&self.packed, &self.wt) {
             (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
-            (None, Some(wt)) => with_f32(wt, |wt| sgemm(m, n, k, x, false, wt, false, &mut y, acc))?,
-            (None, None) => with_f32(&self.w, |wv| sgemm(m, n, k, x, false, wv, true, &mut y, acc))?,
+            (None, Some(wt)) => with_f32(wt, |wt| sgemm_autocast(m, n, k, x, false, wt, false, &mut y, acc))?,
+            (None, None) => with_f32(&self.w, |wv| sgemm_autocast(m, n, k, x, false, wv, true, &mut y, acc))?,
         }
         let mut hs = vec![0f32; m * r];
-        sgemm(m, r, k, x, false, a, true, &mut hs, false);
+        sgemm_autocast(m, r, k, x, false, a, true, &mut hs, false);
         hs.iter_mut().for_each(|v| *v *= self.scale);
-        sgemm(m, n, r, &hs, false, b, true, &mut y, true);
+        sgemm_autocast(m, n, r, &hs, false, b, true, &mut y, true);
         *self.hs.lock().unwrap_or_else(|e| e.into_inner()) = Some(hs);
         Ok((CpuStorage::F32(y), out))
     }
@@ -444,18 +447,18 @@ impl CustomOp3 for LowRankMatMulT {
         let mut da = if a.track_op() && buf_a.is_none() { vec![0f32; r * k] } else { Vec::new() };
         let mut db = if b.track_op() && buf_b.is_none() { vec![0f32; n * r] } else { Vec::new() };
         with_f32(dy, |g| {
-            with_f32(b, |bv| sgemm(m, r, n, g, false, bv, false, &mut gbs, false))?;
+            with_f32(b, |bv| sgemm_autocast(m, r, n, g, false, bv, false, &mut gbs, false))?;
             gbs.iter_mut().for_each(|v| *v *= self.scale);
-            with_f32(&self.w, |wv| sgemm(m, k, n, g, false, wv, false, &mut dx, false))?;
-            with_f32(a, |av| sgemm(m, k, r, &gbs, false, av, false, &mut dx, true))?;
+            with_f32(&self.w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?;
+            with_f32(a, |av| sgemm_autocast(m, k, r, &gbs, false, av, false, &mut dx, true))?;
             with_f32(x, |xv| match &buf_a {
-                Some(buf) => buf.update(|dst, acc| sgemm(r, k, m, &gbs, true, xv, false, dst, acc)),
-                None if a.track_op() => sgemm(r, k, m, &gbs, true, xv, false, &mut da, false),
+                Some(buf) => buf.update(|dst, acc| sgemm_autocast(r, k, m, &gbs, true, xv, false, dst, acc)),
+                None if a.track_op() => sgemm_autocast(r, k, m, &gbs, true, xv, false, &mut da, false),
                 None => {}
             })?;
             match &buf_b {
-                Some(buf) => buf.update(|dst, acc| sgemm(n, r, m, g, true, &hs, false, dst, acc)),
-                None if b.track_op() => sgemm(n, r, m, g, true, &hs, false, &mut db, false),
+                Some(buf) => buf.update(|dst, acc| sgemm_autocast(n, r, m, g, true, &hs, false, dst, acc)),
+                None if b.track_op() => sgemm_autocast(n, r, m, g, true, &hs, false, &mut db, false),
                 None => {}
             }
             Ok::<(), candle_core::Error>(())

@@ -5,7 +5,7 @@
 //! vocabulary (49k columns for SmolLM2): the forward keeps one `logsumexp` per row, the backward
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
-use crate::nn::gemm::sgemm;
+use crate::nn::bf16::sgemm_autocast;
 use crate::nn::ops::with_f32;
 use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
@@ -191,7 +191,7 @@ impl CustomOp1 for FrozenHeadLogps {
                 let hc = &h[r0 * hidden..(r0 + c) * hidden];
                 match &self.packed {
                     Some(p) => p.gemm(c, crate::nn::bf16::Src::F32(hc), false, z, false),
-                    None => sgemm(c, v, hidden, hc, false, w, true, z, false),
+                    None => sgemm_autocast(c, v, hidden, hc, false, w, true, z, false),
                 }
                 let po = SharedMut(out.as_mut_ptr());
                 let pz = SharedMut(z.as_mut_ptr());
@@ -212,7 +212,7 @@ impl CustomOp1 for FrozenHeadLogps {
                         row[t] += 1.0;
                     }
                 });
-                sgemm(c, hidden, v, z, false, w, false, &mut dh[r0 * hidden..(r0 + c) * hidden], false);
+                sgemm_autocast(c, hidden, v, z, false, w, false, &mut dh[r0 * hidden..(r0 + c) * hidden], false);
             }
         })?;
         *self.dh.lock().unwrap_or_else(|p| p.into_inner()) = dh;
