@@ -31,18 +31,18 @@ if [ "${GPT:-0}" = 1 ] && [ "$DTYPES" != f32 ]; then echo "GPT=1 races f32 only 
 for r in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     for dtype in $DTYPES; do
-    echo "round $r/$ROUNDS $mode $dtype (loadavg $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    if [ "${GPT:-0}" = 1 ]; then
-      PY_REF scripts/bench_gpt_neo.py "$mode" "$NEO" "$BATCH" --steps "$STEPS" --warmup 1 2>/dev/null \
-          | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
-      ./target/release/meet bench train --mode "$mode" --model "$NEO" --steps "$STEPS" --warmup 1 \
-          --batch "$BATCH" --dtype "$dtype" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
-    else
-      PY_REF "$REF/bench_train.py" "$mode" --steps "$STEPS" --warmup 1 --dtype "$dtype" 2>/dev/null \
-          | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
-      ./target/release/meet bench train --mode "$mode" --steps "$STEPS" --warmup 1 \
-          --batch "$REF/data/lm_batch_4x128.json" --dtype "$dtype" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
-    fi
+      echo "round $r/$ROUNDS $mode $dtype (loadavg $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+      if [ "${GPT:-0}" = 1 ]; then
+        PY_REF scripts/bench_gpt_neo.py "$mode" "$NEO" "$BATCH" --steps "$STEPS" --warmup 1 2>/dev/null \
+            | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
+        ./target/release/meet bench train --mode "$mode" --model "$NEO" --steps "$STEPS" --warmup 1 \
+            --batch "$BATCH" --dtype "$dtype" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+      else
+        PY_REF "$REF/bench_train.py" "$mode" --steps "$STEPS" --warmup 1 --dtype "$dtype" 2>/dev/null \
+            | sed -n 's/^RESULT //p' >> "$OUT/reference.jsonl"
+        ./target/release/meet bench train --mode "$mode" --steps "$STEPS" --warmup 1 \
+            --batch "$REF/data/lm_batch_4x128.json" --dtype "$dtype" 2>/dev/null | grep '^{' >> "$OUT/meet.jsonl"
+      fi
     done
   done
 done

@@ -597,12 +597,13 @@ fn evaluate_all(
 /// Phase 5: `report.md`, its figures and `results.jsonl`.
 fn write_report(cfg: &ExperimentConfig, cells: &[Evaluated], sweep: &[SweepPoint], judge: &str) -> Result<PathBuf> {
     ui::header("[5/5] report and figures");
-    let md = report::write(cfg, cells, sweep, judge)?;
+    let provenance = crate::provenance::Provenance::current();
+    let md = report::write(cfg, cells, sweep, judge, &provenance)?;
     let path = cfg.dir(&["report.md"]);
     atomic_write(&path, md.as_bytes())?;
     // The first line says which build, machine and kernels made the numbers; one cell per line
     // after it.
-    let mut lines = vec![serde_json::json!({ "provenance": crate::provenance::Provenance::current() })];
+    let mut lines = vec![serde_json::json!({ "provenance": provenance })];
     for c in cells {
         lines.push(serde_json::to_value(&c.cell).map_err(|e| Error::Invalid(e.to_string()))?);
     }

@@ -83,7 +83,13 @@ fn final_loss(logs: &[StepLog]) -> f64 {
 }
 
 /// Writes the figures into `output_dir` and returns the Markdown of the report.
-pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], judge: &str) -> Result<String> {
+pub fn write(
+    cfg: &ExperimentConfig,
+    all: &[Evaluated],
+    sweep: &[SweepPoint],
+    judge: &str,
+    provenance: &crate::provenance::Provenance,
+) -> Result<String> {
     let cells = Cells { all };
     let out = &cfg.output_dir;
     let rm = cells.has_rm();
@@ -409,7 +415,7 @@ pub fn write(cfg: &ExperimentConfig, all: &[Evaluated], sweep: &[SweepPoint], ju
         r,
         "Made by {}. A rerun reproduces these numbers bit for bit with the same commit and kernels and thread \
          count; other kernels sum in another order and move them within their intervals.",
-        crate::provenance::Provenance::current().line()
+        provenance.line()
     );
     Ok(r)
 }

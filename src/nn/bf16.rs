@@ -68,12 +68,13 @@ pub fn uses_amx() -> bool {
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as its upper 16 bits; NaN stays a quiet NaN.
+/// The same as `half::bf16::from_f32` (the tests check it), written without branches so that the
+/// packing loops vectorise.
 #[inline(always)]
 pub fn to_bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let quiet_nan = ((b >> 16) | 0x40) as u16;
-    // A select, not a branch, so that loops over slices vectorise.
     if b & 0x7fff_ffff > 0x7f80_0000 {
         quiet_nan
     } else {
@@ -103,12 +104,34 @@ impl Src<'_> {
         }
     }
 
-    #[inline(always)]
-    fn bits(&self, i: usize) -> u16 {
-        match self {
-            Src::F32(v) => to_bf16_bits(v[i]),
-            Src::Bf16(v) => v[i],
+    /// The first `len` values as the f32 values of their bf16 roundings.
+    fn widen(&self, len: usize) -> Vec<f32> {
+        fn widen<T: Bits>(v: &[T]) -> Vec<f32> {
+            v.iter().map(|x| f32::from_bits((x.bits() as u32) << 16)).collect()
         }
+        match self {
+            Src::F32(v) => widen(&v[..len]),
+            Src::Bf16(v) => widen(&v[..len]),
+        }
+    }
+}
+
+/// An element that packs into bf16: f32 (rounded) or bf16 bits.
+trait Bits: Copy + Send + Sync {
+    fn bits(self) -> u16;
+}
+
+impl Bits for f32 {
+    #[inline(always)]
+    fn bits(self) -> u16 {
+        to_bf16_bits(self)
+    }
+}
+
+impl Bits for u16 {
+    #[inline(always)]
+    fn bits(self) -> u16 {
+        self
     }
 }
 
@@ -133,10 +156,7 @@ pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Src, b_t: bool, 
         return;
     }
     // The same bf16 operands, multiplied and summed in f32 by the f32 kernels.
-    let widen =
-        |s: Src, len: usize| -> Vec<f32> { (0..len).map(|i| f32::from_bits((s.bits(i) as u32) << 16)).collect() };
-    let (av, bv) = (widen(a, m * k), widen(b, k * n));
-    sgemm(m, n, k, &av, a_t, &bv, b_t, c, accumulate);
+    sgemm(m, n, k, &a.widen(m * k), a_t, &b.widen(k * n), b_t, c, accumulate);
 }
 
 /// A frozen right operand `op(b)` (`k x n`) packed once for the tile unit (bf16, half the
@@ -284,23 +304,6 @@ mod amx {
         })
     }
 
-    /// An element that packs into a bf16 tile: f32 (rounded) or bf16 bits.
-    trait Bits: Copy + Send + Sync {
-        fn bits(self) -> u16;
-    }
-    impl Bits for f32 {
-        #[inline(always)]
-        fn bits(self) -> u16 {
-            to_bf16_bits(self)
-        }
-    }
-    impl Bits for u16 {
-        #[inline(always)]
-        fn bits(self) -> u16 {
-            self
-        }
-    }
-
     /// Rows `rows` (from and to multiples of 16) of `op(a)` packed as whole tiles into `out`, the
     /// part of the packed matrix they own: tile `(i / 16, l / 32)` holds rows `i..i + 16` and
     /// depths `l..l + 32` as 16 x 32 bf16, at `((i / 16) * (k_pad / 32) + l / 32) * 512` of the
@@ -386,7 +389,8 @@ mod amx {
         let out = &mut out[..pairs * width];
         let at = |p: usize, jj: usize| ((jj / 16) * (pairs / 16) + p / 16) * 256 + (p % 16) * 16 + jj % 16;
         let pair = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
-        if b_t || cols.len() < width || depth.len() < 2 * pairs {
+        // Only padding is left unwritten below.
+        if cols.len() < width || depth.len() < 2 * pairs {
             out.fill(0);
         }
         if b_t {
@@ -454,12 +458,11 @@ mod amx {
         let row_parts = team.threads().div_ceil(panels).min(m_pad / 32).max(1);
         let rows_per = (m_pad / 32).div_ceil(row_parts) * 32;
         let pc = SharedMut(c.as_mut_ptr());
-        let ap = &mut ap;
-        let apr: &[u16] = ap;
+        let apr: &[u16] = &ap;
+        let per = slice_depth(k);
         team.for_ranges(panels * row_parts, 1, &|jobs| {
             let pc = &pc;
             let mut bp = PACKED_B.with(|b| std::mem::take(&mut *b.borrow_mut()));
-            let per = slice_depth(k);
             if let Right::Pack(..) = b {
                 bp.resize(per / 2 * PANEL, 0);
             }
@@ -489,7 +492,7 @@ mod amx {
             }
             PACKED_B.with(|b| *b.borrow_mut() = bp);
         });
-        PACKED_A.with(|b| *b.borrow_mut() = std::mem::take(ap));
+        PACKED_A.with(|b| *b.borrow_mut() = ap);
     }
 
     /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.

@@ -143,10 +143,10 @@ impl Linear {
         if let (Some(adapter), LinearWeight::Dense(w)) = (&self.adapter, &self.weight) {
             if x.device().is_cpu() && !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op()) {
                 if let Some((a, b, scale)) = adapter.low_rank() {
-                    let packed = self.packed_bf16(w)?;
+                    let (packed, wt) = self.frozen_forms(w, x)?;
                     let op = LowRankMatMulT {
                         w: w.clone(),
-                        wt: if packed.is_some() { None } else { self.frozen_transposed(w, x)? },
+                        wt,
                         packed,
                         bias: self.bias.clone(),
                         scale: scale as f32,
@@ -161,6 +161,15 @@ impl Linear {
             Some(a) => a.apply(x, y).map_err(|e| candle_core::Error::Msg(e.to_string())),
             None => Ok(y),
         }
+    }
+
+    /// The forms a frozen weight's forward product uses, made once and kept: its bf16 packing
+    /// inside autocast (where the CPU has a tile unit), else its transposed f32 copy for long
+    /// inputs; neither for a trainable weight.
+    fn frozen_forms(&self, w: &Tensor, x: &Tensor) -> candle_core::Result<(Option<Arc<PackedB>>, Option<Tensor>)> {
+        let packed = self.packed_bf16(w)?;
+        let wt = if packed.is_some() { None } else { self.frozen_transposed(w, x)? };
+        Ok((packed, wt))
     }
 
     /// `Wᵀ` of a frozen weight for an input of many rows (made once, kept): the product kernels
@@ -184,8 +193,7 @@ impl Linear {
             // A weight computed from a `Var` (GPT-2's transposed Conv1D) takes candle's product,
             // whose backward reaches that `Var`; the kernel writes gradients to `Var`s only.
             LinearWeight::Dense(w) if x.device().is_cpu() && (w.is_variable() || !w.track_op()) => {
-                let packed = self.packed_bf16(w)?;
-                let wt = if packed.is_some() { None } else { self.frozen_transposed(w, x)? };
+                let (packed, wt) = self.frozen_forms(w, x)?;
                 let op = MatMulT { weight_grad: w.is_variable(), wt, packed };
                 // The bias is the product's starting value: no second pass over the output.
                 return match &self.bias {
@@ -224,6 +232,25 @@ fn product_shape(input: &Shape, k: usize, n: usize) -> candle_core::Result<(usiz
     let m = dims.iter().product();
     dims.push(n);
     Ok((m, Shape::from(dims)))
+}
+
+/// `y (+)= x Wᵀ` (`x: [m, k]`, `W: [n, k]`) through the fastest form of `W` at hand: its bf16
+/// packing, its transposed copy `wt`, or `W` itself.
+fn forward_product(
+    x: &[f32],
+    w: &[f32],
+    packed: &Option<Arc<PackedB>>,
+    wt: &Option<Tensor>,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    acc: bool,
+) -> candle_core::Result<()> {
+    match (packed, wt) {
+        (Some(p), _) => p.gemm(m, Src::F32(x), false, y, acc),
+        (None, Some(wt)) => with_f32(wt, |wt| sgemm_autocast(m, n, k, x, false, wt, false, y, acc))?,
+        (None, None) => sgemm_autocast(m, n, k, x, false, w, true, y, acc),
+    }
+    Ok(())
 }
 
 /// `x Wᵀ` for a dense `W` on the CPU, with a backward that writes `dx = dy W` and (only for a
@@ -327,12 +354,7 @@ impl MatMulT {
             }
             y.chunks_exact_mut(n.max(1)).for_each(|r| r.copy_from_slice(b));
         }
-        let acc = bias.is_some();
-        match (&self.packed, &self.wt) {
-            (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
-            (None, Some(wt)) => with_f32(wt, |wt| sgemm_autocast(m, n, k, x, false, wt, false, &mut y, acc))?,
-            (None, None) => sgemm_autocast(m, n, k, x, false, w, true, &mut y, acc),
-        }
+        forward_product(x, w, &self.packed, &self.wt, (m, n, k), &mut y, bias.is_some())?;
         Ok((CpuStorage::F32(y), out))
     }
 
@@ -407,12 +429,9 @@ impl CustomOp3 for LowRankMatMulT {
         if let Some(bias) = &self.bias {
             with_f32(bias, |bv| y.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(&bv[..n])))?;
         }
-        let acc = self.bias.is_some();
-        match (&self.packed, &self.wt) {
-            (Some(p), _) => p.gemm(m, Src::F32(x), false, &mut y, acc),
-            (None, Some(wt)) => with_f32(wt, |wt| sgemm_autocast(m, n, k, x, false, wt, false, &mut y, acc))?,
-            (None, None) => with_f32(&self.w, |wv| sgemm_autocast(m, n, k, x, false, wv, true, &mut y, acc))?,
-        }
+        with_f32(&self.w, |wv| {
+            forward_product(x, wv, &self.packed, &self.wt, (m, n, k), &mut y, self.bias.is_some())
+        })??;
         let mut hs = vec![0f32; m * r];
         sgemm_autocast(m, r, k, x, false, a, true, &mut hs, false);
         hs.iter_mut().for_each(|v| *v *= self.scale);
