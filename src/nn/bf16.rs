@@ -88,6 +88,18 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
+/// The share of `values` lying exactly halfway between two bf16 values (the low 16 bits of the
+/// f32 are `0x8000`). Weights dequantized from a block-quantized GGUF (scale x small integer +
+/// offset) often do: about 10% of SmolLM2's Q4_1 weights. Rounding to nearest even then turns any
+/// update, however small, into half a bf16 step in the update's direction on those weights.
+pub fn tie_share(values: &[f32]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let ties = values.iter().filter(|v| v.to_bits() & 0xffff == 0x8000).count();
+    ties as f64 / values.len() as f64
+}
+
 /// A matrix operand: f32 (rounded to bf16 while it is packed) or already bf16 (a frozen weight
 /// stored that way), row-major.
 #[derive(Clone, Copy)]
@@ -631,6 +643,24 @@ mod tests {
         for x in [0.1f32, -3.3, 1e-30, 6.5e4] {
             assert_eq!(to_bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{x}");
         }
+    }
+
+    #[test]
+    fn ties_are_counted_and_a_tiny_update_moves_a_tie_half_a_step() {
+        let tie = 1.0 + 1.0 / 256.0;
+        assert_eq!(tie_share(&[tie, 1.0 + 2.0 / 256.0, -tie, 0.3]), 0.5);
+        assert_eq!(tie_share(&[]), 0.0);
+        // A tie rounds down to the even neighbour; an update of 1e-7 flips it to the odd one above:
+        // a change of 2^-8 from an update 40000x smaller.
+        assert_eq!(round_bf16(tie), 1.0);
+        assert_eq!(round_bf16(tie + 1e-7), 1.0 + 2.0 / 256.0);
+        // Weights of a block-quantized layout (an f16 scale x a 4-bit integer + an f16 offset):
+        // a large share are ties, while spread-out f32 values have almost none.
+        let (d, m) = (half::f16::from_f32(0.0123).to_f32(), half::f16::from_f32(-0.0917).to_f32());
+        let quantized: Vec<f32> = (0..16).map(|q| d * q as f32 + m).collect();
+        assert!(tie_share(&quantized) > 0.05, "{}", tie_share(&quantized));
+        let spread: Vec<f32> = (0..100_000).map(|i| ((i as f32) * 0.618_034).sin() * 0.05).collect();
+        assert!(tie_share(&spread) < 1e-3, "{}", tie_share(&spread));
     }
 
     /// The product of the bf16-rounded operands, summed in f64.

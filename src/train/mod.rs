@@ -211,6 +211,31 @@ fn step_message(log: &StepLog) -> String {
     msg
 }
 
+/// Warns when many trainable weights sit exactly halfway between two bf16 values (weights
+/// dequantized from a quantized GGUF): under autocast each of them moves by half a bf16 step on
+/// its first update whatever the learning rate, as it would under PyTorch's autocast. Random f32
+/// weights have a share of about 2^-16.
+fn warn_bf16_ties(opt: &AdamW) -> Result<()> {
+    let (mut ties, mut total) = (0.0, 0usize);
+    for p in &opt.params {
+        let t = p.var.as_tensor();
+        let n = t.elem_count();
+        ties += crate::nn::ops::with_f32(t, crate::nn::bf16::tie_share)? * n as f64;
+        total += n;
+    }
+    let share = ties / total.max(1) as f64;
+    if share > 1e-3 {
+        tracing::warn!(
+            "dtype = \"bf16\": {:.1}% of the trainable weights lie exactly halfway between two bf16 \
+             values (as weights dequantized from a quantized GGUF do); rounding to nearest even moves \
+             each by half a bf16 step on its first update, whatever the learning rate. Train such \
+             weights with dtype = \"f32\" (or start from a dense checkpoint)",
+            100.0 * share
+        );
+    }
+    Ok(())
+}
+
 /// Trains `opt`'s parameters on `examples` under `objective`. With `resume`, continues from the
 /// newest checkpoint in `run.dir` (a fresh start when there is none). Returns the step logs of
 /// this invocation.
@@ -228,6 +253,9 @@ pub fn train<T: Item>(
         return Err(Error::Invalid("no training examples".into()));
     }
     let _autocast = crate::nn::bf16::autocast(cfg.dtype == Dtype::Bf16);
+    if cfg.dtype == Dtype::Bf16 {
+        warn_bf16_ties(opt)?;
+    }
     let n = examples.len();
     let total = cfg.total_steps(n);
     let lrs_base = [cfg.lr, cfg.control_lr.unwrap_or(cfg.lr)];

@@ -532,6 +532,44 @@ mod tests {
                         assert_eq!(panel.as_ref()[i * OCTET + t], w[(g * OCTET + t) * k + i], "{f:?} row {t} col {i}");
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                if crate::nn::simd::has_avx512() {
+                    let mut wide = AlignedBuf::zeros(OCTET * k);
+                    // Safety: AVX-512 detected; the same octet and panel size.
+                    unsafe { x86::expand_octet_avx512(f, &p.data[g * sb..(g + 1) * sb], wide.as_mut()) };
+                    let bits = |b: &AlignedBuf| b.as_ref().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&wide), bits(&panel), "{f:?} octet {g}: AVX-512 expansion");
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 panel tile sums every output in the AVX2 tile's order: bit-identical results
+    /// (generation's sampled tokens, and results made on either machine, do not move).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_panel_tile_is_bit_identical_to_avx2() {
+        if !(has_avx2() && crate::nn::simd::has_avx512()) {
+            eprintln!("SKIPPED: this CPU (or MEET_SIMD) has no AVX-512");
+            return;
+        }
+        for (m, k) in [(1, 32), (5, 64), (16, 576), (17, 96), (35, 160)] {
+            let x = sample(m * k, 21);
+            let mut panel = AlignedBuf::zeros(2 * OCTET * k);
+            panel.as_mut().copy_from_slice(&sample(2 * OCTET * k, 22));
+            let ldy = 2 * OCTET + 3;
+            let (mut a, mut b) = (vec![f32::NAN; m * ldy], vec![f32::NAN; m * ldy]);
+            // Safety: AVX2 and AVX-512 detected; x holds m rows of k, the panel two [k][8] halves,
+            // a and b m rows of ldy >= 16.
+            unsafe {
+                x86::panel_rows(&x, m, k, panel.as_ref(), 2, a.as_mut_ptr(), ldy);
+                x86::panel_rows_avx512(&x, m, k, panel.as_ref(), b.as_mut_ptr(), ldy);
+            }
+            for r in 0..m {
+                for c in 0..2 * OCTET {
+                    let (u, v) = (a[r * ldy + c], b[r * ldy + c]);
+                    assert_eq!(u.to_bits(), v.to_bits(), "m {m} k {k} row {r} col {c}: {u} vs {v}");
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{AlignedBuf, PackedFormat, PackedWeight};
-use crate::nn::simd::has_avx2;
+use crate::nn::simd::{has_avx2, has_avx512};
 use crate::nn::team::{SharedMut, Team};
 
 /// Rows per group in the interleaved layout: one AVX2 vector of f32.
@@ -96,12 +96,24 @@ impl PackedWeight {
                         let p = if range.end - j >= 2 * OCTET { 2 } else { 1 };
                         for q in 0..p {
                             let src = &self.data[(j / OCTET + q) * sb..][..sb];
-                            // Safety: AVX2 present (the layout is only chosen then); the panel
-                            // holds two [k][8] halves.
-                            unsafe { x86::expand_octet(self.format, src, &mut panel[q * OCTET * k..][..OCTET * k]) };
+                            let half = &mut panel[q * OCTET * k..][..OCTET * k];
+                            if has_avx512() {
+                                // Safety: AVX-512 detected; `half` is one [k][8] half of the panel.
+                                unsafe { x86::expand_octet_avx512(self.format, src, half) };
+                            } else {
+                                // Safety: AVX2 present (the layout is only chosen then); `half` is
+                                // one [k][8] half of the panel.
+                                unsafe { x86::expand_octet(self.format, src, half) };
+                            }
                         }
-                        // Safety: this thread alone writes columns j..j+8p of every row of y.
-                        unsafe { x86::panel_rows(x, m, k, panel, p, out.0.add(j), n) };
+                        if p == 2 && has_avx512() {
+                            // Safety: AVX-512 detected; the panel holds two [k][8] halves; this
+                            // thread alone writes columns j..j+16 of every row of y.
+                            unsafe { x86::panel_rows_avx512(x, m, k, panel, out.0.add(j), n) };
+                        } else {
+                            // Safety: this thread alone writes columns j..j+8p of every row of y.
+                            unsafe { x86::panel_rows(x, m, k, panel, p, out.0.add(j), n) };
+                        }
                         j += p * OCTET;
                     }
                 })

@@ -1,7 +1,7 @@
 //! The AVX2/FMA bodies of [`super`]'s kernels: block expansion, the panel tile, the one-row
-//! products from regrouped or row-major blocks. Every function here is `unsafe` because it is
-//! compiled for CPU features the caller must have detected first (`has_avx2`); slices and pointers
-//! follow the bounds its caller checks.
+//! products from regrouped or row-major blocks; and the AVX-512 panel tile. Every function here
+//! is `unsafe` because it is compiled for CPU features the caller must have detected first
+//! (`has_avx2`, `has_avx512`); slices and pointers follow the bounds its caller checks.
 // Several register arrays are indexed in lockstep; index loops read clearer than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
@@ -123,6 +123,47 @@ pub(super) unsafe fn expand_octet(format: PackedFormat, src: &[u8], out: &mut [f
     }
 }
 
+/// [`expand_octet`] on AVX-512: two columns (16 values) per vector, the same `q * d + m` (or
+/// `q * d`) per value, so the same f32 panel.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn expand_octet_avx512(format: PackedFormat, src: &[u8], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    let s = src.as_ptr();
+    let o = out.as_mut_ptr();
+    // The 8 rows' f16 values, twice: lanes 0..8 and 8..16 are two columns of the same 8 rows.
+    let twice = |p: *const u8| {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h), h))
+    };
+    for b in 0..out.len() / (32 * 8) {
+        let sb = s.add(b * 8 * bb);
+        let ob = o.add(b * 32 * 8);
+        let d = twice(sb);
+        match format {
+            PackedFormat::Q8_0 => {
+                for i in (0..32).step_by(2) {
+                    let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(sb.add(16 + 8 * i) as *const __m128i));
+                    _mm512_store_ps(ob.add(8 * i), _mm512_mul_ps(_mm512_cvtepi32_ps(v), d));
+                }
+            }
+            _ => {
+                let (m, qs) = if format == PackedFormat::Q4_1 {
+                    (twice(sb.add(16)), sb.add(32))
+                } else {
+                    (_mm512_mul_ps(d, _mm512_set1_ps(-8.0)), sb.add(16))
+                };
+                let low = _mm512_set1_epi32(0x0f);
+                for i in (0..16).step_by(2) {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.add(8 * i) as *const __m128i));
+                    let (lo, hi) = (_mm512_and_si512(v, low), _mm512_srli_epi32::<4>(v));
+                    _mm512_store_ps(ob.add(8 * i), _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m));
+                    _mm512_store_ps(ob.add(8 * (i + 16)), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m));
+                }
+            }
+        }
+    }
+}
+
 /// `R` rows of x against `P` octet panels (`[k][8]` each, one after the other), writing
 /// `y[r * ldy + 8p + t]`. (Blocking k so that the panel slice stays in L1 was measured
 /// slower: the prefetchers serve the long sequential panel stream from L2 well.)
@@ -175,6 +216,48 @@ pub(super) unsafe fn panel_rows(x: &[f32], m: usize, k: usize, panel: &[f32], p:
         }
         go!(1, 2, 3, 4, 5, 6);
         r += rows;
+    }
+}
+
+/// [`panel_rows`] for two panels on AVX-512: the two `[k][8]` halves are joined into one
+/// 16-wide vector per step of k and up to 16 rows of x run against it (16 accumulators), so at a
+/// batch of 16 the panel streams through once instead of three times. Each output is the same
+/// chain of FMAs over k in the same order as the AVX2 tile's, so the results are bit-identical.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn panel_rows_avx512(x: &[f32], m: usize, k: usize, panel: &[f32], y: *mut f32, ldy: usize) {
+    let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(16);
+        let (xr, yr) = (xp.add(r * k), y.add(r * ldy));
+        macro_rules! go {
+            ($($n:literal),*) => {
+                match rows {
+                    $($n => panel_tile_avx512::<$n>(xr, k, wp, yr, ldy),)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
+        r += rows;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn panel_tile_avx512<const R: usize>(xp: *const f32, k: usize, wp: *const f32, y: *mut f32, ldy: usize) {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let hi = wp.add(k * 8);
+    for i in 0..k {
+        let lo = _mm256_castps_pd(_mm256_load_ps(wp.add(i * 8)));
+        let up = _mm256_castps_pd(_mm256_load_ps(hi.add(i * 8)));
+        let w = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(lo), up));
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(r * k + i)), w, acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(y.add(r * ldy), acc[r]);
     }
 }
 
