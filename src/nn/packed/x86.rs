@@ -1,5 +1,5 @@
 //! The AVX2/FMA bodies of [`super`]'s kernels: block expansion, the panel tile, the one-row
-//! products from regrouped or row-major blocks; and the AVX-512 panel tile. Every function here
+//! products from regrouped or row-major blocks; and the AVX-512 expansion and panel tile. Every function here
 //! is `unsafe` because it is compiled for CPU features the caller must have detected first
 //! (`has_avx2`, `has_avx512`); slices and pointers follow the bounds its caller checks.
 // Several register arrays are indexed in lockstep; index loops read clearer than zipped iterators.
