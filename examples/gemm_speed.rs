@@ -1,6 +1,6 @@
 //! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens), and of LoRA r 64 on
 //! GPT-Neo-125M, through `meet::nn::gemm` (f32), or `meet::nn::bf16` (bf16 operands, f32 sums)
-//! with the argument `bf16`.
+//! with the argument `bf16`; the best of 5 timed batches per product.
 //!     cargo run --release --example gemm_speed [-- bf16]
 use meet::nn::bf16::{self, Src};
 use std::time::Instant;
@@ -13,6 +13,9 @@ fn product(bf: bool, m: usize, n: usize, k: usize, a: &[f32], a_t: bool, b: &[f3
         meet::nn::gemm::sgemm(m, n, k, a, a_t, b, b_t, c, false)
     }
 }
+
+/// Timed batches per product; the fastest is reported.
+const BATCHES: usize = 5;
 
 fn main() {
     let bf = std::env::args().nth(1).as_deref() == Some("bf16");
@@ -37,22 +40,21 @@ fn main() {
         let mut dx = vec![0f32; rows * k];
         let mut dw = vec![0f32; n * k];
         let reps = if n > 10000 { 3 } else { 20 };
-        let flop = 2.0 * (rows * n * k) as f64 * reps as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            product(bf, rows, n, k, &x, false, &w, true, &mut y);
-        }
-        let f = flop / t.elapsed().as_secs_f64() / 1e9;
-        let t = Instant::now();
-        for _ in 0..reps {
-            product(bf, rows, k, n, &dy, false, &w, false, &mut dx);
-        }
-        let d = flop / t.elapsed().as_secs_f64() / 1e9;
-        let t = Instant::now();
-        for _ in 0..reps {
-            product(bf, n, k, rows, &dy, true, &x, false, &mut dw);
-        }
-        let g = flop / t.elapsed().as_secs_f64() / 1e9;
+        // The best of several batches: these machines are shared, and a batch that another
+        // tenant slowed says nothing about the kernel.
+        let rate = |f: &mut dyn FnMut()| {
+            let best = (0..BATCHES)
+                .map(|_| {
+                    let t = Instant::now();
+                    (0..reps).for_each(|_| f());
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            2.0 * (rows * n * k) as f64 * reps as f64 / best / 1e9
+        };
+        let f = rate(&mut || product(bf, rows, n, k, &x, false, &w, true, &mut y));
+        let d = rate(&mut || product(bf, rows, k, n, &dy, false, &w, false, &mut dx));
+        let g = rate(&mut || product(bf, n, k, rows, &dy, true, &x, false, &mut dw));
         println!("{name:>20}: fwd {f:6.1}  dx {d:6.1}  dW {g:6.1} GFLOP/s");
     }
 }

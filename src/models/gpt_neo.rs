@@ -270,8 +270,8 @@ impl CausalLm for GptNeo {
         Ok(self.lm_head.forward(h)?)
     }
 
-    fn frozen_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
-        self.lm_head.frozen_dense()
+    fn dense_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
+        self.lm_head.dense_cpu()
     }
 
     fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {

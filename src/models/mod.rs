@@ -88,9 +88,10 @@ pub trait CausalLm: Send + Sync {
     fn forward_embeds(&self, x: &Tensor, inp: &AttentionInputs, cache: Option<&mut KvCache>) -> Result<Tensor>;
     /// Hidden states to logits `(.., vocab)`.
     fn lm_head(&self, h: &Tensor) -> Result<Tensor>;
-    /// The LM head's weight `[vocab, hidden]` (and its bf16 packing inside autocast) when it is a
-    /// frozen dense matrix without bias, so that a loss may fuse it (see [`crate::objectives::logps::frozen_head_logps`]).
-    fn frozen_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
+    /// The LM head's weight `[vocab, hidden]` when it is a dense CPU matrix without bias or adapter
+    /// (a `Var` when it trains; frozen, with its bf16 packing inside autocast), so that a loss may
+    /// fuse it (see [`crate::objectives::logps`]).
+    fn dense_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
         None
     }
     /// An empty cache for `batch` rows of up to `capacity` tokens.

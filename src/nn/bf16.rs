@@ -131,6 +131,8 @@ impl Src<'_> {
 /// An element that packs into bf16: f32 (rounded) or bf16 bits.
 trait Bits: Copy + Send + Sync {
     fn bits(self) -> u16;
+    /// The values as f32, for the vectorised packing (rounded 16 at a time).
+    fn as_f32(v: &[Self]) -> Option<&[f32]>;
 }
 
 impl Bits for f32 {
@@ -138,12 +140,18 @@ impl Bits for f32 {
     fn bits(self) -> u16 {
         to_bf16_bits(self)
     }
+    fn as_f32(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
 }
 
 impl Bits for u16 {
     #[inline(always)]
     fn bits(self) -> u16 {
         self
+    }
+    fn as_f32(_: &[u16]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -222,9 +230,20 @@ mod amx {
     use super::*;
     use std::ops::Range;
 
-    /// Columns of `op(b)` one thread packs and multiplies at a time.
-    const PANEL: usize = 256;
-    /// Most depths summed per packed panel (a `DEPTH x PANEL` bf16 panel is 384 KB, in L2; the
+    /// Widest column panel of `op(b)` one job packs and multiplies at a time.
+    const PANEL_MAX: usize = 320;
+
+    /// The panel width for `n` columns: a multiple of 32 up to [`PANEL_MAX`], with a multiple of
+    /// the team's threads as the number of panels, so that each thread gets an equal share (576
+    /// columns on two threads: two panels of 288, where fixed 256-column panels gave one thread
+    /// 512 columns and the other 64).
+    fn panel_width(n: usize) -> usize {
+        let threads = Team::global().threads().max(1);
+        let panels = n.div_ceil(threads * PANEL_MAX) * threads;
+        n.div_ceil(32).div_ceil(panels).max(1) * 32
+    }
+
+    /// Most depths summed per packed panel (a `DEPTH x PANEL_MAX` bf16 panel is 480 KB, in L2; the
     /// 32 rows of `a` multiplied against it, 48 KB, mostly in L1). A longer `k` (1536 of an MLP's
     /// down projection, the LM head's 49152 in its backward) is cut in even slices summed one
     /// after the other into `c`.
@@ -233,6 +252,18 @@ mod amx {
     /// The depth of each slice of `k` (a multiple of 32; the last slice may be shorter).
     fn slice_depth(k: usize) -> usize {
         k.div_ceil(k.div_ceil(DEPTH)).div_ceil(32) * 32
+    }
+
+    /// `len` elements of `v` starting on a 64-byte boundary (`v` grown as needed): a tile row
+    /// that straddles two cache lines halves the speed of tile loads (measured: ~1400 against
+    /// ~720 GFLOP/s per core for the same kernel), and a `Vec` is only 16-byte aligned.
+    fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+        let spare = 64 / std::mem::size_of::<T>();
+        if v.len() < len + spare {
+            v.resize(len + spare, T::default());
+        }
+        let off = v.as_ptr().align_offset(64);
+        &mut v[off..off + len]
     }
 
     /// The right operand of a product: packed on the fly, or once ahead.
@@ -245,31 +276,36 @@ mod amx {
     pub struct Packed {
         pub k: usize,
         pub n: usize,
+        /// Columns per panel ([`panel_width`]).
+        width: usize,
+        /// The blocks, from `data[start]` (64-byte aligned).
         data: Vec<u32>,
-        /// Start of block `(panel, slice)` at `panel * slices + slice`.
+        start: usize,
+        /// Start of block `(panel, slice)` at `start + offsets[panel * slices + slice]`.
         offsets: Vec<usize>,
     }
 
     impl Packed {
         pub fn new(k: usize, n: usize, b: Src, b_t: bool) -> Packed {
-            let (per, panels) = (slice_depth(k), n.div_ceil(PANEL));
+            let (per, width) = (slice_depth(k), panel_width(n));
+            let panels = n.div_ceil(width);
             let slices = k.div_ceil(per);
             let mut offsets = Vec::with_capacity(panels * slices);
             let mut total = 0;
             for p in 0..panels {
-                let width = (((p + 1) * PANEL).min(n) - p * PANEL).div_ceil(32) * 32;
+                let cols = (((p + 1) * width).min(n) - p * width).div_ceil(32) * 32;
                 for s in 0..slices {
                     offsets.push(total);
-                    total += (((s + 1) * per).min(k) - s * per).div_ceil(32) * 16 * width;
+                    total += (((s + 1) * per).min(k) - s * per).div_ceil(32) * 16 * cols;
                 }
             }
-            let mut data = vec![0u32; total];
-            let out = SharedMut(data.as_mut_ptr());
+            let mut data: Vec<u32> = Vec::new();
+            let out = SharedMut(aligned(&mut data, total).as_mut_ptr());
             let offsets_ref = &offsets;
             Team::global().for_ranges(panels, 1, &|range| {
                 let out = &out;
                 for p in range {
-                    let cols = p * PANEL..((p + 1) * PANEL).min(n);
+                    let cols = p * width..((p + 1) * width).min(n);
                     for s in 0..slices {
                         let o = offsets_ref[p * slices + s];
                         let end = offsets_ref.get(p * slices + s + 1).copied().unwrap_or(total);
@@ -286,7 +322,8 @@ mod amx {
                     }
                 }
             });
-            Packed { k, n, data, offsets }
+            let start = data.as_ptr().align_offset(64);
+            Packed { k, n, width, data, start, offsets }
         }
     }
     /// One tile: 16 rows of 64 bytes, stored contiguously in both packed operands so that a tile
@@ -316,6 +353,83 @@ mod amx {
         })
     }
 
+    use std::arch::x86_64::*;
+
+    /// [`to_bf16_bits`] of 16 f32 at `p`, each in the low half of a 32-bit lane.
+    ///
+    /// # Safety
+    /// AVX-512 F; 16 f32 readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn round16(p: *const f32) -> __m512i {
+        let b = _mm512_loadu_si512(p as *const __m512i);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))));
+        let nan = _mm512_cmpgt_epu32_mask(
+            _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff)),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+        _mm512_mask_mov_epi32(rounded, nan, quiet)
+    }
+
+    /// 16 words pairing two rows element by element: word `j` is `(lo[j], hi[j])` rounded.
+    ///
+    /// # Safety
+    /// As [`round16`], at `lo` and `hi`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pair_rows(lo: *const f32, hi: *const f32) -> __m512i {
+        _mm512_or_si512(round16(lo), _mm512_slli_epi32::<16>(round16(hi)))
+    }
+
+    /// 16 words pairing neighbours: word `j` is `(x[2j], x[2j + 1])` rounded, of 32 f32 at `p`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; 32 f32 readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pair_neighbours(p: *const f32) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(round16(p));
+        let hi = _mm512_cvtepi32_epi16(round16(p.add(16)));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// Transposes 16 x 16 32-bit words held as 16 rows.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn transpose16(r: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        // Rows a, b, c, d of each group of four: interleave words, then word pairs, so that
+        // r[4g + col] holds, in each 128-bit lane L, the group's four values of column 4L + col.
+        for g in 0..4 {
+            for h in 0..2 {
+                t[4 * g + 2 * h] = _mm512_unpacklo_epi32(r[4 * g + 2 * h], r[4 * g + 2 * h + 1]);
+                t[4 * g + 2 * h + 1] = _mm512_unpackhi_epi32(r[4 * g + 2 * h], r[4 * g + 2 * h + 1]);
+            }
+            r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        // Then gather lane L of the four groups into output row 4L + col.
+        for c in 0..4 {
+            t[c] = _mm512_shuffle_i32x4::<0x88>(r[c], r[4 + c]);
+            t[4 + c] = _mm512_shuffle_i32x4::<0xdd>(r[c], r[4 + c]);
+            t[8 + c] = _mm512_shuffle_i32x4::<0x88>(r[8 + c], r[12 + c]);
+            t[12 + c] = _mm512_shuffle_i32x4::<0xdd>(r[8 + c], r[12 + c]);
+        }
+        for c in 0..4 {
+            r[c] = _mm512_shuffle_i32x4::<0x88>(t[c], t[8 + c]);
+            r[8 + c] = _mm512_shuffle_i32x4::<0xdd>(t[c], t[8 + c]);
+            r[4 + c] = _mm512_shuffle_i32x4::<0x88>(t[4 + c], t[12 + c]);
+            r[12 + c] = _mm512_shuffle_i32x4::<0xdd>(t[4 + c], t[12 + c]);
+        }
+    }
+
     /// Rows `rows` (from and to multiples of 16) of `op(a)` packed as whole tiles into `out`, the
     /// part of the packed matrix they own: tile `(i / 16, l / 32)` holds rows `i..i + 16` and
     /// depths `l..l + 32` as 16 x 32 bf16, at `((i / 16) * (k_pad / 32) + l / 32) * 512` of the
@@ -336,6 +450,7 @@ mod amx {
         // `out` holds exactly the tiles of `rows` (whole tiles: rows.start is a multiple of 16).
         let base = rows.start * k_pad;
         let at = |i: usize, l: usize| ((i / 16) * (k_pad / 32) + l / 32) * 512 + (i % 16) * 32 - base;
+        let (last, full_k) = (rows.end.min(m), k / 32 * 32);
         for i in rows.clone() {
             if i >= m {
                 (0..k_pad).step_by(32).for_each(|l| out[at(i, l)..at(i, l) + 32].fill(0));
@@ -347,21 +462,57 @@ mod amx {
                 let l = k / 32 * 32;
                 out[at(i, l) + k % 32..at(i, l) + 32].fill(0);
             }
-            if !a_t {
-                let src = &a[i * k..(i + 1) * k];
-                for (c, chunk) in src.chunks(32).enumerate() {
-                    let o = at(i, c * 32);
-                    out[o..o + chunk.len()].iter_mut().zip(chunk).for_each(|(d, s)| *d = s.bits());
+        }
+        let f = T::as_f32(a);
+        if !a_t {
+            // 32 depths of a row are one tile row: 16 words of neighbours.
+            for i in rows.start..last {
+                let done = if let Some(f) = f {
+                    // SAFETY (loads and stores): depths l..l + 32 <= full_k <= k of row i < m lie
+                    // in `a`; the tile row at `at(i, l)` is 32 u16 inside `out`.
+                    for l in (0..full_k).step_by(32) {
+                        let words = pair_neighbours(f.as_ptr().add(i * k + l));
+                        _mm512_storeu_si512(out.as_mut_ptr().add(at(i, l)) as *mut __m512i, words);
+                    }
+                    full_k
+                } else {
+                    0
+                };
+                for l in (done..k).step_by(32) {
+                    let src = &a[i * k + l..i * k + (l + 32).min(k)];
+                    let o = at(i, l);
+                    out[o..o + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d = s.bits());
+                }
+            }
+            return;
+        }
+        // `a` is `[k, m]`. Whole 16-row x 32-depth tiles of f32: two rows of `a` make a word
+        // column (16 rows' depth pairs), 16 of them transposed into the tile's rows.
+        let full_i = if f.is_some() { rows.start + (last.max(rows.start) - rows.start) / 16 * 16 } else { rows.start };
+        if let Some(f) = f {
+            // SAFETY: rows i0..i0 + 16 <= last <= m and depths l0..l0 + 32 <= k lie in `a`; each
+            // tile row stored is 32 u16 inside `out`.
+            for i0 in (rows.start..full_i).step_by(16) {
+                for l0 in (0..full_k).step_by(32) {
+                    let mut r = [_mm512_setzero_si512(); 16];
+                    for (q, w) in r.iter_mut().enumerate() {
+                        let lo = f.as_ptr().add((l0 + 2 * q) * m + i0);
+                        *w = pair_rows(lo, lo.add(m));
+                    }
+                    transpose16(&mut r);
+                    for (ii, w) in r.iter().enumerate() {
+                        _mm512_storeu_si512(out.as_mut_ptr().add(at(i0 + ii, l0)) as *mut __m512i, *w);
+                    }
                 }
             }
         }
-        if a_t {
-            // `a` is `[k, m]`: transposed through a 32 x 32 block, read and written a row at
-            // a time.
-            let mut block = [[0u16; 32]; 32];
-            for i0 in (rows.start..rows.end.min(m)).step_by(32) {
-                let ni = (rows.end.min(m) - i0).min(32);
-                for l0 in (0..k).step_by(32) {
+        // The rest through a 32 x 32 block, read and written a row at a time: the depths past the
+        // whole tiles of the rows done above, then every depth of the remaining rows.
+        let mut block = [[0u16; 32]; 32];
+        for (irange, depths) in [(rows.start..full_i, full_k..k), (full_i..last, 0..k)] {
+            for i0 in irange.clone().step_by(32) {
+                let ni = (irange.end - i0).min(32);
+                for l0 in depths.clone().step_by(32) {
                     let nl = (k - l0).min(32);
                     for ll in 0..nl {
                         let src = &a[(l0 + ll) * m + i0..(l0 + ll) * m + i0 + ni];
@@ -405,16 +556,38 @@ mod amx {
         if cols.len() < width || depth.len() < 2 * pairs {
             out.fill(0);
         }
+        let f = T::as_f32(b);
+        // Whole 16-column x 16-pair tiles of f32 are vectorised; the rest is packed per element.
+        let (full_cols, full_pairs) = if f.is_some() { (cols.len() / 16 * 16, depth.len() / 32 * 16) } else { (0, 0) };
         if b_t {
-            // `b` is `[n, k]`: each pair is two neighbours in a row of `b`.
+            // `b` is `[n, k]`: each pair is two neighbours in a row of `b`; 16 rows of pairs
+            // transposed make a tile.
+            if let Some(f) = f {
+                // SAFETY: columns jj0..jj0 + 16 <= full_cols of `cols` are rows of `b`, depths
+                // 2 p0..2 p0 + 32 <= 2 full_pairs <= depth.len() from depth.start lie in them;
+                // each tile row stored is 16 words inside `out`.
+                for jj0 in (0..full_cols).step_by(16) {
+                    for p0 in (0..full_pairs).step_by(16) {
+                        let mut r = [_mm512_setzero_si512(); 16];
+                        for (c, w) in r.iter_mut().enumerate() {
+                            *w = pair_neighbours(f.as_ptr().add((cols.start + jj0 + c) * k + depth.start + 2 * p0));
+                        }
+                        transpose16(&mut r);
+                        for (q, w) in r.iter().enumerate() {
+                            _mm512_storeu_si512(out.as_mut_ptr().add(at(p0 + q, jj0)) as *mut __m512i, *w);
+                        }
+                    }
+                }
+            }
             for (jj, j) in cols.clone().enumerate() {
-                let row = &b[j * k + depth.start..j * k + depth.end];
+                let skip = if jj < full_cols { 2 * full_pairs } else { 0 };
+                let row = &b[j * k + depth.start + skip..j * k + depth.end];
                 let mut two = row.chunks_exact(2);
                 for (p, t) in (&mut two).enumerate() {
-                    out[at(p, jj)] = pair(t[0].bits(), t[1].bits());
+                    out[at(skip / 2 + p, jj)] = pair(t[0].bits(), t[1].bits());
                 }
                 if let [last] = two.remainder() {
-                    out[at(row.len() / 2, jj)] = pair(last.bits(), 0);
+                    out[at((skip + row.len()) / 2, jj)] = pair(last.bits(), 0);
                 }
             }
             return;
@@ -424,12 +597,25 @@ mod amx {
             let (l0, l1) = (depth.start + 2 * p, depth.start + 2 * p + 1);
             let r0 = &b[l0 * n + cols.start..l0 * n + cols.end];
             let r1 = (l1 < depth.end).then(|| &b[l1 * n + cols.start..l1 * n + cols.end]);
-            for (t, c0) in r0.chunks(16).enumerate() {
-                let o = at(p, t * 16);
+            let done = match (f, r1.is_some()) {
+                (Some(f), true) => {
+                    // SAFETY: rows l0 and l1 = l0 + 1 < depth.end <= k, columns t..t + 16 <=
+                    // full_cols of `cols`, lie in `b`; 16 words stored inside `out`.
+                    for t in (0..full_cols).step_by(16) {
+                        let lo = f.as_ptr().add(l0 * n + cols.start + t);
+                        _mm512_storeu_si512(out.as_mut_ptr().add(at(p, t)) as *mut __m512i, pair_rows(lo, lo.add(n)));
+                    }
+                    full_cols
+                }
+                _ => 0,
+            };
+            for t in (done..cols.len()).step_by(16) {
+                let c0 = &r0[t..(t + 16).min(cols.len())];
+                let o = at(p, t);
                 let dst = &mut out[o..o + c0.len()];
                 match r1 {
                     Some(r1) => {
-                        let c1 = &r1[t * 16..t * 16 + c0.len()];
+                        let c1 = &r1[t..t + c0.len()];
                         dst.iter_mut().zip(c0.iter().zip(c1)).for_each(|(d, (x, y))| *d = pair(x.bits(), y.bits()))
                     }
                     None => dst.iter_mut().zip(c0).for_each(|(d, x)| *d = pair(x.bits(), 0)),
@@ -448,9 +634,9 @@ mod amx {
             static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let mut ap = PACKED_A.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        ap.resize(m_pad * k_pad, 0);
+        let ap_tiles = aligned(&mut ap, m_pad * k_pad);
         let team = Team::global();
-        let pa = SharedMut(ap.as_mut_ptr());
+        let pa = SharedMut(ap_tiles.as_mut_ptr());
         team.for_ranges(m_pad, 32, &|rows| {
             let pa = &pa;
             // SAFETY: each range gets the disjoint part of `ap` holding the tiles of its rows
@@ -466,21 +652,26 @@ mod amx {
         });
         // Jobs are (column panel, row block) pairs: panels alone when there are enough for
         // every thread, else the rows split too (a narrow `b` is packed by each of its jobs).
-        let panels = n.div_ceil(PANEL);
+        let width = match b {
+            Right::Pack(..) => panel_width(n),
+            Right::Packed(p) => p.width,
+        };
+        let panels = n.div_ceil(width);
         let row_parts = team.threads().div_ceil(panels).min(m_pad / 32).max(1);
         let rows_per = (m_pad / 32).div_ceil(row_parts) * 32;
         let pc = SharedMut(c.as_mut_ptr());
-        let apr: &[u16] = &ap;
+        let apr: &[u16] = ap_tiles;
         let per = slice_depth(k);
         team.for_ranges(panels * row_parts, 1, &|jobs| {
             let pc = &pc;
             let mut bp = PACKED_B.with(|b| std::mem::take(&mut *b.borrow_mut()));
-            if let Right::Pack(..) = b {
-                bp.resize(per / 2 * PANEL, 0);
-            }
+            let bp_tiles = match b {
+                Right::Pack(..) => aligned(&mut bp, per / 2 * width),
+                Right::Packed(_) => &mut [],
+            };
             for job in jobs {
                 let (panel, part) = (job / row_parts, job % row_parts);
-                let cols = panel * PANEL..((panel + 1) * PANEL).min(n);
+                let cols = panel * width..((panel + 1) * width).min(n);
                 let rows = part * rows_per..((part + 1) * rows_per).min(m);
                 for (s, d) in (0..k).step_by(per).enumerate() {
                     let depth = d..(d + per).min(k);
@@ -489,14 +680,14 @@ mod amx {
                     unsafe {
                         let panel_b: &[u32] = match b {
                             Right::Pack(Src::F32(v), b_t) => {
-                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), &mut bp);
-                                &bp
+                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), bp_tiles);
+                                bp_tiles
                             }
                             Right::Pack(Src::Bf16(v), b_t) => {
-                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), &mut bp);
-                                &bp
+                                pack_b(k, n, v, b_t, cols.clone(), depth.clone(), bp_tiles);
+                                bp_tiles
                             }
-                            Right::Packed(p) => &p.data[p.offsets[panel * k.div_ceil(per) + s]..],
+                            Right::Packed(p) => &p.data[p.start + p.offsets[panel * k.div_ceil(per) + s]..],
                         };
                         tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc || d > 0)
                     };
@@ -584,7 +775,6 @@ mod amx {
                     "tileloadd tmm6, [{b} + {s64}*1]",
                     "tileloadd tmm7, [{b2} + {s64}*1]",
                     "tileloadd tmm5, [{a2} + {s64}*1]",
-
                     "tdpbf16ps tmm0, tmm4, tmm6",
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
@@ -624,6 +814,80 @@ mod amx {
         }
         // SAFETY: releases the tile state this thread configured.
         std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// f32 values with every rounding case: ties (odd and even), NaNs, infinities, denormals,
+        /// signed zeros and ordinary values.
+        fn awkward(len: usize, seed: u32) -> Vec<f32> {
+            let special = [
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                -(1.0 + 1.0 / 256.0),
+                f32::NAN,
+                -f32::NAN,
+                f32::from_bits(0x7f80_0001),
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::from_bits(1),
+                f32::from_bits(0x8000_8000),
+                0.0,
+                -0.0,
+                f32::MAX,
+            ];
+            (0..len)
+                .map(|i| {
+                    let h = (i as u32).wrapping_mul(2654435761) ^ seed;
+                    if h.is_multiple_of(7) {
+                        special[(h as usize / 7) % special.len()]
+                    } else {
+                        ((h % 20011) as f32 / 977.0 - 10.0) * 1.0001
+                    }
+                })
+                .collect()
+        }
+
+        #[test]
+        fn vectorised_packing_gives_the_bits_of_element_wise_packing() {
+            if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
+                eprintln!("skipped: no AVX-512 here");
+                return;
+            }
+            // f32 sources take the vectorised paths, their bf16 bits the element-wise ones.
+            for (rows, cols, depth) in [(16, 16, 32), (50, 70, 100), (33, 256, 768), (64, 17, 31), (7, 48, 64)] {
+                for t in [false, true] {
+                    let (m, k) = (rows, depth);
+                    let a = awkward(m * k, 1);
+                    let a_bits: Vec<u16> = a.iter().map(|&x| to_bf16_bits(x)).collect();
+                    let k_pad = k.div_ceil(32) * 32;
+                    let m_pad = m.div_ceil(32) * 32;
+                    let (mut x, mut y) = (vec![1u16; m_pad * k_pad], vec![2u16; m_pad * k_pad]);
+                    // SAFETY: AVX-512 F/BW checked above; buffers sized for all tiles of the rows.
+                    unsafe {
+                        pack_a(m, k, &a, t, k_pad, &mut x, 0..m_pad);
+                        pack_a(m, k, &a_bits, t, k_pad, &mut y, 0..m_pad);
+                    }
+                    assert_eq!(x, y, "pack_a {rows}x{depth} transposed {t}");
+                    let n = cols + 5;
+                    let b = awkward(k * n, 2);
+                    let b_bits: Vec<u16> = b.iter().map(|&x| to_bf16_bits(x)).collect();
+                    for (c0, d0) in [(0, 0), (5, 32)] {
+                        let (cr, dr) = (c0..cols.min(n - c0) + c0, d0.min(k)..k);
+                        let len = dr.len().div_ceil(32) * 16 * cr.len().div_ceil(32) * 32;
+                        let (mut x, mut y) = (vec![3u32; len], vec![4u32; len]);
+                        // SAFETY: as above.
+                        unsafe {
+                            pack_b(k, n, &b, t, cr.clone(), dr.clone(), &mut x);
+                            pack_b(k, n, &b_bits, t, cr.clone(), dr.clone(), &mut y);
+                        }
+                        assert_eq!(x, y, "pack_b {depth}x{cols} from ({c0}, {d0}) transposed {t}");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -108,12 +108,12 @@ impl Linear {
         }
     }
 
-    /// The weight when it is a frozen dense CPU matrix without bias or adapter, with its bf16
-    /// packing inside autocast: what a loss may fuse with the LM head (see
-    /// `objectives::logps::frozen_head_logps`).
-    pub fn frozen_dense(&self) -> Option<(Tensor, Option<Arc<PackedB>>)> {
+    /// The weight when it is a dense CPU matrix without bias or adapter (trainable or frozen), with
+    /// a frozen one's bf16 packing inside autocast: what a loss may fuse with the LM head (see
+    /// `objectives::logps`).
+    pub fn dense_cpu(&self) -> Option<(Tensor, Option<Arc<PackedB>>)> {
         match (&self.weight, &self.bias, &self.adapter) {
-            (LinearWeight::Dense(w), None, None) if !w.is_variable() && w.device().is_cpu() => {
+            (LinearWeight::Dense(w), None, None) if w.device().is_cpu() && (w.is_variable() || !w.track_op()) => {
                 Some((w.clone(), self.packed_bf16(w).ok().flatten()))
             }
             _ => None,

@@ -238,7 +238,7 @@ impl Embedding {
         let mut dims = ids.dims().to_vec();
         dims.push(self.hidden);
         match &self.weight {
-            LinearWeight::Dense(w) => w.index_select(&ids.flatten_all()?, 0)?.reshape(dims),
+            LinearWeight::Dense(w) => ops::embedding(w, ids),
             LinearWeight::Packed(p) => {
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
                 let (vocab, hidden) = p.dims();

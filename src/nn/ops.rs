@@ -1,5 +1,5 @@
 //! Differentiable fused ops for the decoders: RMSNorm, LayerNorm, rotary embeddings, SwiGLU,
-//! GELU-new and softmax.
+//! GELU-new, softmax and the embedding lookup.
 //!
 //! candle-nn's fused versions of these (`ops::rms_norm`, `rotary_emb::rope`,
 //! `ops::softmax_last_dim`) have no backward pass, so gradients through them silently vanish. Here
@@ -601,6 +601,94 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Rows `ids` of a trainable embedding table `w [vocab, hidden]`, whose backward adds `dy`'s rows
+/// into the table's gradient buffer ([`crate::nn::grad`]) instead of candle's `index_select`
+/// backward, which allocates a zeroed table-sized gradient and copies it again in `index_add`
+/// (2 × 113 MB of fresh memory per step for SmolLM2's tied table, plus the add into the buffer).
+struct EmbeddingLookup;
+
+/// The ids of a contiguous CPU storage as indices below `vocab`.
+fn token_ids(s: &CpuStorage, l: &Layout, vocab: usize) -> CResult<Vec<usize>> {
+    let ids: Vec<usize> = match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => v[a..b].iter().map(|&i| i as usize).collect(),
+        (CpuStorage::I64(v), Some((a, b))) => {
+            v[a..b].iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)).collect()
+        }
+        (CpuStorage::U8(v), Some((a, b))) => v[a..b].iter().map(|&i| i as usize).collect(),
+        _ => candle_core::bail!("embedding: token ids must be contiguous u32, i64 or u8, got {:?}", s.dtype()),
+    };
+    if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+        candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(ids)
+}
+
+impl CustomOp2 for EmbeddingLookup {
+    fn name(&self) -> &'static str {
+        "meet-embedding"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let w = f32_slice(s1, l1, "embedding")?;
+        let (vocab, hidden) = l1.shape().dims2()?;
+        let ids = token_ids(s2, l2, vocab)?;
+        let mut out = vec![0f32; ids.len() * hidden];
+        for (row, &id) in out.chunks_exact_mut(hidden.max(1)).zip(&ids) {
+            row.copy_from_slice(&w[id * hidden..(id + 1) * hidden]);
+        }
+        let mut dims = l2.shape().dims().to_vec();
+        dims.push(hidden);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, w: &Tensor, ids: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (vocab, hidden) = w.dims2()?;
+        let flat = ids.flatten_all()?.contiguous()?;
+        let Some(buf) = crate::nn::grad::buffer(w) else {
+            let dy = dy.reshape((flat.elem_count(), hidden))?;
+            return Ok((Some(w.zeros_like()?.index_add(&flat, &dy, 0)?), None));
+        };
+        let (s, l) = flat.storage_and_layout();
+        let ids = match &*s {
+            candle_core::Storage::Cpu(c) => token_ids(c, l, vocab)?,
+            _ => candle_core::bail!("embedding: token ids must be on the CPU"),
+        };
+        // Each id's rows are summed in order from zero and the sum is added once, as candle's
+        // `zeros.index_add` followed by the optimizer's add into the buffer did: the same bits.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&r| ids[r]);
+        with_f32(dy, |g| {
+            buf.update(|dst, acc| {
+                if !acc {
+                    dst.fill(0.0);
+                }
+                let mut sum = vec![0f32; hidden];
+                for group in order.chunk_by(|&a, &b| ids[a] == ids[b]) {
+                    sum.fill(0.0);
+                    for &r in group {
+                        sum.iter_mut().zip(&g[r * hidden..(r + 1) * hidden]).for_each(|(s, x)| *s += x);
+                    }
+                    let id = ids[group[0]];
+                    dst[id * hidden..(id + 1) * hidden].iter_mut().zip(&sum).for_each(|(d, s)| *d += s);
+                }
+            })
+        })?;
+        Ok((None, None))
+    }
+}
+
+/// Rows `ids` (any shape) of the embedding table `w [vocab, hidden]`, with `hidden` appended to
+/// the shape. A trainable table on the CPU takes [`EmbeddingLookup`]; otherwise candle's
+/// `index_select`.
+pub fn embedding(w: &Tensor, ids: &Tensor) -> CResult<Tensor> {
+    if w.is_variable() && use_kernel(w) {
+        return w.apply_op2(&ids.contiguous()?, EmbeddingLookup);
+    }
+    let mut dims = ids.dims().to_vec();
+    dims.push(w.dim(1)?);
+    w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,6 +710,36 @@ mod tests {
         let v = Var::from_tensor(x).unwrap();
         let loss = (f(v.as_tensor()) * probe).unwrap().sum_all().unwrap();
         loss.backward().unwrap().get(v.as_tensor()).unwrap().clone()
+    }
+
+    #[test]
+    fn embedding_lookup_matches_index_select_and_writes_the_same_gradient_bits() {
+        let w = Var::from_tensor(&rand(&[7, 5], 4)).unwrap();
+        let ids = Tensor::new(&[[3u32, 1, 3], [6, 3, 0]], &Device::Cpu).unwrap();
+        let probe = rand(&[2, 3, 5], 5);
+        let composed = w.as_tensor().index_select(&ids.flatten_all().unwrap(), 0).unwrap().reshape((2, 3, 5)).unwrap();
+        let kernel = embedding(w.as_tensor(), &ids).unwrap();
+        assert_eq!(kernel.to_vec3::<f32>().unwrap(), composed.to_vec3::<f32>().unwrap());
+        let grad_of = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = grad_of(&composed).get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Without a gradient buffer the gradient goes back to candle.
+        let got = grad_of(&kernel).get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, want);
+        // With one (as an optimizer registers) holding a tied LM head's contribution, the rows are
+        // added into it: the bits of that contribution plus candle's gradient.
+        let buf = crate::nn::grad::register(w.as_tensor());
+        let head = rand(&[35], 6).to_vec1::<f32>().unwrap();
+        buf.update(|d, _| d.copy_from_slice(&head));
+        let g = grad_of(&embedding(w.as_tensor(), &ids).unwrap());
+        assert!(g.get(w.as_tensor()).is_none());
+        let sum: Vec<f32> = head.iter().zip(&want).map(|(h, g)| h + g).collect();
+        assert_eq!(buf.with(|d| d.to_vec()).unwrap(), sum);
+        // The first write of a step overwrites a stale buffer.
+        buf.clear();
+        grad_of(&embedding(w.as_tensor(), &ids).unwrap());
+        assert_eq!(buf.with(|d| d.to_vec()).unwrap(), want);
+        assert!(embedding(w.as_tensor(), &Tensor::new(&[7u32], &Device::Cpu).unwrap()).is_err());
+        crate::nn::grad::unregister(w.as_tensor());
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
 use crate::nn::bf16::sgemm_autocast;
+use crate::nn::ops::f32_slice;
 use crate::nn::ops::with_f32;
 use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
 use crate::policy::{Batch, Policy};
 use crate::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Log-probabilities of the labelled tokens of a batch.
@@ -65,9 +66,10 @@ pub fn label_logps(policy: &Policy, batch: &Batch) -> Result<LabelLogps> {
         pos.iter().map(|&p| (p / batch.t as u32) * total as u32 + n as u32 + p % batch.t as u32).collect();
     let h = h.reshape((b * total, hidden))?.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
     // The fused head computes its input gradient up front: only worth it when one is needed.
-    let logps = match policy.pretrained.model.frozen_lm_head().filter(|_| h.track_op()) {
-        Some((w, packed)) => frozen_head_logps(&h, &w, packed, &tgt)?,
-        None => token_logps(&policy.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
+    let logps = match policy.pretrained.model.dense_lm_head() {
+        Some((w, _)) if w.is_variable() => trainable_head_logps(&h, &w, &tgt)?,
+        Some((w, packed)) if h.track_op() => frozen_head_logps(&h, &w, packed, &tgt)?,
+        _ => token_logps(&policy.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
     };
     Ok(LabelLogps { logps, rows, b })
 }
@@ -81,6 +83,49 @@ fn check_targets(targets: &[u32], n: usize, v: usize) -> candle_core::Result<()>
         candle_core::bail!("target token {t} is outside the vocabulary of {v}");
     }
     Ok(())
+}
+
+/// `log p(target_r) = x_r[target_r] - logsumexp(x_r)` of every row of `x` (`v` columns), and
+/// each row's logsumexp.
+fn row_logps(x: &[f32], v: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let n = targets.len();
+    let mut lse = vec![0f32; n];
+    let mut out = vec![0f32; n];
+    let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+    Team::global().for_chunks(n, 1, &|rows| {
+        let (po, pl) = (&po, &pl);
+        for r in rows {
+            let row = &x[r * v..(r + 1) * v];
+            let z = log_sum_exp(row);
+            // Safety: row r is written by this thread only.
+            unsafe {
+                *pl.0.add(r) = z;
+                *po.0.add(r) = row[targets[r] as usize] - z;
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// Turns logits `x` (rows of `v`) into the gradient of `Σ_r g_r log p(target_r)`:
+/// `g_r (onehot(target_r) − softmax(x_r))`, in place, given each row's logsumexp.
+fn logits_grad_in_place(x: &mut [f32], v: usize, g: &[f32], lse: &[f32], targets: &[u32]) {
+    let p = SharedMut(x.as_mut_ptr());
+    Team::global().for_chunks(targets.len(), 1, &|rows| {
+        let p = &p;
+        for r in rows {
+            // Safety: row r is written by this thread only.
+            let d = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * v), v) };
+            if g[r] == 0.0 {
+                d.fill(0.0);
+                continue;
+            }
+            exp_shifted_sum(d, lse[r]);
+            let s = -g[r];
+            d.iter_mut().for_each(|e| *e *= s);
+            d[targets[r] as usize] += g[r];
+        }
+    });
 }
 
 struct TokenLogps {
@@ -101,21 +146,7 @@ impl CustomOp1 for TokenLogps {
         };
         let (n, v) = l.shape().dims2()?;
         check_targets(&self.targets, n, v)?;
-        let mut lse = vec![0f32; n];
-        let mut out = vec![0f32; n];
-        let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-        Team::global().for_chunks(n, 1, &|rows| {
-            let (po, pl) = (&po, &pl);
-            for r in rows {
-                let row = &x[r * v..(r + 1) * v];
-                let z = log_sum_exp(row);
-                // Safety: row r is written by this thread only.
-                unsafe {
-                    *pl.0.add(r) = z;
-                    *po.0.add(r) = row[self.targets[r] as usize] - z;
-                }
-            }
-        });
+        let (out, lse) = row_logps(x, v, &self.targets);
         *self.lse.lock().unwrap_or_else(|p| p.into_inner()) = lse;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -124,25 +155,8 @@ impl CustomOp1 for TokenLogps {
         let (n, v) = x.dims2()?;
         let g = dy.to_vec1::<f32>()?;
         let lse = self.lse.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut dx = vec![0f32; n * v];
-        let p = SharedMut(dx.as_mut_ptr());
-        with_f32(x, |x| {
-            Team::global().for_chunks(n, 1, &|rows| {
-                let p = &p;
-                for r in rows {
-                    // Safety: row r is written by this thread only.
-                    let d = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * v), v) };
-                    if g[r] == 0.0 {
-                        continue; // already zero
-                    }
-                    d.copy_from_slice(&x[r * v..(r + 1) * v]);
-                    exp_shifted_sum(d, lse[r]);
-                    let s = -g[r];
-                    d.iter_mut().for_each(|e| *e *= s);
-                    d[self.targets[r] as usize] += g[r];
-                }
-            })
-        })?;
+        let mut dx = with_f32(x, |x| x.to_vec())?;
+        logits_grad_in_place(&mut dx, v, &g, &lse, &self.targets);
         Ok(Some(Tensor::from_vec(dx, (n, v), dy.device())?))
     }
 }
@@ -242,6 +256,112 @@ pub fn frozen_head_logps(
     Ok(h.contiguous()?.apply_op1(op)?)
 }
 
+/// Logit buffers of [`TrainableHeadLogps`], kept between steps: a fresh `(n, v)` buffer per step
+/// (100 MB for a 4x128 batch of SmolLM2) costs ~25k page faults, more than its products.
+static LOGIT_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// Most buffers kept (a DPO step holds two heads' logits at once at most).
+const KEPT_BUFFERS: usize = 2;
+
+fn take_logit_buffer(len: usize) -> Vec<f32> {
+    let mut b = LOGIT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+    b.resize(len, 0.0);
+    b
+}
+
+fn keep_logit_buffer(b: Vec<f32>) {
+    let mut kept = LOGIT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() < KEPT_BUFFERS {
+        kept.push(b);
+    }
+}
+
+/// `log p(target_i | h_i W^T)` with a trainable head `W: [v, hidden]` (full fine-tuning's tied
+/// LM head): the logits live in a reused buffer ([`LOGIT_BUFFERS`]) that the backward turns into
+/// their gradient in place before `dh = dz W` and `dW (+)= dzᵀ h` (into `W`'s gradient buffer
+/// when it has one) — the products, order and values of the head's linear layer followed by
+/// [`token_logps`], without two fresh logit-sized tensors per step.
+struct TrainableHeadLogps {
+    targets: Arc<Vec<u32>>,
+    /// The forward's logits and each row's logsumexp, for the backward.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl Drop for TrainableHeadLogps {
+    fn drop(&mut self) {
+        if let Some((z, _)) = self.saved.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            keep_logit_buffer(z);
+        }
+    }
+}
+
+impl CustomOp2 for TrainableHeadLogps {
+    fn name(&self) -> &'static str {
+        "meet-head-logps"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, w) = (f32_slice(s1, l1, "head log-probs")?, f32_slice(s2, l2, "head log-probs")?);
+        let (n, hidden) = l1.shape().dims2()?;
+        let (v, wh) = l2.shape().dims2()?;
+        if wh != hidden {
+            candle_core::bail!("head log-probs: hidden states of width {hidden} for a head of width {wh}");
+        }
+        check_targets(&self.targets, n, v)?;
+        let mut z = take_logit_buffer(n * v);
+        sgemm_autocast(n, v, hidden, h, false, w, true, &mut z, false);
+        let (out, lse) = row_logps(&z, v, &self.targets);
+        if let Some((old, _)) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).replace((z, lse)) {
+            keep_logit_buffer(old);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, hidden) = h.dims2()?;
+        let v = w.dim(0)?;
+        let g = dy.to_vec1::<f32>()?;
+        let Some((mut dz, lse)) = self.saved.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            candle_core::bail!("head log-probs: backward without a forward pass");
+        };
+        logits_grad_in_place(&mut dz, v, &g, &lse, &self.targets);
+        let mut dh = vec![0f32; n * hidden];
+        with_f32(w, |wv| sgemm_autocast(n, hidden, v, &dz, false, wv, false, &mut dh, false))?;
+        let dw = match crate::nn::grad::buffer(w) {
+            Some(buf) => {
+                with_f32(h, |hv| buf.update(|dst, acc| sgemm_autocast(v, hidden, n, &dz, true, hv, false, dst, acc)))?;
+                None
+            }
+            None => {
+                let mut dw = vec![0f32; v * hidden];
+                with_f32(h, |hv| sgemm_autocast(v, hidden, n, &dz, true, hv, false, &mut dw, false))?;
+                Some(Tensor::from_vec(dw, (v, hidden), w.device())?)
+            }
+        };
+        keep_logit_buffer(dz);
+        let dh = h.track_op().then(|| Tensor::from_vec(dh, (n, hidden), h.device())).transpose()?;
+        Ok((dh, dw))
+    }
+}
+
+/// [`token_logps`] of `h W^T` for a trainable LM head `w` (a `Var` on the CPU): see
+/// [`TrainableHeadLogps`].
+pub fn trainable_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let op = TrainableHeadLogps { targets: Arc::new(targets.to_vec()), saved: Mutex::new(None) };
+    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
 /// `log p(target_i | row_i)` for logits `(n, v)` and `n` targets, differentiable in the logits.
 pub fn token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
@@ -316,6 +436,39 @@ mod tests {
         let g2 = (plain * &wr).unwrap().sum_all().unwrap().backward().unwrap().get(h.as_tensor()).unwrap().clone();
         let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn the_fused_trainable_head_gives_the_bits_of_the_linear_layer_then_log_probs() {
+        let dev = Device::Cpu;
+        let (n, hidden, v) = (70, 24, 300);
+        let h: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919) % 97) as f32 / 40.0 - 1.2).collect();
+        let w: Vec<f32> = (0..v * hidden).map(|i| ((i * 104729) % 89) as f32 / 50.0 - 0.9).collect();
+        let h = Var::from_vec(h, (n, hidden), &dev).unwrap();
+        let w = Var::from_vec(w, (v, hidden), &dev).unwrap();
+        let head = crate::nn::linear::Linear::new(w.as_tensor().clone(), None);
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+        let wr = Tensor::arange(0f32, n as f32, &dev).unwrap().affine(0.1, -2.0).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let plain = token_logps(&head.forward(h.as_tensor()).unwrap(), &y).unwrap();
+        let gp = (&plain * &wr).unwrap().sum_all().unwrap().backward().unwrap();
+        for buffered in [false, true] {
+            let buf = buffered.then(|| crate::nn::grad::register(w.as_tensor()));
+            let fused = trainable_head_logps(h.as_tensor(), w.as_tensor(), &y).unwrap();
+            assert_eq!(bits(&fused), bits(&plain));
+            let gf = (&fused * &wr).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_eq!(bits(gf.get(h.as_tensor()).unwrap()), bits(gp.get(h.as_tensor()).unwrap()));
+            let want = bits(gp.get(w.as_tensor()).unwrap());
+            match buf {
+                Some(b) => {
+                    assert!(gf.get(w.as_tensor()).is_none());
+                    assert_eq!(b.with(|d| d.to_vec()).unwrap(), want);
+                    crate::nn::grad::unregister(w.as_tensor());
+                }
+                None => assert_eq!(bits(gf.get(w.as_tensor()).unwrap()), want),
+            }
+        }
+        assert!(trainable_head_logps(h.as_tensor(), w.as_tensor(), &y[1..]).is_err());
     }
 
     #[test]

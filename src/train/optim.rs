@@ -162,10 +162,7 @@ impl AdamW {
                 .map_err(|e| Error::Invalid(format!("gradient of '{}': {e}", p.name)))?;
             }
             // Nothing for a parameter without a gradient this step.
-            sq += p
-                .buf
-                .with(|v| v.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>())
-                .unwrap_or(0.0);
+            sq += p.buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
@@ -208,6 +205,29 @@ impl AdamW {
     }
 }
 
+/// `Σ x²` in f64 over chunks of 4096 values, each summed in order, then the chunk sums in order:
+/// the chunks are summed on the kernel team (the same value on any number of threads).
+fn sum_of_squares(v: &[f32]) -> f64 {
+    const CHUNK: usize = 4096;
+    let chunks = v.len().div_ceil(CHUNK);
+    let mut sums = vec![0f64; chunks];
+    let out = SharedMut(sums.as_mut_ptr());
+    let work = |range: std::ops::Range<usize>| {
+        let out = &out;
+        for c in range {
+            let part = &v[c * CHUNK..((c + 1) * CHUNK).min(v.len())];
+            // SAFETY: chunk c's sum is written by this thread only, inside `sums`.
+            unsafe { *out.0.add(c) = part.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() };
+        }
+    };
+    if chunks < 16 {
+        work(0..chunks);
+    } else {
+        Team::global().for_ranges(chunks, 1, &work);
+    }
+    sums.iter().sum()
+}
+
 /// Learning-rate schedule shapes (transformers' `SchedulerType` names).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -243,6 +263,15 @@ pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parallel_sum_of_squares_is_the_sequential_one_bit_for_bit() {
+        let v: Vec<f32> = (0..300_001).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 13) as f32)).collect();
+        let sequential: f64 = v.chunks(4096).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
+        assert_eq!(sum_of_squares(&v).to_bits(), sequential.to_bits());
+        assert_eq!(sum_of_squares(&v[..5]), v[..5].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>());
+        assert_eq!(sum_of_squares(&[]), 0.0);
+    }
     use candle_core::{Device, Tensor};
 
     #[test]
