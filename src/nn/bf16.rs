@@ -657,12 +657,18 @@ mod amx {
             Right::Packed(p) => p.width,
         };
         let panels = n.div_ceil(width);
-        let row_parts = team.threads().div_ceil(panels).min(m_pad / 32).max(1);
+        // Jobs are taken in turn (a thread slowed by another tenant of its core does fewer). A
+        // prepacked `b` costs nothing to share, so its rows are cut finer (128 per job) for that.
+        let min_parts = match b {
+            Right::Pack(..) => 1,
+            Right::Packed(_) => m_pad / 128,
+        };
+        let row_parts = team.threads().div_ceil(panels).max(min_parts).min(m_pad / 32).max(1);
         let rows_per = (m_pad / 32).div_ceil(row_parts) * 32;
         let pc = SharedMut(c.as_mut_ptr());
         let apr: &[u16] = ap_tiles;
         let per = slice_depth(k);
-        team.for_ranges(panels * row_parts, 1, &|jobs| {
+        team.for_chunks(panels * row_parts, 1, &|jobs| {
             let pc = &pc;
             let mut bp = PACKED_B.with(|b| std::mem::take(&mut *b.borrow_mut()));
             let bp_tiles = match b {
