@@ -259,8 +259,10 @@ pub fn frozen_head_logps(
 /// Logit buffers of [`TrainableHeadLogps`], kept between steps: a fresh `(n, v)` buffer per step
 /// (100 MB for a 4x128 batch of SmolLM2) costs ~25k page faults, more than its products.
 static LOGIT_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
-/// Most buffers kept (a DPO step holds two heads' logits at once at most).
+/// Most buffers kept (a DPO step holds two heads' logits at once at most), and the largest kept
+/// (in values: 256 MB; a larger batch's logits are freed after use, not held for the process).
 const KEPT_BUFFERS: usize = 2;
+const KEPT_MAX_LEN: usize = 64 << 20;
 
 fn take_logit_buffer(len: usize) -> Vec<f32> {
     let mut b = LOGIT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
@@ -270,7 +272,7 @@ fn take_logit_buffer(len: usize) -> Vec<f32> {
 
 fn keep_logit_buffer(b: Vec<f32>) {
     let mut kept = LOGIT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    if kept.len() < KEPT_BUFFERS {
+    if kept.len() < KEPT_BUFFERS && b.len() <= KEPT_MAX_LEN {
         kept.push(b);
     }
 }
