@@ -88,16 +88,17 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
-/// The share of `values` lying exactly halfway between two bf16 values (the low 16 bits of the
-/// f32 are `0x8000`). Weights dequantized from a block-quantized GGUF (scale x small integer +
-/// offset) often do: 8.1% of SmolLM2-135M-Instruct.Q4_1.gguf's weights. Rounding to nearest even then turns any
-/// update, however small, into half a bf16 step in the update's direction on those weights.
+/// How many of `values` lie exactly halfway between two bf16 values (the low 16 bits of the f32
+/// are `0x8000`). Weights dequantized from a block-quantized GGUF (scale x small integer +
+/// offset) often do: 8.1% of SmolLM2-135M-Instruct.Q4_1.gguf's weights. Rounding to nearest even
+/// then turns any update, however small, into half a bf16 step in the update's direction on them.
+pub fn tie_count(values: &[f32]) -> usize {
+    values.iter().filter(|v| v.to_bits() & 0xffff == 0x8000).count()
+}
+
+/// The share of `values` that are ties ([`tie_count`]); 0 for none.
 pub fn tie_share(values: &[f32]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let ties = values.iter().filter(|v| v.to_bits() & 0xffff == 0x8000).count();
-    ties as f64 / values.len() as f64
+    tie_count(values) as f64 / values.len().max(1) as f64
 }
 
 /// A matrix operand: f32 (rounded to bf16 while it is packed) or already bf16 (a frozen weight

@@ -360,32 +360,40 @@ impl MatMulT {
 
     /// `dx = dy W` and, for a trainable `W`, `dW = dyᵀ x` (into its registered buffer when it has one).
     fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, k) = w.dims2()?;
+        let (dx, dw) = with_f32(dy, |g| product_backward(g, x, w, self.weight_grad))??;
         let mut dims = dy.dims().to_vec();
         dims.pop();
-        let m: usize = dims.iter().product();
-        dims.push(k);
-        let mut dx = vec![0f32; m * k];
-        // A registered buffer takes dW in place; otherwise it goes back to candle.
-        let buf = if self.weight_grad { crate::nn::grad::buffer(w) } else { None };
-        let mut dw = if self.weight_grad && buf.is_none() { vec![0f32; n * k] } else { Vec::new() };
-        with_f32(dy, |g| {
-            with_f32(w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?;
-            match &buf {
-                Some(b) => {
-                    with_f32(x, |xv| b.update(|dst, acc| sgemm_autocast(n, k, m, g, true, xv, false, dst, acc)))?
-                }
-                None if self.weight_grad => {
-                    with_f32(x, |xv| sgemm_autocast(n, k, m, g, true, xv, false, &mut dw, false))?
-                }
-                None => {}
-            }
-            Ok::<(), candle_core::Error>(())
-        })??;
-        let dx = Tensor::from_vec(dx, dims, dy.device())?;
-        let dw = if !dw.is_empty() { Some(Tensor::from_vec(dw, (n, k), dy.device())?) } else { None };
-        Ok((Some(dx), dw))
+        dims.push(w.dim(1)?);
+        Ok((Some(Tensor::from_vec(dx, dims, dy.device())?), dw))
     }
+}
+
+/// The backward products of `y = x Wᵀ` (`x: [m, k]`, `W: [n, k]`) for `dy` (`g`, `m x n` values):
+/// `dx = dy W`, and when `weight_grad`, `dW = dyᵀ x` — written into `W`'s registered gradient
+/// buffer when it has one (then `None` goes back to candle), else returned as a tensor.
+pub(crate) fn product_backward(
+    g: &[f32],
+    x: &Tensor,
+    w: &Tensor,
+    weight_grad: bool,
+) -> candle_core::Result<(Vec<f32>, Option<Tensor>)> {
+    let (n, k) = w.dims2()?;
+    let m = g.len() / n.max(1);
+    let mut dx = vec![0f32; m * k];
+    with_f32(w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?;
+    let dw = match weight_grad.then(|| crate::nn::grad::buffer(w)) {
+        None => None,
+        Some(Some(buf)) => {
+            with_f32(x, |xv| buf.update(|dst, acc| sgemm_autocast(n, k, m, g, true, xv, false, dst, acc)))?;
+            None
+        }
+        Some(None) => {
+            let mut dw = vec![0f32; n * k];
+            with_f32(x, |xv| sgemm_autocast(n, k, m, g, true, xv, false, &mut dw, false))?;
+            Some(Tensor::from_vec(dw, (n, k), w.device())?)
+        }
+    };
+    Ok((dx, dw))
 }
 
 /// `y = x Wᵀ + bias + s (x Aᵀ) Bᵀ` for a frozen dense `W` (LoRA on a frozen layer): inputs

@@ -6,8 +6,7 @@
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
 use crate::nn::bf16::sgemm_autocast;
-use crate::nn::ops::f32_slice;
-use crate::nn::ops::with_f32;
+use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
 use crate::policy::{Batch, Policy};
@@ -338,19 +337,7 @@ impl CustomOp2 for TrainableHeadLogps {
             candle_core::bail!("head log-probs: backward without a forward pass");
         };
         logits_grad_in_place(&mut dz, v, &g, &lse, &self.targets);
-        let mut dh = vec![0f32; n * hidden];
-        with_f32(w, |wv| sgemm_autocast(n, hidden, v, &dz, false, wv, false, &mut dh, false))?;
-        let dw = match crate::nn::grad::buffer(w) {
-            Some(buf) => {
-                with_f32(h, |hv| buf.update(|dst, acc| sgemm_autocast(v, hidden, n, &dz, true, hv, false, dst, acc)))?;
-                None
-            }
-            None => {
-                let mut dw = vec![0f32; v * hidden];
-                with_f32(h, |hv| sgemm_autocast(v, hidden, n, &dz, true, hv, false, &mut dw, false))?;
-                Some(Tensor::from_vec(dw, (v, hidden), w.device())?)
-            }
-        };
+        let (dh, dw) = crate::nn::linear::product_backward(&dz, h, w, true)?;
         keep_logit_buffer(dz);
         let dh = h.track_op().then(|| Tensor::from_vec(dh, (n, hidden), h.device())).transpose()?;
         Ok((dh, dw))

@@ -216,14 +216,13 @@ fn step_message(log: &StepLog) -> String {
 /// its first update whatever the learning rate, as it would under PyTorch's autocast. Random f32
 /// weights have a share of about 2^-16.
 fn warn_bf16_ties(opt: &AdamW) -> Result<()> {
-    let (mut ties, mut total) = (0.0, 0usize);
+    let (mut ties, mut total) = (0usize, 0usize);
     for p in &opt.params {
         let t = p.var.as_tensor();
-        let n = t.elem_count();
-        ties += crate::nn::ops::with_f32(t, crate::nn::bf16::tie_share)? * n as f64;
-        total += n;
+        ties += crate::nn::ops::with_f32(t, crate::nn::bf16::tie_count)?;
+        total += t.elem_count();
     }
-    let share = ties / total.max(1) as f64;
+    let share = ties as f64 / total.max(1) as f64;
     if share > 1e-3 {
         tracing::warn!(
             "dtype = \"bf16\": {:.1}% of the trainable weights lie exactly halfway between two bf16 \

@@ -263,6 +263,7 @@ pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn the_parallel_sum_of_squares_is_the_sequential_one_bit_for_bit() {
@@ -272,7 +273,6 @@ mod tests {
         assert_eq!(sum_of_squares(&v[..5]), v[..5].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>());
         assert_eq!(sum_of_squares(&[]), 0.0);
     }
-    use candle_core::{Device, Tensor};
 
     #[test]
     fn adamw_matches_torch() {
