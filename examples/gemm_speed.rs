@@ -1,7 +1,8 @@
 //! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens), and of LoRA r 64 on
 //! GPT-Neo-125M, through `meet::nn::gemm` (f32), or `meet::nn::bf16` (bf16 operands, f32 sums)
 //! with the argument `bf16`; the best of 5 timed batches per product.
-//!     cargo run --release --example gemm_speed [-- bf16]
+//!     cargo run --release --example gemm_speed [-- bf16|f32 [ROWS]]
+//! ROWS (default 512) sets the rows of x: 64 is a decoding step of a batch of 64.
 use meet::nn::bf16::{self, Src};
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ const BATCHES: usize = 5;
 fn main() {
     let bf = std::env::args().nth(1).as_deref() == Some("bf16");
     println!("{} products", if bf { "bf16" } else { "f32" });
-    let rows = 512;
+    let rows: usize = std::env::args().nth(2).map_or(512, |r| r.parse().expect("ROWS: a number of rows"));
     for (name, n, k) in [
         ("q/o 576x576", 576, 576),
         ("k/v 192x576", 192, 576),

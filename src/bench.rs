@@ -357,7 +357,12 @@ pub fn bench_dpo(
         .ok_or_else(|| Error::parse(pairs_file, "expected a list of pairs"))?
         .iter()
         .map(|p| {
-            Ok(Pair { prompt: ids(p, "prompt_ids")?, chosen: ids(p, "chosen_ids")?, rejected: ids(p, "rejected_ids")? })
+            Ok(Pair {
+                prompt: ids(p, "prompt_ids")?,
+                chosen: ids(p, "chosen_ids")?,
+                rejected: ids(p, "rejected_ids")?,
+                dimension: None,
+            })
         })
         .collect::<Result<_>>()?;
     let dir = std::env::temp_dir().join(format!("meet-bench-dpo-{}", std::process::id()));

@@ -10,8 +10,9 @@ use crate::objectives::logps::label_logps;
 use crate::peft::folder;
 use crate::peft::lora::{Adapters, Routing};
 use crate::peft::prompt::SoftPrompts;
-use crate::policy::{Batch, Policy};
+use crate::policy::{Batch, Policy, RowControls};
 use crate::{Error, LoadOptions, Pretrained, Result};
+use candle_core::Tensor;
 use std::path::Path;
 
 /// A model with the controls it was trained with.
@@ -22,12 +23,13 @@ pub struct Controlled {
     pub source: String,
 }
 
-/// What a control does to a batch of prompts: their ids (with a control token or phrase), the
-/// soft prompt to put first, and the LoRA adapter to route to.
+/// What a control selection does to a batch of prompts: their ids (with control tokens or
+/// phrases), the soft prompts to put first (in dimension order), and the LoRA adapters (with
+/// weights) to route to.
 struct Applied {
     ids: Vec<Vec<u32>>,
-    prompt: Option<usize>,
-    adapter: Option<usize>,
+    prompts: Vec<usize>,
+    adapters: RowControls,
     stop_strings: Vec<String>,
 }
 
@@ -84,9 +86,11 @@ impl Controlled {
         &self.policy.pretrained.tokenizer
     }
 
+    /// Applies `control`: a selection as [`ControlSpec::select`] parses it (`good`, or one control
+    /// per dimension, `sentiment=positive,length=concise:0.5`).
     fn apply(&self, prompts: &[Vec<u32>], control: Option<&str>) -> Result<Applied> {
         let p = &self.policy.pretrained;
-        let mut out = Applied { ids: prompts.to_vec(), prompt: None, adapter: None, stop_strings: vec![] };
+        let mut out = Applied { ids: prompts.to_vec(), prompts: vec![], adapters: vec![], stop_strings: vec![] };
         let (c, spec) = match (control, &self.spec) {
             (None, _) => return Ok(out),
             (Some(c), None) => {
@@ -98,35 +102,41 @@ impl Controlled {
             }
             (Some(c), Some(spec)) => (c, spec),
         };
-        let i = spec.index(c)?;
+        let selected = spec.select(c)?;
         out.stop_strings = spec.stop_strings.clone();
         match spec.kind {
             ControlKind::Lora => {
                 let l = self.policy.lora.as_ref().ok_or_else(|| Error::Invalid("no LoRA adapters loaded".into()))?;
-                let j = l
-                    .names
-                    .iter()
-                    .position(|n| n == c)
-                    .ok_or_else(|| Error::Invalid(format!("no LoRA adapter named '{c}' in this folder")))?;
-                out.adapter = Some(j);
+                for &(i, w) in &selected {
+                    let name = &spec.names[i];
+                    let j = l
+                        .names
+                        .iter()
+                        .position(|n| n == name)
+                        .ok_or_else(|| Error::Invalid(format!("no LoRA adapter named '{name}' in this folder")))?;
+                    out.adapters.push((j, w));
+                }
             }
-            ControlKind::SoftPrompt => out.prompt = Some(i),
+            ControlKind::SoftPrompt => out.prompts = selected.iter().map(|&(i, _)| i).collect(),
             // Tokens and phrases are the method's own: its recipe knows where they go.
             ControlKind::Token | ControlKind::Text => {
-                crate::methods::find(&spec.method)?.apply_control(spec, i, &p.tokenizer, &mut out.ids)?
+                let indices: Vec<usize> = selected.iter().map(|&(i, _)| i).collect();
+                crate::methods::find(&spec.method)?.apply_control(spec, &indices, &p.tokenizer, &mut out.ids)?
             }
         }
         Ok(out)
     }
 
-    /// Routes the adapters: the control's one, else the only one, else none.
-    fn route(&self, adapter: Option<usize>) {
+    /// Routes the adapters for every row: the selected ones (a single one at weight 1 as
+    /// [`Routing::All`]), else the only one, else none.
+    fn route(&self, adapters: &RowControls) {
         if let Some(l) = &self.policy.lora {
             l.set_training_step(None);
-            l.route(match adapter {
-                Some(j) => Routing::All(j),
-                None if l.names.len() == 1 => Routing::All(0),
-                None => Routing::Off,
+            l.route(match adapters.as_slice() {
+                [(j, w)] if *w == 1.0 => Routing::All(*j),
+                [] if l.names.len() == 1 => Routing::All(0),
+                [] => Routing::Off,
+                several => Routing::Several(several.to_vec()),
             });
         }
     }
@@ -148,11 +158,15 @@ impl Controlled {
             let tok = &self.policy.pretrained.tokenizer;
             params.suppress_tokens.extend(crate::methods::find(&spec.method)?.suppressed_tokens(spec, tok));
         }
-        self.route(a.adapter);
-        let prefix = match (a.prompt, &self.policy.prompts) {
-            (Some(i), Some(sp)) => Some(sp.vars[i].as_tensor().clone()),
-            (Some(_), None) => return Err(Error::Invalid("no soft prompts loaded".into())),
-            (None, _) => None,
+        self.route(&a.adapters);
+        // Several dimensions' prompts one after another, in dimension order.
+        let prefix = match (a.prompts.as_slice(), &self.policy.prompts) {
+            ([], _) => None,
+            ([i], Some(sp)) => Some(sp.vars[*i].as_tensor().clone()),
+            (is, Some(sp)) => {
+                Some(Tensor::cat(&is.iter().map(|&i| sp.vars[i].as_tensor().clone()).collect::<Vec<_>>(), 0)?)
+            }
+            (_, None) => return Err(Error::Invalid("no soft prompts loaded".into())),
         };
         let p = &self.policy.pretrained;
         generate_with_prefix(
@@ -180,15 +194,16 @@ impl Controlled {
             return Err(Error::Invalid(format!("{} prompts for {} responses", prompts.len(), responses.len())));
         }
         let a = self.apply(prompts, control)?;
-        self.route(a.adapter);
+        self.route(&a.adapters);
         let mut out = Vec::with_capacity(prompts.len());
         let pad = self.policy.pretrained.generation.pad_id()?;
         for (ps, rs) in a.ids.chunks(batch.max(1)).zip(responses.chunks(batch.max(1))) {
             let rows: Vec<(Vec<u32>, usize)> =
                 ps.iter().zip(rs).map(|(p, r)| ([p.as_slice(), r].concat(), p.len())).collect();
             let mut b = Batch::from_rows(&rows, pad)?;
-            let controls: Option<Vec<Option<usize>>> = a.prompt.or(a.adapter).map(|i| vec![Some(i); rows.len()]);
-            b.controls = controls;
+            let row: RowControls =
+                if a.prompts.is_empty() { a.adapters.clone() } else { a.prompts.iter().map(|&i| (i, 1.0)).collect() };
+            b.controls = (!row.is_empty()).then(|| vec![row; rows.len()]);
             // A row with an empty response has no labels: its log-probability is 0.
             if rs.iter().all(|r| r.is_empty()) {
                 out.extend(std::iter::repeat_n(0.0, rows.len()));

@@ -207,7 +207,9 @@ pub struct GenerateArgs {
     /// `\t`, `\r` and `\\` stand for a newline, a tab, a carriage return and a backslash.
     #[arg(long = "stop-strings")]
     pub stop_strings: Vec<String>,
-    /// Generate under this control (`good`, `bad`, ...) of a `meet train` output folder.
+    /// Generate under this control (`good`, `bad`, ...) of a `meet train` output folder; with
+    /// several preference dimensions one per dimension, `positive,concise` or
+    /// `sentiment=positive,length=concise:0.5` (a weight scales a LoRA control's delta).
     #[arg(long)]
     pub control: Option<String>,
 }
@@ -384,7 +386,8 @@ pub struct EvalArgs {
     /// Prompts: JSONL with a "prompt" string per line, or a text file with one prompt per line.
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Generate under this control of a `meet train` output folder.
+    /// Generate under this control of a `meet train` output folder (several dimensions:
+    /// `positive,concise`, `sentiment=positive,length=concise:0.5`).
     #[arg(long)]
     pub control: Option<String>,
     /// Reference model for the KL estimate (e.g. the base model); none: no KL.

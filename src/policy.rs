@@ -20,8 +20,16 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// `b * t`, 1 for tokens, 0 for padding.
     pub attention: Vec<u8>,
-    /// The control (soft prompt / LoRA adapter index) of each row; `None` = the plain model.
-    pub controls: Option<Vec<Option<usize>>>,
+    /// The controls of each row (see [`RowControls`]); `None`: the plain model, or the only
+    /// adapter / prompt when there is one.
+    pub controls: Option<Vec<RowControls>>,
+}
+
+pub use crate::peft::RowControls;
+
+/// Row controls of one control each (weight 1), `None` for none.
+pub fn single_controls(controls: impl IntoIterator<Item = Option<usize>>) -> Vec<RowControls> {
+    controls.into_iter().map(|c| c.map(|i| vec![(i, 1.0)]).unwrap_or_default()).collect()
 }
 
 impl Batch {
@@ -71,28 +79,41 @@ impl Policy {
         let embeds = model.embed(&Tensor::from_vec(batch.ids.clone(), (b, t), dev)?)?;
         if let Some(lora) = &self.lora {
             lora.route(match &batch.controls {
-                Some(c) => Routing::PerRow(c.clone()),
+                Some(c) => Routing::of_rows(c),
                 None if lora.names.len() == 1 => Routing::All(0),
                 None => Routing::Off,
             });
         }
-        let (embeds, n) = match &self.prompts {
+        // Per row, the soft prompts before its tokens, and how many positions of the prefix are
+        // padding (rows with fewer prompts than the longest are left-padded, masked).
+        let (embeds, n, pads) = match &self.prompts {
             Some(p) => {
-                let choice = match &batch.controls {
+                let choice: Vec<Vec<usize>> = match &batch.controls {
                     Some(c) => c
                         .iter()
-                        .map(|x| {
-                            x.ok_or_else(|| {
-                                Error::Invalid("a batch row has no control, but soft prompts need one".into())
-                            })
+                        .map(|row| {
+                            row.iter()
+                                .map(|&(i, w)| {
+                                    if w == 1.0 {
+                                        Ok(i)
+                                    } else {
+                                        Err(Error::Invalid(format!(
+                                            "soft prompt '{}' given weight {w}: soft prompts take no weights",
+                                            p.names.get(i).map_or("?", |s| s.as_str())
+                                        )))
+                                    }
+                                })
+                                .collect::<Result<Vec<_>>>()
                         })
-                        .collect::<Result<Vec<_>>>()?,
-                    None if p.names.len() == 1 => vec![0; b],
+                        .collect::<Result<_>>()?,
+                    None if p.names.len() == 1 => vec![vec![0]; b],
                     None => return Err(Error::Invalid("soft prompts need a control per row".into())),
                 };
-                (p.prepend(&embeds, &choice)?, p.n())
+                let (embeds, pads) = p.prepend_rows(&embeds, &choice)?;
+                let n = embeds.dims()[1] - t;
+                (embeds, n, pads)
             }
-            None => (embeds, 0),
+            None => (embeds, 0, vec![0; b]),
         };
         let total = n + t;
         if total > model.max_positions() {
@@ -101,11 +122,14 @@ impl Policy {
                 model.max_positions()
             )));
         }
-        let padded = batch.attention.contains(&0);
+        let padded = batch.attention.contains(&0) || pads.iter().any(|&p| p > 0);
         let mask: Option<Vec<Vec<u8>>> = padded.then(|| {
             (0..b)
                 .map(|r| {
-                    std::iter::repeat_n(1u8, n).chain(batch.attention[r * t..(r + 1) * t].iter().copied()).collect()
+                    std::iter::repeat_n(0u8, pads[r])
+                        .chain(std::iter::repeat_n(1u8, n - pads[r]))
+                        .chain(batch.attention[r * t..(r + 1) * t].iter().copied())
+                        .collect()
                 })
                 .collect()
         });

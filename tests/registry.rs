@@ -74,9 +74,15 @@ impl Recipe for Echo {
         stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
     }
 
-    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        indices: &[usize],
+        tok: &Tokenizer,
+        ids: &mut [Vec<u32>],
+    ) -> Result<()> {
         APPLIED.fetch_add(1, Ordering::SeqCst);
-        let cue = tok.encode(&format!(" {}", spec.markers[index]), false)?;
+        let cue = tok.encode(&format!(" {}", spec.markers[indices[0]]), false)?;
         ids.iter_mut().for_each(|x| x.extend(&cue));
         Ok(())
     }

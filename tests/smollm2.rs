@@ -236,6 +236,7 @@ fn dpo_losses_match_the_python_reference() {
             prompt: u32s(&p["prompt_ids"]),
             chosen: u32s(&p["chosen_ids"]),
             rejected: u32s(&p["rejected_ids"]),
+            dimension: None,
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();

@@ -4,12 +4,12 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use common::{check_finite_differences, max_diff, tiny_raw};
+use common::{check_finite_differences, lora_config, max_diff, seeded_normal, tiny_raw};
 use meet::data::Example;
 use meet::objectives::lm::LanguageModeling;
 use meet::objectives::Objective;
 use meet::peft::folder;
-use meet::peft::lora::{Adapters, LoraConfig, Routing, TARGETABLE};
+use meet::peft::lora::{Adapters, Routing, TARGETABLE};
 use meet::peft::prompt::{PromptConfig, SoftPrompts};
 use meet::policy::{Batch, Policy};
 use meet::{LoadOptions, Pretrained};
@@ -19,22 +19,11 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn lora_config(r: usize, targets: &[&str]) -> LoraConfig {
-    LoraConfig {
-        r,
-        alpha: 2.0 * r as f64,
-        dropout: 0.0,
-        target_modules: targets.iter().map(|s| s.to_string()).collect(),
-        use_rslora: false,
-        fan_in_fan_out: false,
-    }
-}
-
 fn examples() -> Vec<Example> {
     vec![
-        Example { ids: vec![1, 5, 9, 33, 7, 2, 90], start: 2, control: Some(0), ..Default::default() },
-        Example { ids: vec![8, 8, 100, 3, 250], start: 1, control: Some(1), ..Default::default() },
-        Example { ids: vec![4, 44, 144, 14, 41, 240, 24, 42], start: 3, control: Some(0), ..Default::default() },
+        Example { ids: vec![1, 5, 9, 33, 7, 2, 90], start: 2, controls: vec![0], ..Default::default() },
+        Example { ids: vec![8, 8, 100, 3, 250], start: 1, controls: vec![1], ..Default::default() },
+        Example { ids: vec![4, 44, 144, 14, 41, 240, 24, 42], start: 3, controls: vec![0], ..Default::default() },
     ]
 }
 
@@ -42,18 +31,6 @@ fn loss(policy: &Policy, ex: &[Example]) -> Tensor {
     let refs: Vec<&Example> = ex.iter().collect();
     let obj = LanguageModeling { pad_id: 256 };
     obj.loss(policy, &refs).unwrap().sum.affine(1.0 / obj.units(&refs) as f64, 0.0).unwrap()
-}
-
-/// Normal values with standard deviation `std`, seeded by `name` so that every run checks the same
-/// numbers (candle's `randn` draws from an unseeded generator).
-fn seeded_normal(name: &str, std: f64, shape: &candle_core::Shape) -> Tensor {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let seed = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let normal = rand_distr::Normal::new(0.0, std).unwrap();
-    let v: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng) as f32).collect();
-    Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()
 }
 
 /// A tiny model wrapped by two adapters whose `B` is non-zero (fresh ones have B = 0, which would
@@ -526,6 +503,7 @@ fn bad_training_data_is_refused_with_file_and_line() {
     let opts = SupervisedOptions {
         max_length: 16,
         controls: vec!["good".into()],
+        dimensions: vec![],
         default_control: None,
         eos_id: Some(258),
         skip_invalid: false,
@@ -551,7 +529,7 @@ fn bad_training_data_is_refused_with_file_and_line() {
     )
     .unwrap();
     let (ex, stats) = read_supervised(&path, &tok, &opts).unwrap();
-    assert_eq!((ex[0].ids.len(), ex[0].start, ex[0].control, stats.truncated), (16, 2, Some(0), 1));
+    assert_eq!((ex[0].ids.len(), ex[0].start, ex[0].controls.clone(), stats.truncated), (16, 2, vec![0], 1));
     // With skip_invalid every per-record problem is skipped and counted: a line that is not
     // JSON, bytes that are not UTF-8, messages without an assistant turn, a missing field.
     let path = dir.path().join("mixed.jsonl");

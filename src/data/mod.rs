@@ -22,8 +22,9 @@ pub struct Example {
     pub ids: Vec<u32>,
     /// Index of the first labelled token.
     pub start: usize,
-    /// Control index (soft prompt / LoRA adapter), if the row has one.
-    pub control: Option<usize>,
+    /// Control indices (soft prompts / LoRA adapters), at most one per preference dimension, in
+    /// dimension order; empty for none.
+    pub controls: Vec<usize>,
     /// Ranges `[a, b)` after `start` that take no loss (Chain-of-Hindsight's feedback phrases).
     pub unlabelled: Vec<(usize, usize)>,
 }
@@ -100,6 +101,9 @@ pub struct SupervisedOptions {
     pub max_length: usize,
     /// Control names rows may give in `"control"`, by index.
     pub controls: Vec<String>,
+    /// The preference dimensions (names and their controls), when the run has several: rows
+    /// then give `"controls": {"dimension": "control", ...}`.
+    pub dimensions: Vec<(String, Vec<String>)>,
     /// Control of rows without a `"control"` field.
     pub default_control: Option<usize>,
     /// Token appended after each response (EOS).
@@ -160,16 +164,39 @@ fn supervised_example(
     if response.is_empty() {
         return Err("the response is empty".into());
     }
-    let control = match v.get("control") {
-        Some(Value::String(c)) => Some(
-            opts.controls
-                .iter()
-                .position(|n| n == c)
-                .ok_or_else(|| format!("unknown control '{c}' (have: {})", opts.controls.join(", ")))?,
-        ),
-        Some(_) => return Err("field 'control' must be a string".into()),
-        None => opts.default_control,
+    let index = |c: &str| {
+        opts.controls
+            .iter()
+            .position(|n| n == c)
+            .ok_or_else(|| format!("unknown control '{c}' (have: {})", opts.controls.join(", ")))
     };
+    let mut controls = match (v.get("control"), v.get("controls")) {
+        (Some(_), Some(_)) => return Err("give 'control' or 'controls', not both".into()),
+        (Some(Value::String(c)), None) => vec![index(c)?],
+        (Some(_), None) => return Err("field 'control' must be a string".into()),
+        (None, Some(Value::Object(m))) => {
+            if opts.dimensions.is_empty() {
+                return Err("'controls' names controls per dimension, but the run has none (model.dimensions)".into());
+            }
+            let mut out = Vec::with_capacity(m.len());
+            for (dim, c) in m {
+                let c = c.as_str().ok_or_else(|| format!("controls.{dim} must be a string"))?;
+                let (_, cs) = opts.dimensions.iter().find(|(d, _)| d == dim).ok_or_else(|| {
+                    let known: Vec<&str> = opts.dimensions.iter().map(|(d, _)| d.as_str()).collect();
+                    format!("unknown dimension '{dim}' (have: {})", known.join(", "))
+                })?;
+                if !cs.iter().any(|n| n == c) {
+                    return Err(format!("controls.{dim}: '{c}' is not a control of '{dim}' (have: {})", cs.join(", ")));
+                }
+                out.push(index(c)?);
+            }
+            out
+        }
+        (None, Some(_)) => return Err("field 'controls' must be an object {\"dimension\": \"control\", ...}".into()),
+        (None, None) => opts.default_control.into_iter().collect(),
+    };
+    // The control list holds the dimensions in order: index order is dimension order.
+    controls.sort_unstable();
     let mut ids = prompt.clone();
     ids.extend(&response);
     if v.get("messages").is_none() {
@@ -183,7 +210,7 @@ fn supervised_example(
         ids.truncate(opts.max_length);
         stats.truncated += 1;
     }
-    Ok(Example { ids, start, control, ..Default::default() })
+    Ok(Example { ids, start, controls, ..Default::default() })
 }
 
 /// Supervised examples from the records of `path` (see [`read_records`]). An invalid record

@@ -70,6 +70,9 @@ pub struct Pair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
+    /// The preference dimension the record names (`"dimension"`), for runs with several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimension: Option<String>,
 }
 
 /// How preference records are read and cut.
@@ -85,6 +88,10 @@ pub struct PreferenceOptions {
     pub max_completion_length: Option<usize>,
     /// Skip (and count) invalid records instead of failing on the first.
     pub skip_invalid: bool,
+    /// The run's preference dimensions: when given, every record names one of them in
+    /// `"dimension"`; when empty, a record must not name one. Set by the run, not by `[data]`.
+    #[serde(skip)]
+    pub dimensions: Vec<String>,
 }
 
 impl Default for PreferenceOptions {
@@ -95,6 +102,7 @@ impl Default for PreferenceOptions {
             max_prompt_length: Some(512),
             max_completion_length: None,
             skip_invalid: false,
+            dimensions: vec![],
         }
     }
 }
@@ -409,7 +417,24 @@ pub fn tokenize(
         }
     }
     stats.responses_cut += response_cut as usize;
-    Ok(Pair { prompt, chosen, rejected })
+    Ok(Pair { prompt, chosen, rejected, dimension: None })
+}
+
+/// The record's `"dimension"`, checked against the run's dimensions (see
+/// [`PreferenceOptions::dimensions`]).
+fn record_dimension(v: &Value, dimensions: &[String]) -> std::result::Result<Option<String>, String> {
+    match (v.get("dimension"), dimensions.is_empty()) {
+        (None, true) => Ok(None),
+        (None, false) => Err(format!("no 'dimension' (the run has several: {})", dimensions.join(", "))),
+        (Some(Value::String(d)), false) if dimensions.contains(d) => Ok(Some(d.clone())),
+        (Some(Value::String(d)), false) => {
+            Err(format!("unknown dimension '{d}' (the run has: {})", dimensions.join(", ")))
+        }
+        (Some(Value::String(d)), true) => Err(format!(
+            "the record names dimension '{d}', but the run has none: give model.dimensions, or drop the field"
+        )),
+        (Some(_), _) => Err("field 'dimension' must be a string".into()),
+    }
 }
 
 /// Reads and tokenises a preference file. Invalid records fail with file and line, or with
@@ -436,12 +461,13 @@ pub fn preferences_from_records(
     let mut stats = PreferenceStats::default();
     let mut pairs = Vec::with_capacity(records.len());
     for r in &records {
-        let pair = r
-            .value
-            .as_ref()
-            .map_err(String::clone)
-            .and_then(|v| parse_record(v, format))
-            .and_then(|p| tokenize(&p, tok, opts, &mut stats).map_err(|e| e.to_string()));
+        let pair = r.value.as_ref().map_err(String::clone).and_then(|v| {
+            let dimension = record_dimension(v, &opts.dimensions)?;
+            let p = parse_record(v, format)?;
+            let mut pair = tokenize(&p, tok, opts, &mut stats).map_err(|e| e.to_string())?;
+            pair.dimension = dimension;
+            Ok(pair)
+        });
         match pair {
             Ok(p) => pairs.push(p),
             Err(e) if opts.skip_invalid => stats.skipped.push(format!("{}: {e}", r.loc)),

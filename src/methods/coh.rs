@@ -56,6 +56,13 @@ impl Recipe for Coh {
     type Options = CohConfig;
 
     fn check(&self, cfg: &RunConfig, c: &CohConfig) -> Result<()> {
+        if cfg.model.dimensions.is_some() {
+            return Err(Error::Invalid(
+                "method coh takes one preference dimension (its positive and negative phrases); \
+                 model.dimensions is not supported by coh yet"
+                    .into(),
+            ));
+        }
         if cfg.prompt.is_some() {
             return Err(Error::Invalid("method coh does not take a [prompt] section".into()));
         }
@@ -69,10 +76,19 @@ impl Recipe for Coh {
         run(cfg, c, resume)
     }
 
-    /// The control's feedback phrase follows the prompt, as in training.
-    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
-        let m = tok.encode(&marker_text(&spec.markers[index]), false)?;
-        ids.iter_mut().for_each(|x| x.extend(&m));
+    /// The controls' feedback phrases follow the prompt (one per dimension, in dimension order),
+    /// as in training.
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        indices: &[usize],
+        tok: &Tokenizer,
+        ids: &mut [Vec<u32>],
+    ) -> Result<()> {
+        for &i in indices {
+            let m = tok.encode(&marker_text(&spec.markers[i]), false)?;
+            ids.iter_mut().for_each(|x| x.extend(&m));
+        }
         Ok(())
     }
 
@@ -96,7 +112,7 @@ pub fn sequence(prompt: &[u32], first: (&[u32], &[u32]), second: (&[u32], &[u32]
     let gap = (ids.len(), ids.len() + second.0.len());
     ids.extend(second.0);
     ids.extend(second.1);
-    Example { ids, start, control: None, unlabelled: vec![gap] }
+    Example { ids, start, controls: vec![], unlabelled: vec![gap] }
 }
 
 fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {

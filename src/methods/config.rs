@@ -24,6 +24,7 @@
 
 use crate::data::preference::{Format, PreferenceOptions};
 use crate::io;
+use crate::methods::spec::Dimension;
 use crate::methods::{self, Method};
 use crate::peft::lora::LoraConfig;
 use crate::peft::prompt::PromptConfig;
@@ -51,6 +52,14 @@ pub struct ModelSection {
     /// DPO and reward models).
     #[serde(default)]
     pub controls: Option<Vec<String>>,
+    /// Several preference dimensions, each with its controls
+    /// (`{ sentiment = ["positive", "negative"], length = ["concise", "verbose"] }`), instead of
+    /// `controls`: the control list is every dimension's controls, dimensions in name order (the
+    /// order soft prompts are prepended in, and control tokens / phrases placed in). A preference
+    /// record names its dimension (`"dimension"`): its chosen response trains that dimension's
+    /// first control, its rejected one the second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<BTreeMap<String, Vec<String>>>,
     /// Start the adapters / prompts from PEFT folders saved earlier (this folder's `lora/` and
     /// `prompts/`, or a PEFT adapter folder directly).
     #[serde(default)]
@@ -110,6 +119,7 @@ impl DataSection {
             max_prompt_length: self.max_prompt_length,
             max_completion_length: self.max_completion_length,
             skip_invalid: self.skip_invalid,
+            dimensions: vec![],
         }
     }
 }
@@ -265,7 +275,13 @@ impl RunConfig {
         Ok(Self {
             method: method.into(),
             output_dir: output_dir.into(),
-            model: ModelSection { source: source.into(), train_weights: false, controls: None, init_adapters: None },
+            model: ModelSection {
+                source: source.into(),
+                train_weights: false,
+                controls: None,
+                dimensions: None,
+                init_adapters: None,
+            },
             lora: None,
             prompt: None,
             data,
@@ -394,8 +410,22 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The control names (see [`ModelSection::controls`]).
+    /// The preference dimensions (see [`ModelSection::dimensions`]), in name order; empty for a
+    /// run with one (`controls`).
+    pub fn dimensions(&self) -> Vec<Dimension> {
+        self.model
+            .dimensions
+            .iter()
+            .flatten()
+            .map(|(name, controls)| Dimension { name: name.clone(), controls: controls.clone() })
+            .collect()
+    }
+
+    /// The control names (see [`ModelSection::controls`]; with dimensions, theirs in order).
     pub fn controls(&self) -> Vec<String> {
+        if let Some(d) = &self.model.dimensions {
+            return d.values().flatten().cloned().collect();
+        }
         match (&self.model.controls, self.recipe()) {
             (Some(c), _) => c.clone(),
             (None, Ok(m)) => m.default_controls(),
@@ -417,6 +447,26 @@ impl RunConfig {
         let recipe = self.recipe()?;
         if self.controls().is_empty() {
             return Err(Error::Invalid("model.controls is empty".into()));
+        }
+        if let Some(dims) = &self.model.dimensions {
+            if self.model.controls.is_some() {
+                return Err(Error::Invalid(
+                    "model: give either controls (one dimension) or dimensions (several), not both".into(),
+                ));
+            }
+            let all = self.controls();
+            for (name, cs) in dims {
+                if name.is_empty() || cs.len() < 2 {
+                    return Err(Error::Invalid(format!(
+                        "model.dimensions.{name}: a dimension needs a name and at least two controls, got {cs:?}"
+                    )));
+                }
+                if let Some(c) = cs.iter().find(|c| all.iter().filter(|a| a == c).count() > 1) {
+                    return Err(Error::Invalid(format!(
+                        "model.dimensions: control '{c}' is named twice; control names must be distinct across dimensions"
+                    )));
+                }
+            }
         }
         recipe.check(self)?;
         if !self.model.train_weights && self.lora.is_none() && self.prompt.is_none() {

@@ -4,7 +4,7 @@
 
 use crate::data::Example;
 use crate::methods::config::RunConfig;
-use crate::methods::setup::{self, load_data, pair_controls, Built, TrainingData};
+use crate::methods::setup::{self, load_data, pair_controls_of, Built, TrainingData};
 use crate::methods::spec::{spec, ControlKind, ControlSpec};
 use crate::methods::stage::{stage, Stage};
 use crate::methods::{ExperimentEntry, Recipe};
@@ -52,14 +52,26 @@ impl Recipe for ControlToken {
         run(cfg, o, resume)
     }
 
-    /// The control's token goes before the prompt (after the tokenizer's own BOS), as in training.
-    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
-        let id = tok.token_id(&spec.markers[index]).ok_or_else(|| {
-            Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[index]))
-        })?;
+    /// The controls' tokens go before the prompt (after the tokenizer's own BOS), in dimension
+    /// order, as in training.
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        indices: &[usize],
+        tok: &Tokenizer,
+        ids: &mut [Vec<u32>],
+    ) -> Result<()> {
+        let tokens = indices
+            .iter()
+            .map(|&i| {
+                tok.token_id(&spec.markers[i]).ok_or_else(|| {
+                    Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
         let prefix = special_prefix(tok)?;
         for x in ids.iter_mut() {
-            *x = with_token(&prefix, x, id);
+            *x = with_tokens(&prefix, x, &tokens);
         }
         Ok(())
     }
@@ -125,11 +137,11 @@ pub fn special_prefix(tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(with[..with.len().saturating_sub(without.len())].to_vec())
 }
 
-/// `ids` with `token` in front, after `prefix` (see [`special_prefix`]) when `ids` starts with it.
-pub fn with_token(prefix: &[u32], ids: &[u32], token: u32) -> Vec<u32> {
+/// `ids` with `tokens` in front, after `prefix` (see [`special_prefix`]) when `ids` starts with it.
+pub fn with_tokens(prefix: &[u32], ids: &[u32], tokens: &[u32]) -> Vec<u32> {
     let at = if ids.starts_with(prefix) { prefix.len() } else { 0 };
     let mut out = ids[..at].to_vec();
-    out.push(token);
+    out.extend(tokens);
     out.extend(&ids[at..]);
     out
 }
@@ -149,24 +161,27 @@ fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<Step
         .map(|t| p.tokenizer.token_id(t).ok_or_else(|| Error::Invalid(format!("token {t} was not added"))))
         .collect::<Result<_>>()?;
     let prefix = special_prefix(&p.tokenizer)?;
-    let prefixed = |seq: &[u32], start: usize, c: usize| -> Result<Example> {
-        Ok(Example { ids: with_token(&prefix, seq, ids[c]), start: start + 1, ..Default::default() })
+    let prefixed = |seq: &[u32], start: usize, cs: &[usize]| -> Result<Example> {
+        let tokens: Vec<u32> = cs.iter().map(|&c| ids[c]).collect();
+        Ok(Example { ids: with_tokens(&prefix, seq, &tokens), start: start + tokens.len(), ..Default::default() })
     };
     let examples: Vec<Example> = match load_data(cfg, p)? {
         TrainingData::Pairs(pairs) => {
-            let (good, bad) = pair_controls(cfg)?;
             let mut out = Vec::with_capacity(2 * pairs.len());
             for pr in &pairs {
-                out.push(prefixed(&[pr.prompt.as_slice(), &pr.chosen].concat(), pr.prompt.len(), good)?);
-                out.push(prefixed(&[pr.prompt.as_slice(), &pr.rejected].concat(), pr.prompt.len(), bad)?);
+                let (good, bad) = pair_controls_of(cfg, pr)?;
+                out.push(prefixed(&[pr.prompt.as_slice(), &pr.chosen].concat(), pr.prompt.len(), &[good])?);
+                out.push(prefixed(&[pr.prompt.as_slice(), &pr.rejected].concat(), pr.prompt.len(), &[bad])?);
             }
             out
         }
         TrainingData::Supervised(ex) => ex
             .iter()
             .map(|e| {
-                let c = e.control.ok_or_else(|| Error::Invalid("control-token: a row names no control".into()))?;
-                prefixed(&e.ids, e.start, c)
+                if e.controls.is_empty() {
+                    return Err(Error::Invalid("control-token: a row names no control".into()));
+                }
+                prefixed(&e.ids, e.start, &e.controls)
             })
             .collect::<Result<_>>()?,
     };

@@ -13,7 +13,7 @@
 
 use crate::data::Example;
 use crate::methods::config::RunConfig;
-use crate::methods::setup::{self, load_data, pair_controls, Built, TrainingData};
+use crate::methods::setup::{self, load_data, pair_controls_of, Built, TrainingData};
 use crate::methods::spec::adapter_spec;
 use crate::methods::stage::{stage, Stage};
 use crate::methods::{ExperimentEntry, Recipe};
@@ -132,19 +132,19 @@ fn examples(cfg: &RunConfig, data: TrainingData) -> Result<Vec<Example>> {
     Ok(match data {
         TrainingData::Supervised(ex) => ex,
         TrainingData::Pairs(pairs) => {
-            let (good, bad) = pair_controls(cfg)?;
-            pairs
-                .into_iter()
-                .flat_map(|p| {
-                    let start = p.prompt.len();
-                    [(p.chosen, good), (p.rejected, bad)].map(|(r, c)| Example {
-                        ids: [p.prompt.as_slice(), &r].concat(),
-                        start,
-                        control: Some(c),
-                        ..Default::default()
-                    })
-                })
-                .collect()
+            let mut out = Vec::with_capacity(2 * pairs.len());
+            for p in pairs {
+                // A pair of a dimension trains that dimension's two controls.
+                let (good, bad) = pair_controls_of(cfg, &p)?;
+                let start = p.prompt.len();
+                out.extend([(p.chosen, good), (p.rejected, bad)].map(|(r, c)| Example {
+                    ids: [p.prompt.as_slice(), &r].concat(),
+                    start,
+                    controls: vec![c],
+                    ..Default::default()
+                }));
+            }
+            out
         }
     })
 }

@@ -67,9 +67,16 @@ pub trait Recipe: Send + Sync + 'static {
     /// writes its outputs into `cfg.output_dir/final` and marks the stage finished.
     fn run(&self, cfg: &RunConfig, options: &Self::Options, resume: bool) -> Result<Vec<StepLog>>;
 
-    /// Applies control `index` of `spec` (a token or phrase kind, which the method wrote) to
-    /// prompts at inference. LoRA adapters and soft prompts are applied by the caller.
-    fn apply_control(&self, spec: &ControlSpec, _index: usize, _tok: &Tokenizer, _ids: &mut [Vec<u32>]) -> Result<()> {
+    /// Applies the controls `indices` of `spec` (a token or phrase kind, which the method wrote;
+    /// several when the model has several preference dimensions, one per dimension in dimension
+    /// order) to prompts at inference. LoRA adapters and soft prompts are applied by the caller.
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        _indices: &[usize],
+        _tok: &Tokenizer,
+        _ids: &mut [Vec<u32>],
+    ) -> Result<()> {
         Err(Error::Invalid(format!("method {} does not apply {:?} controls", Self::NAME, spec.kind)))
     }
 
@@ -105,7 +112,8 @@ pub trait Method: Send + Sync {
     fn check(&self, cfg: &RunConfig) -> Result<()>;
     fn check_sources(&self, cfg: &RunConfig) -> Result<()>;
     fn run(&self, cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>>;
-    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()>;
+    fn apply_control(&self, spec: &ControlSpec, indices: &[usize], tok: &Tokenizer, ids: &mut [Vec<u32>])
+        -> Result<()>;
     fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32>;
     fn experiments(&self) -> Vec<ExperimentEntry>;
 }
@@ -139,8 +147,14 @@ impl<R: Recipe> Method for R {
     fn run(&self, cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
         Recipe::run(self, cfg, &cfg.options()?, resume)
     }
-    fn apply_control(&self, spec: &ControlSpec, index: usize, tok: &Tokenizer, ids: &mut [Vec<u32>]) -> Result<()> {
-        Recipe::apply_control(self, spec, index, tok, ids)
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        indices: &[usize],
+        tok: &Tokenizer,
+        ids: &mut [Vec<u32>],
+    ) -> Result<()> {
+        Recipe::apply_control(self, spec, indices, tok, ids)
     }
     fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32> {
         Recipe::suppressed_tokens(self, spec, tok)

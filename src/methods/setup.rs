@@ -135,12 +135,15 @@ pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
     let path = &cfg.data.train;
     let records = read_records(path)?;
     if first_value(&records).is_some_and(is_preference) {
-        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &cfg.data.preference_options())?;
+        let mut opts = cfg.data.preference_options();
+        opts.dimensions = cfg.dimensions().into_iter().map(|d| d.name).collect();
+        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &opts)?;
         return Ok(TrainingData::Pairs(pairs));
     }
     let opts = SupervisedOptions {
         max_length: cfg.data.max_length,
         controls: cfg.controls(),
+        dimensions: cfg.dimensions().into_iter().map(|d| (d.name, d.controls)).collect(),
         default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
         eos_id: p.generation.eos_token_ids.first().copied(),
         skip_invalid: cfg.data.skip_invalid,
@@ -156,6 +159,26 @@ pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<Vec<Pair>> {
             &cfg.data.train,
             format!("method {} needs preference records (chosen and rejected responses)", cfg.method),
         )),
+    }
+}
+
+/// The control indices of a pair's chosen and rejected response: with several dimensions the
+/// first two controls of the pair's dimension, else the run's two controls.
+pub fn pair_controls_of(cfg: &RunConfig, pair: &Pair) -> Result<(usize, usize)> {
+    let Some(dim) = &pair.dimension else { return pair_controls(cfg) };
+    let all = cfg.controls();
+    let d = cfg.dimensions().into_iter().find(|d| &d.name == dim).ok_or_else(|| {
+        Error::Invalid(format!("a preference names dimension '{dim}', which model.dimensions does not have"))
+    })?;
+    match d.controls.as_slice() {
+        [good, bad] => {
+            let at = |c: &String| all.iter().position(|a| a == c).unwrap_or(usize::MAX);
+            Ok((at(good), at(bad)))
+        }
+        cs => Err(Error::Invalid(format!(
+            "preference data of dimension '{dim}' needs two controls (chosen, rejected), it has {}: {cs:?}",
+            cs.len()
+        ))),
     }
 }
 

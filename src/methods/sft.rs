@@ -47,7 +47,7 @@ fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
             .map(|p| Example {
                 start: p.prompt.len(),
                 ids: [p.prompt, p.chosen].concat(),
-                control: default_control,
+                controls: default_control.into_iter().collect(),
                 ..Default::default()
             })
             .collect(),

@@ -41,7 +41,22 @@ pub struct ControlSpec {
     /// Generation stops at these strings (Chain-of-Hindsight: every feedback phrase).
     #[serde(default)]
     pub stop_strings: Vec<String>,
+    /// The preference dimensions and their controls (names of `names`), in dimension order; empty:
+    /// one dimension holding every name (a run without `model.dimensions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimensions: Vec<Dimension>,
 }
+
+/// One preference dimension (`sentiment`) and its controls (`positive`, `negative`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dimension {
+    pub name: String,
+    pub controls: Vec<String>,
+}
+
+/// A row's controls as indices into [`ControlSpec::names`] with weights, in dimension order.
+pub use crate::peft::RowControls;
 
 impl ControlSpec {
     /// Writes the spec into `dir`.
@@ -81,7 +96,103 @@ impl ControlSpec {
             }
             _ => {}
         }
+        let mut seen: Vec<&str> = Vec::new();
+        for d in &spec.dimensions {
+            if d.name.is_empty() || spec.dimensions.iter().filter(|e| e.name == d.name).count() > 1 {
+                return bad(format!("dimension name '{}' is empty or repeated in 'dimensions'", d.name));
+            }
+            for c in &d.controls {
+                if !spec.names.contains(c) {
+                    return bad(format!("dimension '{}' lists '{c}', which is not in 'names'", d.name));
+                }
+                if seen.contains(&c.as_str()) {
+                    return bad(format!("control '{c}' is in two dimensions"));
+                }
+                seen.push(c);
+            }
+        }
+        if !spec.dimensions.is_empty() && seen.len() != spec.names.len() {
+            let missing: Vec<&String> = spec.names.iter().filter(|n| !seen.contains(&n.as_str())).collect();
+            return bad(format!("controls {missing:?} are in no dimension of 'dimensions'"));
+        }
         Ok(spec)
+    }
+
+    /// The dimensions, each with the indices of its controls in `names` (one unnamed dimension,
+    /// `control`, holding every name when the spec has no `dimensions`).
+    pub fn dimension_indices(&self) -> Vec<(String, Vec<usize>)> {
+        if self.dimensions.is_empty() {
+            return vec![("control".into(), (0..self.names.len()).collect())];
+        }
+        self.dimensions
+            .iter()
+            .map(|d| {
+                (d.name.clone(), d.controls.iter().filter_map(|c| self.names.iter().position(|n| n == c)).collect())
+            })
+            .collect()
+    }
+
+    /// Parses a control selection: comma-separated `[DIMENSION=]NAME[:WEIGHT]` items
+    /// (`good`; `positive,concise`; `sentiment=positive:1.0,length=concise:0.5`), at most one
+    /// control per dimension. Returns them in dimension order. Weights other than 1 are for LoRA
+    /// controls only (their deltas are scaled); they must be finite.
+    pub fn select(&self, text: &str) -> Result<RowControls> {
+        let dims = self.dimension_indices();
+        let mut picked: Vec<(usize, usize, f32)> = Vec::new(); // (dimension, control, weight)
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "control '{text}': an empty item (write NAME or DIMENSION=NAME[:WEIGHT], comma-separated)"
+                )));
+            }
+            let (dim, rest) = match item.split_once('=') {
+                Some((d, r)) => (Some(d.trim()), r.trim()),
+                None => (None, item),
+            };
+            let (name, weight) = match rest.rsplit_once(':') {
+                Some((n, w)) => {
+                    let w: f32 = w
+                        .trim()
+                        .parse()
+                        .map_err(|_| Error::Invalid(format!("control '{item}': weight '{w}' is not a number")))?;
+                    if !w.is_finite() {
+                        return Err(Error::Invalid(format!("control '{item}': weight {w} is not finite")));
+                    }
+                    (n.trim(), w)
+                }
+                None => (rest, 1.0),
+            };
+            let i = self.index(name)?;
+            let d = dims
+                .iter()
+                .position(|(_, cs)| cs.contains(&i))
+                .ok_or_else(|| Error::Invalid(format!("control '{name}' belongs to no dimension of this model")))?;
+            if let Some(dim) = dim {
+                if dims[d].0 != dim {
+                    let known: Vec<&str> = dims.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(Error::Invalid(if known.contains(&dim) {
+                        format!("control '{name}' is of dimension '{}', not '{dim}'", dims[d].0)
+                    } else {
+                        format!("unknown dimension '{dim}' (this model has: {})", known.join(", "))
+                    }));
+                }
+            }
+            if weight != 1.0 && self.kind != ControlKind::Lora {
+                return Err(Error::Invalid(format!(
+                    "control '{item}': weights are for LoRA controls; this model's controls are {:?}",
+                    self.kind
+                )));
+            }
+            if let Some(other) = picked.iter().find(|p| p.0 == d) {
+                return Err(Error::Invalid(format!(
+                    "controls '{}' and '{name}' are both of dimension '{}': give at most one per dimension",
+                    self.names[other.1], dims[d].0
+                )));
+            }
+            picked.push((d, i, weight));
+        }
+        picked.sort_by_key(|p| p.0);
+        Ok(picked.into_iter().map(|(_, i, w)| (i, w)).collect())
     }
 
     pub fn index(&self, name: &str) -> Result<usize> {
@@ -120,5 +231,6 @@ pub fn spec(cfg: &RunConfig, kind: ControlKind, markers: Vec<String>) -> Control
         markers,
         base_model: base_model(cfg),
         stop_strings: vec![],
+        dimensions: cfg.dimensions(),
     }
 }

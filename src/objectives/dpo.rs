@@ -70,7 +70,7 @@ pub fn reference_logps(model: &Policy, pairs: &[Pair], batch_size: usize, pad_id
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
         let mut batch = pair_batch(&refs, pad_id)?;
-        batch.controls = Some(vec![None; batch.b]);
+        batch.controls = Some(vec![vec![]; batch.b]);
         let lp = label_logps(model, &batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
         let n = chunk.len();
         out.extend((0..n).map(|i| (lp[i] as f64, lp[n + i] as f64)));

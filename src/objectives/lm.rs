@@ -24,8 +24,8 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
             batch.labels[r * batch.t + a.min(batch.t)..r * batch.t + b.min(batch.t)].fill(-100);
         }
     }
-    if examples.iter().any(|e| e.control.is_some()) {
-        batch.controls = Some(examples.iter().map(|e| e.control).collect());
+    if examples.iter().any(|e| !e.controls.is_empty()) {
+        batch.controls = Some(examples.iter().map(|e| e.controls.iter().map(|&c| (c, 1.0)).collect()).collect());
     }
     Ok(batch)
 }

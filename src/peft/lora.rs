@@ -7,6 +7,7 @@
 use crate::models::{Architecture, ARCHITECTURES};
 use crate::nn::linear::{matmul_t, LinearAdapter};
 use crate::nn::AdapterSource;
+use crate::peft::RowControls;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -181,6 +182,24 @@ pub enum Routing {
     All(usize),
     /// An adapter (or none) per batch row.
     PerRow(Vec<Option<usize>>),
+    /// Several weighted adapters per batch row: their deltas, each times its weight, summed (as
+    /// PEFT sums the deltas of several active adapters).
+    Mixed(Vec<RowControls>),
+    /// The same weighted adapters for every row.
+    Several(RowControls),
+}
+
+impl Routing {
+    /// The routing of per-row controls: [`Routing::PerRow`] when no row has more than one
+    /// control and every weight is 1 (the one-dimension case, computed as before), else
+    /// [`Routing::Mixed`].
+    pub fn of_rows(rows: &[RowControls]) -> Routing {
+        if rows.iter().all(|r| r.len() <= 1 && r.iter().all(|&(_, w)| w == 1.0)) {
+            Routing::PerRow(rows.iter().map(|r| r.first().map(|&(i, _)| i)).collect())
+        } else {
+            Routing::Mixed(rows.to_vec())
+        }
+    }
 }
 
 /// Named adapters attached to one model: their configs, their trainable `A`/`B` matrices and the
@@ -438,12 +457,64 @@ impl LoraLayer {
         })
     }
 
+    /// `y + Σ_i w_ri · delta_i(x_r)` over the adapters routed to each row `r`, each row with its
+    /// own weights; an adapter's delta is computed on its own rows only.
+    fn apply_mixed(&self, x: &Tensor, y: Tensor, rows: &[RowControls]) -> Result<Tensor> {
+        let b = x.dims()[0];
+        if rows.len() != b {
+            return Err(Error::Invalid(format!("lora routing names {} rows for a batch of {b}", rows.len())));
+        }
+        let mut y = y;
+        for i in 0..self.parts.len() {
+            let used: Vec<(u32, f32)> = rows
+                .iter()
+                .enumerate()
+                .filter_map(|(r, c)| c.iter().find(|&&(j, _)| j == i).map(|&(_, w)| (r as u32, w)))
+                .collect();
+            if used.is_empty() {
+                continue;
+            }
+            if let Some(&(_, w)) = used.iter().find(|&&(_, w)| !w.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "adapter '{}': weight {w} is not a finite number",
+                    self.adapters.names[i]
+                )));
+            }
+            let sel: Vec<u32> = used.iter().map(|&(r, _)| r).collect();
+            let idx = Tensor::new(sel.as_slice(), x.device())?;
+            let Some(d) = self.delta(i, &x.index_select(&idx, 0)?)? else { continue };
+            let mut wdims = vec![1; d.rank()];
+            wdims[0] = sel.len();
+            let d = if used.iter().all(|&(_, w)| w == 1.0) {
+                d
+            } else {
+                let w: Vec<f32> = used.iter().map(|&(_, w)| w).collect();
+                d.broadcast_mul(&Tensor::from_vec(w, wdims, x.device())?.to_dtype(d.dtype())?)?
+            };
+            // Back to the batch's rows: the rows without this adapter take the zero row at the
+            // end (a gather, whose backward scatters the gradient).
+            let zero = d.narrow(0, 0, 1)?.zeros_like()?;
+            let mut map = vec![sel.len() as u32; b];
+            for (pos, &r) in sel.iter().enumerate() {
+                map[r as usize] = pos as u32;
+            }
+            let full = Tensor::cat(&[d, zero], 0)?.index_select(&Tensor::new(map.as_slice(), x.device())?, 0)?;
+            y = (y + full)?;
+        }
+        Ok(y)
+    }
+
     /// `y + Σ` the routed adapters' outputs for input `x: (b, .., in)`.
     pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let rows = match self.adapters.routing() {
             Routing::Off => return Ok(y),
             Routing::All(i) => return self.add_delta(i, x, y),
             Routing::PerRow(rows) => rows,
+            Routing::Mixed(rows) => return self.apply_mixed(x, y, &rows),
+            Routing::Several(c) => {
+                let rows = vec![c; x.dims()[0]];
+                return self.apply_mixed(x, y, &rows);
+            }
         };
         let b = x.dims()[0];
         if rows.len() != b {

@@ -135,6 +135,48 @@ impl SoftPrompts {
         Ok(Tensor::cat(&[Tensor::stack(&rows, 0)?, embeds.clone()], 1)?)
     }
 
+    /// Row `r` of `embeds: (b, t, hidden)` after the prompts `choice[r]` one after another (several
+    /// preference dimensions: one prompt each, in dimension order; none: the plain row). Rows
+    /// with fewer virtual tokens than the longest are left-padded with zeros; returns the
+    /// `(b, n + t, hidden)` embeddings and each row's count of padding positions, which the
+    /// attention mask must hide (positions then count real tokens only, so a row gives what it
+    /// gives alone). When every row has exactly one prompt this is [`Self::prepend`].
+    pub fn prepend_rows(&self, embeds: &Tensor, choice: &[Vec<usize>]) -> Result<(Tensor, Vec<usize>)> {
+        let b = embeds.dims()[0];
+        if choice.len() != b {
+            return Err(Error::Invalid(format!("{} prompt choices for a batch of {b} rows", choice.len())));
+        }
+        if choice.iter().all(|c| c.len() == 1) {
+            let one: Vec<usize> = choice.iter().map(|c| c[0]).collect();
+            return Ok((self.prepend(embeds, &one)?, vec![0; b]));
+        }
+        let n = self.n();
+        let longest = choice.iter().map(|c| c.len()).max().unwrap_or(0) * n;
+        if longest == 0 {
+            return Ok((embeds.clone(), vec![0; b]));
+        }
+        let hidden = embeds.dims()[2];
+        let mut pads = Vec::with_capacity(b);
+        let rows = choice
+            .iter()
+            .map(|c| {
+                let pad = longest - c.len() * n;
+                pads.push(pad);
+                let mut parts = Vec::with_capacity(c.len() + 1);
+                if pad > 0 {
+                    parts.push(Tensor::zeros((pad, hidden), embeds.dtype(), embeds.device())?);
+                }
+                for &i in c {
+                    parts.push(self.vars.get(i).map(|v| v.as_tensor().clone()).ok_or_else(|| {
+                        Error::Invalid(format!("prompt index {i} is out of range ({} prompts)", self.vars.len()))
+                    })?);
+                }
+                Ok(Tensor::cat(&parts, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&[Tensor::stack(&rows, 0)?, embeds.clone()], 1)?, pads))
+    }
+
     /// Replaces prompt `index` with `t: [n, hidden]`.
     pub fn load(&self, index: usize, t: &Tensor) -> Result<()> {
         let v = &self.vars[index];

@@ -113,3 +113,27 @@ pub fn check_finite_differences(vars: &[(String, candle_core::Var)], loss: &dyn 
         assert!((numeric - g[i]).abs() <= tol, "{name}[{i}]: finite difference {numeric} vs autograd {}", g[i]);
     }
 }
+
+/// A LoRA config of rank `r` (alpha 2r, no dropout) on `targets`.
+pub fn lora_config(r: usize, targets: &[&str]) -> meet::peft::lora::LoraConfig {
+    meet::peft::lora::LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        dropout: 0.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+        use_rslora: false,
+        fan_in_fan_out: false,
+    }
+}
+
+/// Normal values with standard deviation `std`, seeded by `name` so that every run checks the same
+/// numbers (candle's `randn` draws from an unseeded generator).
+pub fn seeded_normal(name: &str, std: f64, shape: &candle_core::Shape) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let seed = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0.0, std).unwrap();
+    let v: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng) as f32).collect();
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()
+}
