@@ -24,7 +24,6 @@
 
 use crate::data::preference::{Format, PreferenceOptions};
 use crate::io;
-use crate::methods::spec::Dimension;
 use crate::methods::{self, Method};
 use crate::peft::lora::LoraConfig;
 use crate::peft::prompt::PromptConfig;
@@ -64,6 +63,14 @@ pub struct ModelSection {
     /// `prompts/`, or a PEFT adapter folder directly).
     #[serde(default)]
     pub init_adapters: Option<PathBuf>,
+}
+
+/// One preference dimension (`sentiment`) and its controls (`positive`, `negative`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dimension {
+    pub name: String,
+    pub controls: Vec<String>,
 }
 
 /// `[data]`.

@@ -47,14 +47,7 @@ pub struct ControlSpec {
     pub dimensions: Vec<Dimension>,
 }
 
-/// One preference dimension (`sentiment`) and its controls (`positive`, `negative`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Dimension {
-    pub name: String,
-    pub controls: Vec<String>,
-}
-
+pub use crate::methods::config::Dimension;
 /// A row's controls as indices into [`ControlSpec::names`] with weights, in dimension order.
 pub use crate::peft::RowControls;
 
