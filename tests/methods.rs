@@ -548,3 +548,171 @@ fn a_reward_model_learns_the_rule_and_judges_with_it() {
     // As the judge of `meet pairs`: a wrong folder is a clear error.
     assert!(meet::eval::reward_model::RewardModel::load(&model).is_err());
 }
+
+// Several preference dimensions: two independent markers, each taught only by its own
+// dimension's pairs — `tone` ends the chosen answer with " yes" (controls `affirm` / `neutral`),
+// `lead` starts it with " so" (controls `so` / `direct`). In every pair the other marker is drawn
+// at random and is the same in both responses, so a pair says nothing about the other dimension.
+// Under each of the four combinations, both markers must follow their own control.
+
+const DIMENSIONS: &str = r#"{ tone = ["affirm", "neutral"], lead = ["so", "direct"] }"#;
+const COMBINATIONS: [(&str, bool, bool); 4] = [
+    ("affirm,so", true, true),
+    ("affirm,direct", true, false),
+    ("neutral,so", false, true),
+    ("neutral,direct", false, false),
+];
+
+/// The tiny model, the two dimensions' pairs (96 each) and held-out prompts.
+fn two_marker_task(dir: &Path) -> (String, PathBuf, Vec<String>) {
+    let (model, _, _) = task(dir);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let mut lines = String::new();
+    let answer =
+        |so: bool, w: &str, yes: bool| format!("{}{w}{}", if so { " so " } else { " " }, if yes { " yes" } else { "" });
+    for _ in 0..96 {
+        let w = WORDS[rng.gen_range(0..3)];
+        let so = rng.gen_bool(0.5);
+        let p = prompt(&mut rng);
+        let row =
+            json!({"prompt": p, "chosen": answer(so, w, true), "rejected": answer(so, w, false), "dimension": "tone"});
+        lines.push_str(&format!("{row}\n"));
+        let w = WORDS[rng.gen_range(0..3)];
+        let yes = rng.gen_bool(0.5);
+        let p = prompt(&mut rng);
+        let row = json!({"prompt": p, "chosen": answer(true, w, yes), "rejected": answer(false, w, yes), "dimension": "lead"});
+        lines.push_str(&format!("{row}\n"));
+    }
+    let data = dir.join("two-dimensions.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let held_out = (0..48).map(|_| prompt(&mut rng)).collect();
+    (model, data, held_out)
+}
+
+/// Shares of sampled answers (temperature 1, two per prompt) ending with " yes" and starting with
+/// " so", under `control`.
+fn marker_rates(model: &str, control: Option<&str>, prompts: &[String]) -> (f64, f64) {
+    let c = Controlled::load(model, &LoadOptions::default()).unwrap();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| c.tokenizer().encode(p, true).unwrap()).collect();
+    let (mut yes, mut so) = (0, 0);
+    for seed in [1, 2] {
+        let params = SamplingParams { temperature: 1.0, seed, max_new_tokens: 12, ..Default::default() };
+        for g in c.generate(&ids, control, &params, |_, _| Ok(())).unwrap() {
+            yes += g.text.trim_end().ends_with("yes") as usize;
+            so += g.text.trim_start().starts_with("so ") as usize;
+        }
+    }
+    let n = (2 * prompts.len()) as f64;
+    (yes as f64 / n, so as f64 / n)
+}
+
+/// Marker rates `(yes, so)` of a model trained on both dimensions at once: under each
+/// combination of [`COMBINATIONS`], and under each control alone.
+struct TwoDimensionRates {
+    combos: Vec<(f64, f64)>,
+    alone: Vec<(&'static str, f64, f64)>,
+}
+
+/// Trains `method` on both dimensions at once from the pretrained tiny model and measures it
+/// (printed: the README's two-dimension rates come from these lines).
+fn train_two_dimensions(method: &str, set: &[(&str, &str)]) -> TwoDimensionRates {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = two_marker_task(dir.path());
+    let (model, _) = pretrained(dir.path(), &model, &data, &prompts);
+    let base = marker_rates(&model, None, &prompts);
+    let out = dir.path().join("run");
+    let mut set = set.to_vec();
+    set.push(("model.dimensions", DIMENSIONS));
+    meet::methods::run(&config(method, &model, &data, &out, &set), false).unwrap();
+    let mut report = format!("{method} {:?}: base yes {:.2} so {:.2}", &set[..set.len() - 1], base.0, base.1);
+    let mut combos = Vec::new();
+    for (combo, _, _) in COMBINATIONS {
+        let (ry, rs) = marker_rates(&final_dir(&out), Some(combo), &prompts);
+        report.push_str(&format!("; {combo}: yes {ry:.2} so {rs:.2}"));
+        combos.push((ry, rs));
+    }
+    let mut alone = Vec::new();
+    for single in ["affirm", "neutral", "so", "direct"] {
+        let (ry, rs) = marker_rates(&final_dir(&out), Some(single), &prompts);
+        report.push_str(&format!("; alone {single}: yes {ry:.2} so {rs:.2}"));
+        alone.push((single, ry, rs));
+    }
+    if out.join("step1").is_dir() {
+        for (combo, _, _) in COMBINATIONS {
+            let (ry, rs) = marker_rates(&final_dir(&out.join("step1")), Some(combo), &prompts);
+            report.push_str(&format!("; step 1 {combo}: yes {ry:.2} so {rs:.2}"));
+        }
+    }
+    eprintln!("{report}");
+    TwoDimensionRates { combos, alone }
+}
+
+/// A marker is on (rate ≥ 0.7) where its control asks for it and off (≤ 0.3) where the other
+/// control of its dimension is given.
+fn follows(rate: f64, on: bool) -> bool {
+    if on {
+        rate >= 0.7
+    } else {
+        rate <= 0.3
+    }
+}
+
+/// Under each of the four combinations both markers follow their own control.
+fn assert_composes(r: &TwoDimensionRates) {
+    for ((combo, yes, so), (ry, rs)) in COMBINATIONS.iter().zip(&r.combos) {
+        assert!(follows(*ry, *yes) && follows(*rs, *so), "{combo}: yes {ry:.2}, so {rs:.2}");
+    }
+}
+
+/// MEET's step 2 on whole combinations (labelled by step 1's controls) is what makes the prompts
+/// compose: with `meet.combinations = "single"` each prompt alone works but combinations do not
+/// (the README gives both sets of rates).
+#[test]
+fn meet_with_soft_prompts_composes_two_dimensions() {
+    assert_composes(&train_two_dimensions(
+        "meet",
+        &[
+            ("train.control_lr", "1e-1"),
+            ("prompt.n", "8"),
+            ("prompt.init", "\"sample_vocab\""),
+            ("meet.step1.epochs", "80"),
+            ("meet.step2.epochs", "40"),
+        ],
+    ));
+}
+
+#[test]
+fn meet_with_lora_controls_composes_two_dimensions() {
+    assert_composes(&train_two_dimensions(
+        "meet",
+        &[
+            ("train.control_lr", "1e-2"),
+            ("lora.r", "4"),
+            ("lora.alpha", "8"),
+            ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
+        ],
+    ));
+}
+
+#[test]
+fn control_tokens_compose_two_dimensions() {
+    assert_composes(&train_two_dimensions("control-token", &[("model.train_weights", "true")]));
+}
+
+/// Chain-of-Hindsight as published composes by writing several phrases after the prompt, which
+/// its training never shows (each response follows one phrase): each phrase alone steers its own
+/// marker, but under two phrases the markers do not follow (a finding, in the README). Asserted:
+/// each phrase alone.
+#[test]
+fn chain_of_hindsight_learns_each_dimension_alone() {
+    let r = train_two_dimensions("coh", &[("model.train_weights", "true")]);
+    for (control, ry, rs) in &r.alone {
+        let ok = match *control {
+            "affirm" => follows(*ry, true),
+            "neutral" => follows(*ry, false),
+            "so" => follows(*rs, true),
+            _ => follows(*rs, false),
+        };
+        assert!(ok, "{control} alone: yes {ry:.2}, so {rs:.2}");
+    }
+}

@@ -2,10 +2,16 @@
 //! natural-language feedback phrase — `x, "A helpful answer:", y_w, "An unhelpful answer:", y_l`
 //! (or negative first) — with the loss on the response tokens only. At inference the positive
 //! phrase follows the prompt.
+//!
+//! Several preference dimensions (`model.dimensions`): every control has a phrase of its own
+//! (`[coh] phrases`, else `template` with the control's name: "A concise answer:"); a pair of a
+//! dimension puts that dimension's two phrases before its two responses. At inference a
+//! combination's phrases follow the prompt one after another, in dimension order (the baseline
+//! as published composes no other way).
 
 use crate::data::Example;
 use crate::methods::config::RunConfig;
-use crate::methods::setup::{self, load_pairs, pair_controls};
+use crate::methods::setup::{self, load_pairs, pair_controls, pair_controls_of};
 use crate::methods::spec::{spec, ControlKind, ControlSpec};
 use crate::methods::stage::{stage, Stage};
 use crate::methods::{ExperimentEntry, Recipe};
@@ -15,6 +21,7 @@ use crate::train::StepLog;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Which response comes first in a sequence.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +43,19 @@ pub struct CohConfig {
     /// Phrases before a rejected response.
     pub negative: Vec<String>,
     pub order: Order,
+    /// Several dimensions: the phrase of each control by name; a control not listed gets
+    /// `template` with `{name}` replaced by its name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phrases: BTreeMap<String, String>,
+    /// Several dimensions: the phrase of a control that `phrases` does not list.
+    #[serde(skip_serializing_if = "is_default_template")]
+    pub template: String,
+}
+
+const TEMPLATE: &str = "A {name} answer:";
+
+fn is_default_template(t: &String) -> bool {
+    t == TEMPLATE
 }
 
 impl Default for CohConfig {
@@ -44,7 +64,19 @@ impl Default for CohConfig {
             positive: vec!["A helpful answer:".into()],
             negative: vec!["An unhelpful answer:".into()],
             order: Order::Random,
+            phrases: BTreeMap::new(),
+            template: TEMPLATE.into(),
         }
+    }
+}
+
+impl CohConfig {
+    /// The phrase of each control of a run with several dimensions.
+    fn dimension_phrases(&self, cfg: &RunConfig) -> Vec<String> {
+        cfg.controls()
+            .iter()
+            .map(|n| self.phrases.get(n).cloned().unwrap_or_else(|| self.template.replace("{name}", n)))
+            .collect()
     }
 }
 
@@ -56,12 +88,29 @@ impl Recipe for Coh {
     type Options = CohConfig;
 
     fn check(&self, cfg: &RunConfig, c: &CohConfig) -> Result<()> {
-        if cfg.model.dimensions.is_some() {
+        if let Some(unknown) = c.phrases.keys().find(|k| !cfg.controls().contains(k)) {
+            return Err(Error::Invalid(format!(
+                "coh.phrases names '{unknown}', which is not a control of this run ({})",
+                cfg.controls().join(", ")
+            )));
+        }
+        if !c.phrases.is_empty() && cfg.model.dimensions.is_none() {
             return Err(Error::Invalid(
-                "method coh takes one preference dimension (its positive and negative phrases); \
-                 model.dimensions is not supported by coh yet"
-                    .into(),
+                "coh.phrases is for runs with model.dimensions; one dimension uses coh.positive / coh.negative".into(),
             ));
+        }
+        if cfg.model.dimensions.is_some() {
+            let phrases = c.dimension_phrases(cfg);
+            if let Some(p) = phrases.iter().find(|p| p.trim().is_empty()) {
+                return Err(Error::Invalid(format!("coh: a control's phrase is empty ({p:?})")));
+            }
+            if let Some((i, _)) = phrases.iter().enumerate().find(|(i, p)| phrases[..*i].contains(p)) {
+                return Err(Error::Invalid(format!(
+                    "coh: controls '{}' and another have the same phrase {:?}: each control needs its own",
+                    cfg.controls()[i],
+                    phrases[i]
+                )));
+            }
         }
         if cfg.prompt.is_some() {
             return Err(Error::Invalid("method coh does not take a [prompt] section".into()));
@@ -116,33 +165,57 @@ pub fn sequence(prompt: &[u32], first: (&[u32], &[u32]), second: (&[u32], &[u32]
 }
 
 fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
-    pair_controls(cfg)?;
+    let several = cfg.model.dimensions.is_some();
+    if !several {
+        pair_controls(cfg)?;
+    }
     let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
     let encode = |ph: &String| p.tokenizer.encode(&marker_text(ph), false);
     let pos = c.positive.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let neg = c.negative.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    let per_control = c.dimension_phrases(cfg);
+    let per_control_ids = per_control.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xC0C0);
-    let examples: Vec<Example> = load_pairs(cfg, p)?
+    let pairs = load_pairs(cfg, p)?;
+    let examples: Vec<Example> = pairs
         .iter()
         .map(|pair| {
-            let good = (pos[rng.gen_range(0..pos.len())].as_slice(), pair.chosen.as_slice());
-            let bad = (neg[rng.gen_range(0..neg.len())].as_slice(), pair.rejected.as_slice());
+            let (good, bad) = if several {
+                // The pair's dimension's two phrases.
+                let (g, b) = pair_controls_of(cfg, pair)?;
+                (
+                    (per_control_ids[g].as_slice(), pair.chosen.as_slice()),
+                    (per_control_ids[b].as_slice(), pair.rejected.as_slice()),
+                )
+            } else {
+                (
+                    (pos[rng.gen_range(0..pos.len())].as_slice(), pair.chosen.as_slice()),
+                    (neg[rng.gen_range(0..neg.len())].as_slice(), pair.rejected.as_slice()),
+                )
+            };
             let positive_first = match c.order {
                 Order::Random => rng.gen_bool(0.5),
                 Order::PositiveFirst => true,
                 Order::NegativeFirst => false,
             };
             if positive_first {
-                sequence(&pair.prompt, good, bad)
+                Ok(sequence(&pair.prompt, good, bad))
             } else {
-                sequence(&pair.prompt, bad, good)
+                Ok(sequence(&pair.prompt, bad, good))
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
-    let mut s = spec(cfg, ControlKind::Text, vec![c.positive[0].clone(), c.negative[0].clone()]);
-    s.stop_strings = c.positive.iter().chain(&c.negative).cloned().collect();
+    let s = if several {
+        let mut s = spec(cfg, ControlKind::Text, per_control.clone());
+        s.stop_strings = per_control;
+        s
+    } else {
+        let mut s = spec(cfg, ControlKind::Text, vec![c.positive[0].clone(), c.negative[0].clone()]);
+        s.stop_strings = c.positive.iter().chain(&c.negative).cloned().collect();
+        s
+    };
     let st = Stage {
         name: "coh",
         label: "Chain-of-Hindsight: both responses behind feedback phrases",

@@ -6,6 +6,18 @@
 //! 2. Step 2, conditional fine-tuning: the full model trains on the same objective, starting from
 //!    step 1's controls (which keep training unless `freeze_controls`).
 //!
+//! Several preference dimensions (`model.dimensions`): step 1 trains each dimension's controls on
+//! that dimension's pairs (each response under its own dimension's control, the model frozen).
+//! Step 2 then conditions every response on a whole combination, one control per dimension: its
+//! own dimension's control from its pair, and for each other dimension the control under which
+//! step 1's controls give the response the higher likelihood, `argmax_c log p(y | c, x)` (step 1's
+//! controls used as that dimension's classifier, so no judge or extra labels are needed). Why:
+//! at inference the model runs under combinations, which single-dimension examples never show
+//! it; labelled this way, each response still teaches every dimension what it is. The
+//! alternative, `combinations = "single"`, keeps step 2 on single-dimension examples (the
+//! other dimensions unset), so an experiment can compare the two. Step 2 alone (`steps =
+//! "step2"`) has no trained controls to label with and always uses single-dimension examples.
+//!
 //! `steps` gives the ablations on the same code path: `step1` only, `step2` only (controls
 //! fresh and trained jointly with the model), or `both`. Step 1's outputs go to
 //! `output_dir/step1/final` (or `output_dir/final` when it is the only step), step 2's to
@@ -18,8 +30,10 @@ use crate::methods::spec::adapter_spec;
 use crate::methods::stage::{stage, Stage};
 use crate::methods::{ExperimentEntry, Recipe};
 use crate::objectives::lm::LanguageModeling;
+use crate::objectives::logps::label_logps;
+use crate::policy::{Batch, Policy};
 use crate::train::StepLog;
-use crate::{Error, Result};
+use crate::{ui, Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Which steps run.
@@ -45,6 +59,24 @@ pub struct StepOverrides {
     pub warmup_steps: Option<usize>,
 }
 
+/// With several preference dimensions: what step 2 conditions each response on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Combinations {
+    /// A whole combination: its own dimension's control, and for every other dimension the one
+    /// step 1's controls find the more likely.
+    #[default]
+    Labelled,
+    /// Its own dimension's control only.
+    Single,
+}
+
+impl Combinations {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// `[meet]` options.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -54,6 +86,10 @@ pub struct MeetConfig {
     pub freeze_controls: bool,
     pub step1: StepOverrides,
     pub step2: StepOverrides,
+    /// Several dimensions: step 2's examples (see the module docs). Left out of saved configs
+    /// when it is the default, so one-dimension runs keep their fingerprints.
+    #[serde(skip_serializing_if = "Combinations::is_default")]
+    pub combinations: Combinations,
 }
 
 pub struct Meet;
@@ -149,6 +185,45 @@ fn examples(cfg: &RunConfig, data: TrainingData) -> Result<Vec<Example>> {
     })
 }
 
+/// Gives every example a control of each dimension it has none of: the one under which `policy`
+/// (step 1's controls on the frozen model) gives its response the highest log-likelihood.
+fn label_other_dimensions(cfg: &RunConfig, policy: &Policy, ex: &mut [Example], pad: u32) -> Result<()> {
+    let all = cfg.controls();
+    let at = |c: &String| all.iter().position(|a| a == c).ok_or_else(|| Error::Invalid(format!("no control '{c}'")));
+    const BATCH: usize = 16;
+    for d in cfg.dimensions() {
+        let controls = d.controls.iter().map(at).collect::<Result<Vec<usize>>>()?;
+        let todo: Vec<usize> =
+            (0..ex.len()).filter(|&i| !ex[i].controls.iter().any(|c| controls.contains(c))).collect();
+        ui::note(&format!(
+            "MEET step 2: labelling {} responses with dimension '{}' by step 1's controls",
+            todo.len(),
+            d.name
+        ));
+        for chunk in todo.chunks(BATCH) {
+            let rows: Vec<(Vec<u32>, usize)> = chunk.iter().map(|&i| (ex[i].ids.clone(), ex[i].start)).collect();
+            let mut best: Vec<(f32, usize)> = vec![(f32::NEG_INFINITY, controls[0]); chunk.len()];
+            for &c in &controls {
+                let mut batch = Batch::from_rows(&rows, pad)?;
+                batch.controls = Some(vec![vec![(c, 1.0)]; chunk.len()]);
+                let lp = label_logps(policy, &batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
+                for (b, &l) in best.iter_mut().zip(&lp) {
+                    // Strictly greater: ties keep the dimension's first control.
+                    if l > b.0 {
+                        *b = (l, c);
+                    }
+                }
+            }
+            for (&i, &(_, c)) in chunk.iter().zip(&best) {
+                ex[i].controls.push(c);
+                // Index order is dimension order (the control list holds the dimensions in order).
+                ex[i].controls.sort_unstable();
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
     let mut logs = Vec::new();
     let step1_dir = cfg.output_dir.join("step1");
@@ -179,8 +254,11 @@ fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
         let optimizer = setup::optimizer(&c, params)?;
         let mut built = Built { policy, optimizer };
         let p = &built.policy.pretrained;
-        let ex = examples(cfg, load_data(cfg, p)?)?;
+        let mut ex = examples(cfg, load_data(cfg, p)?)?;
         let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
+        if m.steps == MeetSteps::Both && m.combinations == Combinations::Labelled && cfg.dimensions().len() > 1 {
+            label_other_dimensions(cfg, &built.policy, &mut ex, objective.pad_id)?;
+        }
         let label = match (m.steps, m.freeze_controls) {
             (MeetSteps::Step2, _) => "MEET step 2 (alone): the full model with fresh controls",
             (_, false) => "MEET step 2/2: the full model conditioned on the controls (both train)",
