@@ -119,9 +119,8 @@ impl Controlled {
             }
             ControlKind::SoftPrompt => out.prompts = selected.iter().map(|&(i, _)| i).collect(),
             // Tokens and phrases are the method's own: its recipe knows where they go.
-            ControlKind::Token | ControlKind::Text => {
-                let indices: Vec<usize> = selected.iter().map(|&(i, _)| i).collect();
-                crate::methods::find(&spec.method)?.apply_control(spec, &indices, &p.tokenizer, &mut out.ids)?
+            ControlKind::Token | ControlKind::Text | ControlKind::Scores => {
+                crate::methods::find(&spec.method)?.apply_control(spec, &selected, &p.tokenizer, &mut out.ids)?
             }
         }
         Ok(out)

@@ -35,7 +35,7 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train as a TOML run configuration (and flags) say: sft, coh, control-token, meet, dpo or reward.
+    /// Train as a TOML run configuration (and flags) say: sft, coh, control-token, meet, dpo, reward or ric.
     Train(TrainArgs),
     /// The controlled-sentiment experiment from an experiment file: task, judged pairs, every
     /// method × seed, evaluations × temperatures, report.md. Resumable: finished steps are kept.
@@ -226,7 +226,7 @@ pub struct TrainArgs {
     /// left as it is).
     #[arg(long)]
     pub resume: bool,
-    /// sft | coh | control-token | meet | dpo | reward (`method`).
+    /// sft | coh | control-token | meet | dpo | reward | ric (`method`).
     #[arg(long)]
     pub method: Option<String>,
     /// `model.source`.

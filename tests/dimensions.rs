@@ -173,6 +173,7 @@ fn spec(kind: ControlKind) -> ControlSpec {
             Dimension { name: "length".into(), controls: vec!["concise".into(), "verbose".into()] },
             Dimension { name: "sentiment".into(), controls: vec!["negative".into(), "positive".into()] },
         ],
+        score_stats: vec![],
     }
 }
 
@@ -209,6 +210,7 @@ fn data_rows_name_their_dimension_or_their_controls() {
             ("length".into(), vec!["concise".into(), "verbose".into()]),
             ("sentiment".into(), vec!["negative".into(), "positive".into()]),
         ],
+        scores: vec![],
         default_control: None,
         eos_id: Some(258),
         skip_invalid: false,

@@ -716,3 +716,48 @@ fn chain_of_hindsight_learns_each_dimension_alone() {
         assert!(ok, "{control} alone: yes {ry:.2}, so {rs:.2}");
     }
 }
+
+/// RiC on the same task: every response of both dimensions' pairs as a supervised row scored on
+/// both objectives (marker present: 1, absent: 0); the combinations ask for z-scores of ±1.
+#[test]
+fn rewards_in_context_composes_two_dimensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, prompts) = two_marker_task(dir.path());
+    let (model, _) = pretrained(dir.path(), &model, &data, &prompts);
+    let scored = dir.path().join("scored.jsonl");
+    let rows: String = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["chosen", "rejected"].map(|k| {
+                let r = v[k].as_str().unwrap();
+                let scores = json!({"tone": r.ends_with("yes") as u8, "lead": r.starts_with(" so ") as u8});
+                format!("{}\n", json!({"prompt": v["prompt"], "completion": r, "scores": scores}))
+            })
+        })
+        .collect();
+    std::fs::write(&scored, rows).unwrap();
+    let out = dir.path().join("ric");
+    let set = [("model.train_weights", "true"), ("ric.objectives", r#"["tone", "lead"]"#)];
+    meet::methods::run(&config("ric", &model, &scored, &out, &set), false).unwrap();
+    let spec = std::fs::read_to_string(out.join("final/meet_controls.json")).unwrap();
+    assert!(spec.contains("\"scores\"") && spec.contains("<tone>") && spec.contains("score_stats"), "{spec}");
+    // The requested scores are those of a response with (1) or without (0) the marker, in the
+    // normalised units the training text used (a tiny model does not interpolate between numbers).
+    let stats: Vec<[f64; 2]> = serde_json::from_str::<serde_json::Value>(&spec).unwrap()["score_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| [s[0].as_f64().unwrap(), s[1].as_f64().unwrap()])
+        .collect();
+    let z = |j: usize, on: bool| (on as u8 as f64 - stats[j][0]) / stats[j][1];
+    let mut report = String::from("ric:");
+    for (combo, yes, so) in COMBINATIONS {
+        let control = format!("tone={:.2},lead={:.2}", z(0, yes), z(1, so));
+        let (ry, rs) = marker_rates(&final_dir(&out), Some(&control), &prompts);
+        report.push_str(&format!(" {combo} ({control}): yes {ry:.2} so {rs:.2};"));
+        assert!(follows(ry, yes) && follows(rs, so), "{report}");
+    }
+    eprintln!("{report}");
+}

@@ -77,12 +77,12 @@ impl Recipe for Echo {
     fn apply_control(
         &self,
         spec: &ControlSpec,
-        indices: &[usize],
+        selected: &[(usize, f32)],
         tok: &Tokenizer,
         ids: &mut [Vec<u32>],
     ) -> Result<()> {
         APPLIED.fetch_add(1, Ordering::SeqCst);
-        let cue = tok.encode(&format!(" {}", spec.markers[indices[0]]), false)?;
+        let cue = tok.encode(&format!(" {}", spec.markers[selected[0].0]), false)?;
         ids.iter_mut().for_each(|x| x.extend(&cue));
         Ok(())
     }

@@ -504,6 +504,7 @@ fn bad_training_data_is_refused_with_file_and_line() {
         max_length: 16,
         controls: vec!["good".into()],
         dimensions: vec![],
+        scores: vec![],
         default_control: None,
         eos_id: Some(258),
         skip_invalid: false,

@@ -27,6 +27,9 @@ pub struct Example {
     pub controls: Vec<usize>,
     /// Ranges `[a, b)` after `start` that take no loss (Chain-of-Hindsight's feedback phrases).
     pub unlabelled: Vec<(usize, usize)>,
+    /// The response's score on each objective of [`SupervisedOptions::scores`], in that order
+    /// (Rewards-in-Context's rows, `"scores": {"sentiment": 0.7, ...}`).
+    pub scores: Vec<f64>,
 }
 
 /// One record of a data file: where it is (`line N` / `record N`) and its JSON, or why that line
@@ -104,6 +107,8 @@ pub struct SupervisedOptions {
     /// The preference dimensions (names and their controls), when the run has several: rows
     /// then give `"controls": {"dimension": "control", ...}`.
     pub dimensions: Vec<(String, Vec<String>)>,
+    /// Objectives every row must score in `"scores"` (empty: the field is not read).
+    pub scores: Vec<String>,
     /// Control of rows without a `"control"` field.
     pub default_control: Option<usize>,
     /// Token appended after each response (EOS).
@@ -197,6 +202,24 @@ fn supervised_example(
     };
     // The control list holds the dimensions in order: index order is dimension order.
     controls.sort_unstable();
+    let scores = if opts.scores.is_empty() {
+        vec![]
+    } else {
+        let m = v
+            .get("scores")
+            .and_then(Value::as_object)
+            .ok_or_else(|| format!("needs 'scores', an object with a number for each of {}", opts.scores.join(", ")))?;
+        if let Some(k) = m.keys().find(|k| !opts.scores.contains(k)) {
+            return Err(format!("scores.{k}: not an objective of this run (have: {})", opts.scores.join(", ")));
+        }
+        opts.scores
+            .iter()
+            .map(|o| match m.get(o).and_then(Value::as_f64) {
+                Some(x) if x.is_finite() => Ok(x),
+                Some(_) | None => Err(format!("scores.{o} must be a finite number")),
+            })
+            .collect::<std::result::Result<Vec<f64>, String>>()?
+    };
     let mut ids = prompt.clone();
     ids.extend(&response);
     if v.get("messages").is_none() {
@@ -210,7 +233,7 @@ fn supervised_example(
         ids.truncate(opts.max_length);
         stats.truncated += 1;
     }
-    Ok(Example { ids, start, controls, ..Default::default() })
+    Ok(Example { ids, start, controls, scores, ..Default::default() })
 }
 
 /// Supervised examples from the records of `path` (see [`read_records`]). An invalid record

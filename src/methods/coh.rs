@@ -130,11 +130,11 @@ impl Recipe for Coh {
     fn apply_control(
         &self,
         spec: &ControlSpec,
-        indices: &[usize],
+        selected: &[(usize, f32)],
         tok: &Tokenizer,
         ids: &mut [Vec<u32>],
     ) -> Result<()> {
-        for &i in indices {
+        for &(i, _) in selected {
             let m = tok.encode(&marker_text(&spec.markers[i]), false)?;
             ids.iter_mut().for_each(|x| x.extend(&m));
         }
@@ -161,7 +161,7 @@ pub fn sequence(prompt: &[u32], first: (&[u32], &[u32]), second: (&[u32], &[u32]
     let gap = (ids.len(), ids.len() + second.0.len());
     ids.extend(second.0);
     ids.extend(second.1);
-    Example { ids, start, controls: vec![], unlabelled: vec![gap] }
+    Example { ids, start, unlabelled: vec![gap], ..Default::default() }
 }
 
 fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {

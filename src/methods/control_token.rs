@@ -57,13 +57,13 @@ impl Recipe for ControlToken {
     fn apply_control(
         &self,
         spec: &ControlSpec,
-        indices: &[usize],
+        selected: &[(usize, f32)],
         tok: &Tokenizer,
         ids: &mut [Vec<u32>],
     ) -> Result<()> {
-        let tokens = indices
+        let tokens = selected
             .iter()
-            .map(|&i| {
+            .map(|&(i, _)| {
                 tok.token_id(&spec.markers[i]).ok_or_else(|| {
                     Error::Invalid(format!("control token '{}' is not in the tokenizer", spec.markers[i]))
                 })

@@ -15,6 +15,7 @@ pub mod control_token;
 pub mod dpo;
 pub mod meet;
 pub mod reward;
+pub mod ric;
 pub mod setup;
 pub mod sft;
 pub mod spec;
@@ -67,13 +68,14 @@ pub trait Recipe: Send + Sync + 'static {
     /// writes its outputs into `cfg.output_dir/final` and marks the stage finished.
     fn run(&self, cfg: &RunConfig, options: &Self::Options, resume: bool) -> Result<Vec<StepLog>>;
 
-    /// Applies the controls `indices` of `spec` (a token or phrase kind, which the method wrote;
-    /// several when the model has several preference dimensions, one per dimension in dimension
-    /// order) to prompts at inference. LoRA adapters and soft prompts are applied by the caller.
+    /// Applies the controls `selected` of `spec` (a token, phrase or score kind, which the method
+    /// wrote: `(index, value)` pairs as [`ControlSpec::select`] gives them, one per dimension in
+    /// dimension order; the value is a requested score for score controls, else 1) to prompts at
+    /// inference. LoRA adapters and soft prompts are applied by the caller.
     fn apply_control(
         &self,
         spec: &ControlSpec,
-        _indices: &[usize],
+        _selected: &[(usize, f32)],
         _tok: &Tokenizer,
         _ids: &mut [Vec<u32>],
     ) -> Result<()> {
@@ -112,8 +114,13 @@ pub trait Method: Send + Sync {
     fn check(&self, cfg: &RunConfig) -> Result<()>;
     fn check_sources(&self, cfg: &RunConfig) -> Result<()>;
     fn run(&self, cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>>;
-    fn apply_control(&self, spec: &ControlSpec, indices: &[usize], tok: &Tokenizer, ids: &mut [Vec<u32>])
-        -> Result<()>;
+    fn apply_control(
+        &self,
+        spec: &ControlSpec,
+        selected: &[(usize, f32)],
+        tok: &Tokenizer,
+        ids: &mut [Vec<u32>],
+    ) -> Result<()>;
     fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32>;
     fn experiments(&self) -> Vec<ExperimentEntry>;
 }
@@ -150,11 +157,11 @@ impl<R: Recipe> Method for R {
     fn apply_control(
         &self,
         spec: &ControlSpec,
-        indices: &[usize],
+        selected: &[(usize, f32)],
         tok: &Tokenizer,
         ids: &mut [Vec<u32>],
     ) -> Result<()> {
-        Recipe::apply_control(self, spec, indices, tok, ids)
+        Recipe::apply_control(self, spec, selected, tok, ids)
     }
     fn suppressed_tokens(&self, spec: &ControlSpec, tok: &Tokenizer) -> Vec<u32> {
         Recipe::suppressed_tokens(self, spec, tok)
@@ -178,6 +185,7 @@ fn builtins() -> Vec<Arc<dyn Method>> {
         Arc::new(meet::Meet),
         Arc::new(dpo::Dpo),
         Arc::new(reward::Reward),
+        Arc::new(ric::Ric),
     ]
 }
 

@@ -132,6 +132,12 @@ fn is_preference(v: &serde_json::Value) -> bool {
 /// Reads `cfg.data.train` with the policy's tokenizer: preference records (any format of
 /// [`crate::data::preference`]) as pairs, otherwise supervised rows (controls by name).
 pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
+    load_scored_data(cfg, p, &[])
+}
+
+/// [`load_data`] where every supervised row must score `objectives` (`"scores"`, read into
+/// [`Example::scores`]).
+pub fn load_scored_data(cfg: &RunConfig, p: &Pretrained, objectives: &[String]) -> Result<TrainingData> {
     let path = &cfg.data.train;
     let records = read_records(path)?;
     if first_value(&records).is_some_and(is_preference) {
@@ -144,6 +150,7 @@ pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
         max_length: cfg.data.max_length,
         controls: cfg.controls(),
         dimensions: cfg.dimensions().into_iter().map(|d| (d.name, d.controls)).collect(),
+        scores: objectives.to_vec(),
         default_control: (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0),
         eos_id: p.generation.eos_token_ids.first().copied(),
         skip_invalid: cfg.data.skip_invalid,

@@ -23,6 +23,9 @@ pub enum ControlKind {
     Token,
     /// A natural-language phrase per control after the prompt (Chain-of-Hindsight).
     Text,
+    /// Requested scores, one per objective (`names`), written after the prompt behind their tags
+    /// (`markers`): Rewards-in-Context. A selection gives `objective=score` for every objective.
+    Scores,
 }
 
 /// What `meet_controls.json` holds.
@@ -45,6 +48,10 @@ pub struct ControlSpec {
     /// one dimension holding every name (a run without `model.dimensions`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dimensions: Vec<Dimension>,
+    /// Score controls: `[mean, std]` of each objective's training scores (the written scores are
+    /// `(score − mean) / std`; requested scores are in those units).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub score_stats: Vec<[f64; 2]>,
 }
 
 pub use crate::methods::config::Dimension;
@@ -73,6 +80,14 @@ impl ControlSpec {
             return bad(format!("control '{}' is listed twice in 'names'", dup.1));
         }
         match spec.kind {
+            ControlKind::Scores if spec.markers.len() != spec.names.len() || spec.score_stats.len() != spec.names.len() => {
+                return bad(format!(
+                    "{} objectives in 'names' but {} tags in 'markers' and {} entries in 'score_stats': a score control needs one of each per objective",
+                    spec.names.len(),
+                    spec.markers.len(),
+                    spec.score_stats.len()
+                ))
+            }
             ControlKind::Token | ControlKind::Text if spec.markers.len() != spec.names.len() => {
                 return bad(format!(
                     "{} controls in 'names' but {} in 'markers': a {} control needs one per name",
@@ -130,6 +145,9 @@ impl ControlSpec {
     /// control per dimension. Returns them in dimension order. Weights other than 1 are for LoRA
     /// controls only (their deltas are scaled); they must be finite.
     pub fn select(&self, text: &str) -> Result<RowControls> {
+        if self.kind == ControlKind::Scores {
+            return self.select_scores(text);
+        }
         let dims = self.dimension_indices();
         let mut picked: Vec<(usize, usize, f32)> = Vec::new(); // (dimension, control, weight)
         for item in text.split(',').map(str::trim) {
@@ -188,6 +206,46 @@ impl ControlSpec {
         Ok(picked.into_iter().map(|(_, i, w)| (i, w)).collect())
     }
 
+    /// Score controls: `objective=score` for every objective (in its normalised units), returned
+    /// in objective order.
+    fn select_scores(&self, text: &str) -> Result<RowControls> {
+        let mut out: Vec<(usize, f32)> = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            let (name, value) = item.split_once('=').ok_or_else(|| {
+                Error::Invalid(format!(
+                    "control '{item}': this model takes requested scores, OBJECTIVE=SCORE for each of {}",
+                    self.names.join(", ")
+                ))
+            })?;
+            let i = self.names.iter().position(|n| n == name.trim()).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown objective '{}' (this model has: {})",
+                    name.trim(),
+                    self.names.join(", ")
+                ))
+            })?;
+            let v: f32 = value.trim().parse().ok().filter(|v: &f32| v.is_finite()).ok_or_else(|| {
+                Error::Invalid(format!("control '{item}': '{}' is not a finite number", value.trim()))
+            })?;
+            if out.iter().any(|&(j, _)| j == i) {
+                return Err(Error::Invalid(format!("objective '{}' is given twice", self.names[i])));
+            }
+            out.push((i, v));
+        }
+        if out.len() != self.names.len() {
+            let missing: Vec<&str> = (0..self.names.len())
+                .filter(|i| !out.iter().any(|o| o.0 == *i))
+                .map(|i| self.names[i].as_str())
+                .collect();
+            return Err(Error::Invalid(format!(
+                "no requested score for {} (give one per objective)",
+                missing.join(", ")
+            )));
+        }
+        out.sort_by_key(|o| o.0);
+        Ok(out)
+    }
+
     pub fn index(&self, name: &str) -> Result<usize> {
         self.names.iter().position(|n| n == name).ok_or_else(|| {
             Error::Invalid(format!("unknown control '{name}' (this model has: {})", self.names.join(", ")))
@@ -225,5 +283,6 @@ pub fn spec(cfg: &RunConfig, kind: ControlKind, markers: Vec<String>) -> Control
         base_model: base_model(cfg),
         stop_strings: vec![],
         dimensions: cfg.dimensions(),
+        score_stats: vec![],
     }
 }
