@@ -165,6 +165,21 @@ fn train_and_rate_on(arch: &str, method: &str, set: &[(&str, &str)]) -> Rates {
     Rates { base, step1, good, bad }
 }
 
+/// MEET with soft prompts (n 8) and with LoRA adapters (r 4) on the tiny task.
+const MEET_PROMPT: [(&str, &str); 5] = [
+    ("train.control_lr", "1e-1"),
+    ("prompt.n", "8"),
+    ("prompt.init", "\"sample_vocab\""),
+    ("meet.step1.epochs", "80"),
+    ("meet.step2.epochs", "40"),
+];
+const MEET_LORA: [(&str, &str); 4] = [
+    ("train.control_lr", "1e-2"),
+    ("lora.r", "4"),
+    ("lora.alpha", "8"),
+    ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
+];
+
 /// `good` follows the rule, `bad` avoids it, and `good` far more than the model before training.
 fn assert_controllable(r: &Rates) {
     assert!(r.good >= 0.8 && r.bad <= 0.2 && r.good > r.base + 0.3, "good {}, bad {}, base {}", r.good, r.bad, r.base);
@@ -190,15 +205,7 @@ fn meet_with_soft_prompts_learns_the_rule() {
 
 #[test]
 fn meet_with_lora_controls_learns_the_rule() {
-    let r = train_and_rate(
-        "meet",
-        &[
-            ("train.control_lr", "1e-2"),
-            ("lora.r", "4"),
-            ("lora.alpha", "8"),
-            ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
-        ],
-    );
+    let r = train_and_rate("meet", &MEET_LORA);
     let (g1, b1) = r.step1.unwrap();
     assert!(g1 >= 0.6 && g1 - b1 >= 0.4, "step 1: good {g1}, bad {b1}");
     assert_controllable(&r);
@@ -208,17 +215,7 @@ fn meet_with_lora_controls_learns_the_rule() {
 #[test]
 fn meet_learns_the_rule_on_gpt_neo_and_gpt2() {
     for arch in ["gpt_neo", "gpt2"] {
-        let r = train_and_rate_on(
-            arch,
-            "meet",
-            &[
-                ("train.control_lr", "1e-1"),
-                ("prompt.n", "8"),
-                ("prompt.init", "\"sample_vocab\""),
-                ("meet.step1.epochs", "80"),
-                ("meet.step2.epochs", "40"),
-            ],
-        );
+        let r = train_and_rate_on(arch, "meet", &MEET_PROMPT);
         let (g1, b1) = r.step1.unwrap();
         assert!(g1 - b1 >= 0.3, "{arch} step 1: good {g1}, bad {b1}");
         assert_controllable(&r);
@@ -669,29 +666,12 @@ fn assert_composes(r: &TwoDimensionRates) {
 /// (the README gives both sets of rates).
 #[test]
 fn meet_with_soft_prompts_composes_two_dimensions() {
-    assert_composes(&train_two_dimensions(
-        "meet",
-        &[
-            ("train.control_lr", "1e-1"),
-            ("prompt.n", "8"),
-            ("prompt.init", "\"sample_vocab\""),
-            ("meet.step1.epochs", "80"),
-            ("meet.step2.epochs", "40"),
-        ],
-    ));
+    assert_composes(&train_two_dimensions("meet", &MEET_PROMPT));
 }
 
 #[test]
 fn meet_with_lora_controls_composes_two_dimensions() {
-    assert_composes(&train_two_dimensions(
-        "meet",
-        &[
-            ("train.control_lr", "1e-2"),
-            ("lora.r", "4"),
-            ("lora.alpha", "8"),
-            ("lora.target_modules", r#"["q_proj", "v_proj", "down_proj"]"#),
-        ],
-    ));
+    assert_composes(&train_two_dimensions("meet", &MEET_LORA));
 }
 
 #[test]
