@@ -654,6 +654,19 @@ fn follows(rate: f64, on: bool) -> bool {
     }
 }
 
+/// Each control alone steers its own marker.
+fn assert_each_alone(r: &TwoDimensionRates) {
+    for (control, ry, rs) in &r.alone {
+        let ok = match *control {
+            "affirm" => follows(*ry, true),
+            "neutral" => follows(*ry, false),
+            "so" => follows(*rs, true),
+            _ => follows(*rs, false),
+        };
+        assert!(ok, "{control} alone: yes {ry:.2}, so {rs:.2}");
+    }
+}
+
 /// Under each of the four combinations both markers follow their own control.
 fn assert_composes(r: &TwoDimensionRates) {
     for ((combo, yes, so), (ry, rs)) in COMBINATIONS.iter().zip(&r.combos) {
@@ -662,16 +675,21 @@ fn assert_composes(r: &TwoDimensionRates) {
 }
 
 /// MEET's step 2 on whole combinations (labelled by step 1's controls) is what makes the prompts
-/// compose: with `meet.combinations = "single"` each prompt alone works but combinations do not
-/// (the README gives both sets of rates).
+/// compose: with `meet.combinations = "single"` each prompt alone works (asserted) but
+/// combinations do not (printed; the README gives both sets of rates).
 #[test]
 fn meet_with_soft_prompts_composes_two_dimensions() {
     assert_composes(&train_two_dimensions("meet", &MEET_PROMPT));
+    let single = [MEET_PROMPT.as_slice(), &[("meet.combinations", "\"single\"")]].concat();
+    assert_each_alone(&train_two_dimensions("meet", &single));
 }
 
 #[test]
 fn meet_with_lora_controls_composes_two_dimensions() {
     assert_composes(&train_two_dimensions("meet", &MEET_LORA));
+    // LoRA deltas compose without step 2 seeing combinations too.
+    let single = [MEET_LORA.as_slice(), &[("meet.combinations", "\"single\"")]].concat();
+    assert_composes(&train_two_dimensions("meet", &single));
 }
 
 #[test]
@@ -685,16 +703,7 @@ fn control_tokens_compose_two_dimensions() {
 /// each phrase alone.
 #[test]
 fn chain_of_hindsight_learns_each_dimension_alone() {
-    let r = train_two_dimensions("coh", &[("model.train_weights", "true")]);
-    for (control, ry, rs) in &r.alone {
-        let ok = match *control {
-            "affirm" => follows(*ry, true),
-            "neutral" => follows(*ry, false),
-            "so" => follows(*rs, true),
-            _ => follows(*rs, false),
-        };
-        assert!(ok, "{control} alone: yes {ry:.2}, so {rs:.2}");
-    }
+    assert_each_alone(&train_two_dimensions("coh", &[("model.train_weights", "true")]));
 }
 
 /// RiC on the same task: every response of both dimensions' pairs as a supervised row scored on
