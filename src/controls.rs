@@ -196,13 +196,14 @@ impl Controlled {
         self.route(&a.adapters);
         let mut out = Vec::with_capacity(prompts.len());
         let pad = self.policy.pretrained.generation.pad_id()?;
+        // The same controls for every row: the selected soft prompts, else the LoRA adapters.
+        let row: RowControls =
+            if a.prompts.is_empty() { a.adapters.clone() } else { a.prompts.iter().map(|&i| (i, 1.0)).collect() };
         for (ps, rs) in a.ids.chunks(batch.max(1)).zip(responses.chunks(batch.max(1))) {
             let rows: Vec<(Vec<u32>, usize)> =
                 ps.iter().zip(rs).map(|(p, r)| ([p.as_slice(), r].concat(), p.len())).collect();
             let mut b = Batch::from_rows(&rows, pad)?;
-            let row: RowControls =
-                if a.prompts.is_empty() { a.adapters.clone() } else { a.prompts.iter().map(|&i| (i, 1.0)).collect() };
-            b.controls = (!row.is_empty()).then(|| vec![row; rows.len()]);
+            b.controls = (!row.is_empty()).then(|| vec![row.clone(); rows.len()]);
             // A row with an empty response has no labels: its log-probability is 0.
             if rs.iter().all(|r| r.is_empty()) {
                 out.extend(std::iter::repeat_n(0.0, rows.len()));

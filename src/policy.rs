@@ -27,11 +27,6 @@ pub struct Batch {
 
 pub use crate::peft::RowControls;
 
-/// Row controls of one control each (weight 1), `None` for none.
-pub fn single_controls(controls: impl IntoIterator<Item = Option<usize>>) -> Vec<RowControls> {
-    controls.into_iter().map(|c| c.map(|i| vec![(i, 1.0)]).unwrap_or_default()).collect()
-}
-
 impl Batch {
     /// Rows of token ids, each with the position its labels start at (earlier tokens are the
     /// prompt), right-padded with `pad`.

@@ -174,7 +174,7 @@ fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
     let encode = |ph: &String| p.tokenizer.encode(&marker_text(ph), false);
     let pos = c.positive.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let neg = c.negative.iter().map(encode).collect::<Result<Vec<_>>>()?;
-    let per_control = c.dimension_phrases(cfg);
+    let per_control = if several { c.dimension_phrases(cfg) } else { vec![] };
     let per_control_ids = per_control.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xC0C0);
     let pairs = load_pairs(cfg, p)?;

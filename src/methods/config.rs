@@ -428,6 +428,20 @@ impl RunConfig {
             .collect()
     }
 
+    /// Each dimension's name with the indices of its controls in [`Self::controls`] (which holds
+    /// the dimensions' controls one dimension after another); empty for a run with one.
+    pub fn dimension_indices(&self) -> Vec<(String, Vec<usize>)> {
+        let mut next = 0;
+        self.dimensions()
+            .into_iter()
+            .map(|d| {
+                let at = (next..next + d.controls.len()).collect();
+                next += d.controls.len();
+                (d.name, at)
+            })
+            .collect()
+    }
+
     /// The control names (see [`ModelSection::controls`]; with dimensions, theirs in order).
     pub fn controls(&self) -> Vec<String> {
         if let Some(d) = &self.model.dimensions {

@@ -188,23 +188,20 @@ fn examples(cfg: &RunConfig, data: TrainingData) -> Result<Vec<Example>> {
 /// Gives every example a control of each dimension it has none of: the one under which `policy`
 /// (step 1's controls on the frozen model) gives its response the highest log-likelihood.
 fn label_other_dimensions(cfg: &RunConfig, policy: &Policy, ex: &mut [Example], pad: u32) -> Result<()> {
-    let all = cfg.controls();
-    let at = |c: &String| all.iter().position(|a| a == c).ok_or_else(|| Error::Invalid(format!("no control '{c}'")));
     const BATCH: usize = 16;
-    for d in cfg.dimensions() {
-        let controls = d.controls.iter().map(at).collect::<Result<Vec<usize>>>()?;
+    for (name, controls) in cfg.dimension_indices() {
         let todo: Vec<usize> =
             (0..ex.len()).filter(|&i| !ex[i].controls.iter().any(|c| controls.contains(c))).collect();
         ui::note(&format!(
             "MEET step 2: labelling {} responses with dimension '{}' by step 1's controls",
             todo.len(),
-            d.name
+            name
         ));
         for chunk in todo.chunks(BATCH) {
             let rows: Vec<(Vec<u32>, usize)> = chunk.iter().map(|&i| (ex[i].ids.clone(), ex[i].start)).collect();
             let mut best: Vec<(f32, usize)> = vec![(f32::NEG_INFINITY, controls[0]); chunk.len()];
+            let mut batch = Batch::from_rows(&rows, pad)?;
             for &c in &controls {
-                let mut batch = Batch::from_rows(&rows, pad)?;
                 batch.controls = Some(vec![vec![(c, 1.0)]; chunk.len()]);
                 let lp = label_logps(policy, &batch)?.per_sequence_sum()?.detach().to_vec1::<f32>()?;
                 for (b, &l) in best.iter_mut().zip(&lp) {

@@ -173,19 +173,20 @@ pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<Vec<Pair>> {
 /// first two controls of the pair's dimension, else the run's two controls.
 pub fn pair_controls_of(cfg: &RunConfig, pair: &Pair) -> Result<(usize, usize)> {
     let Some(dim) = &pair.dimension else { return pair_controls(cfg) };
-    let all = cfg.controls();
-    let d = cfg.dimensions().into_iter().find(|d| &d.name == dim).ok_or_else(|| {
+    let dims = cfg.dimension_indices();
+    let (_, at) = dims.iter().find(|(name, _)| name == dim).ok_or_else(|| {
         Error::Invalid(format!("a preference names dimension '{dim}', which model.dimensions does not have"))
     })?;
-    match d.controls.as_slice() {
-        [good, bad] => {
-            let at = |c: &String| all.iter().position(|a| a == c).unwrap_or(usize::MAX);
-            Ok((at(good), at(bad)))
+    match at.as_slice() {
+        [good, bad] => Ok((*good, *bad)),
+        at => {
+            let all = cfg.controls();
+            let names: Vec<&String> = at.iter().map(|&i| &all[i]).collect();
+            Err(Error::Invalid(format!(
+                "preference data of dimension '{dim}' needs two controls (chosen, rejected), it has {}: {names:?}",
+                at.len()
+            )))
         }
-        cs => Err(Error::Invalid(format!(
-            "preference data of dimension '{dim}' needs two controls (chosen, rejected), it has {}: {cs:?}",
-            cs.len()
-        ))),
     }
 }
 
