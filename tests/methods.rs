@@ -708,7 +708,11 @@ fn chain_of_hindsight_learns_each_dimension_alone() {
 
 /// RiC on the same task: every response of both dimensions' pairs as a supervised row scored on
 /// both objectives (marker present: 1, absent: 0); the combinations ask for z-scores of ±1.
+// Ignored in the parallel run: its tiny model's held-out behaviour turns on small numeric
+// differences, which concurrent tests sharing the kernel team can cause (seen: neutral,so yes
+// 0.45). scripts/test.sh runs it alone (`-- --ignored --test-threads 1`), where it is exact.
 #[test]
+#[ignore = "run alone by scripts/test.sh"]
 fn rewards_in_context_composes_two_dimensions() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data, prompts) = two_marker_task(dir.path());
