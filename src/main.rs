@@ -195,11 +195,8 @@ fn run() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Experiment { config, quick } => {
-            let mut cfg = meet::experiment::ExperimentConfig::from_file(&config)?;
-            if quick {
-                cfg.quick();
-            }
-            let report = meet::experiment::run(&cfg).with_context(|| format!("experiment {}", config.display()))?;
+            let report = meet::experiment::run_file(&config, quick)
+                .with_context(|| format!("experiment {}", config.display()))?;
             eprintln!("report: {}", report.display());
         }
         Command::Convert { model, out } => {

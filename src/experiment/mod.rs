@@ -12,6 +12,7 @@
 //! an interrupted experiment continues where it stopped (a finished training run is kept, an
 //! unfinished one resumes from its checkpoints when `save_every` wrote any).
 
+pub mod dimensions;
 pub mod plots;
 pub mod report;
 
@@ -30,10 +31,48 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Runs the experiment a file describes — its top-level `experiment` key: `"sentiment"` (the
+/// default: [`ExperimentConfig`]) or `"two-dimensions"` ([`dimensions::DimensionsConfig`]) — in
+/// its `--quick` profile when asked; returns the report's path.
+pub fn run_file(path: &Path, quick: bool) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
+    match table.get("experiment") {
+        None => {
+            let mut cfg = ExperimentConfig::from_file(path)?;
+            if quick {
+                cfg.quick();
+            }
+            run(&cfg)
+        }
+        Some(toml::Value::String(k)) if k == "sentiment" => {
+            let mut cfg = ExperimentConfig::from_file(path)?;
+            if quick {
+                cfg.quick();
+            }
+            run(&cfg)
+        }
+        Some(toml::Value::String(k)) if k == dimensions::KIND => {
+            let mut cfg = dimensions::DimensionsConfig::from_file(path)?;
+            if quick {
+                cfg.quick();
+            }
+            dimensions::run(&cfg)
+        }
+        Some(other) => Err(Error::parse(
+            path,
+            format!("experiment = {other}: \"sentiment\" (the default) or \"{}\"", dimensions::KIND),
+        )),
+    }
+}
+
 /// `[task]`, `[pairs]`, `[eval]` and the method list of an experiment file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
+    /// `"sentiment"` when given (see [`run_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
     pub output_dir: PathBuf,
     /// The base model every method starts from.
     pub model: String,
@@ -195,7 +234,7 @@ impl ExperimentConfig {
 
     /// `meet-prompt-n50` → (`meet-prompt`, options setting n = 50); `meet-lora-r8` likewise with
     /// the rank (alpha kept at twice the rank, as in the main run); other names stand alone.
-    fn variant(name: &str) -> Result<(&str, Option<toml::Table>)> {
+    pub(crate) fn variant(name: &str) -> Result<(&str, Option<toml::Table>)> {
         for (family, key) in [("meet-prompt", "-n"), ("meet-lora", "-r")] {
             if let Some(size) = name.strip_prefix(family).and_then(|r| r.strip_prefix(key)) {
                 let size: usize = size
@@ -214,7 +253,7 @@ impl ExperimentConfig {
 
     /// The registered method and experiment entry (see [`crate::methods::Recipe::experiments`])
     /// of an experiment method name.
-    fn entry(name: &str) -> Result<(&'static str, ExperimentEntry)> {
+    pub(crate) fn entry(name: &str) -> Result<(&'static str, ExperimentEntry)> {
         let all = methods::all();
         let found =
             all.iter().find_map(|m| m.experiments().into_iter().find(|e| e.name == name).map(|e| (m.name(), e)));
@@ -228,7 +267,7 @@ impl ExperimentConfig {
     }
 
     /// The built-in options of an experiment method name, before `[method.NAME]`.
-    fn defaults(name: &str) -> Result<toml::Table> {
+    pub(crate) fn defaults(name: &str) -> Result<toml::Table> {
         let (method, e) = Self::entry(name)?;
         let text = format!("method = {method:?}\n{}", e.options);
         toml::from_str(&text).map_err(|e| Error::Invalid(e.to_string()))
@@ -295,7 +334,7 @@ impl ExperimentConfig {
 }
 
 /// Deep-merges `src` into `dst` (tables key by key, other values replaced).
-fn merge(dst: &mut toml::Table, src: &toml::Table) {
+pub(crate) fn merge(dst: &mut toml::Table, src: &toml::Table) {
     for (k, v) in src {
         match (dst.get_mut(k), v) {
             (Some(toml::Value::Table(d)), toml::Value::Table(s)) => merge(d, s),
@@ -373,7 +412,7 @@ fn build_task(cfg: &ExperimentConfig) -> Result<()> {
             snippets.len(),
             cfg.dir(&["data"]).display()
         ));
-        record_time(cfg, "data", "task", t0)?;
+        record_time(&cfg.output_dir, "data", "task", t0)?;
     } else {
         ui::note(&format!("kept from an earlier pass: {}", cfg.dir(&["data"]).display()));
     }
@@ -419,7 +458,7 @@ fn build_pairs(cfg: &ExperimentConfig) -> Result<Option<Controlled>> {
             pairs_path.display()
         ));
         write_jsonl(&pairs_path, &pairs)?;
-        record_time(cfg, "data", "pairs", t0)?;
+        record_time(&cfg.output_dir, "data", "pairs", t0)?;
     } else {
         ui::note(&format!("kept from an earlier pass: {}", pairs_path.display()));
     }
@@ -464,7 +503,7 @@ fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
             let t0 = Instant::now();
             ui::header(&format!("run {}/{total_runs}: {m} (seed {seed}) -> {}", k + 1, rc.output_dir.display()));
             crate::methods::run(&rc, true)?;
-            record_time(cfg, "train", &format!("{m}-seed{seed}"), t0)?;
+            record_time(&cfg.output_dir, "train", &format!("{m}-seed{seed}"), t0)?;
             trained += 1;
         }
     }
@@ -478,7 +517,7 @@ fn train_all(cfg: &ExperimentConfig) -> Result<Trained> {
                     rc.output_dir.display()
                 ));
                 crate::methods::run(&rc, true)?;
-                record_time(cfg, "train", "reward-model", t0)?;
+                record_time(&cfg.output_dir, "train", "reward-model", t0)?;
                 trained += 1;
             }
             let path = rc.output_dir.join("final");
@@ -583,7 +622,7 @@ fn evaluate_all(
             }
         }
         if computed {
-            record_time(cfg, "eval", &format!("{m}-seed{seed}"), t0)?;
+            record_time(&cfg.output_dir, "eval", &format!("{m}-seed{seed}"), t0)?;
         }
     }
     ui::note(&format!(
@@ -622,8 +661,8 @@ pub struct Timing {
     pub seconds: f64,
 }
 
-fn record_time(cfg: &ExperimentConfig, kind: &str, name: &str, started: Instant) -> Result<()> {
-    let path = cfg.dir(&["timings.jsonl"]);
+fn record_time(output_dir: &Path, kind: &str, name: &str, started: Instant) -> Result<()> {
+    let path = output_dir.join("timings.jsonl");
     let mut all: Vec<Timing> = if path.is_file() { read_jsonl(&path)? } else { Vec::new() };
     all.push(Timing { kind: kind.into(), name: name.into(), seconds: started.elapsed().as_secs_f64() });
     write_jsonl(&path, &all)

@@ -231,3 +231,91 @@ mod tests {
         assert!(!dir.path().join("lines.png.tmp.png").exists());
     }
 }
+
+/// A point with intervals on both axes and a label drawn beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XyPoint {
+    pub x: crate::eval::stats::Estimate,
+    pub y: crate::eval::stats::Estimate,
+    pub label: String,
+}
+
+/// A named set of [`XyPoint`]s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XySeries {
+    pub name: String,
+    pub points: Vec<XyPoint>,
+}
+
+/// A scatter of points with horizontal and vertical error bars and labels; `connect` joins each
+/// series' points in order (a front).
+pub fn xy_errors(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[XySeries],
+    connect: bool,
+) -> Result<()> {
+    register_font()?;
+    let tmp = tmp_path(path);
+    {
+        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(path, e))?;
+        let pts = || series.iter().flat_map(|s| s.points.iter());
+        let (x0, x1) = range(pts().flat_map(|p| [p.x.lo, p.x.hi, p.x.value]));
+        let (y0, y1) = range(pts().flat_map(|p| [p.y.lo, p.y.hi, p.y.value]));
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FONT, 22))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(|e| err(path, e))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let style = ShapeStyle::from(&color).stroke_width(2);
+            let xy: Vec<(f64, f64)> = s.points.iter().map(|p| (p.x.value, p.y.value)).collect();
+            if connect {
+                chart.draw_series(LineSeries::new(xy.clone(), style)).map_err(|e| err(path, e))?;
+            }
+            chart
+                .draw_series(xy.iter().map(|&(x, y)| Circle::new((x, y), 5, color.filled())))
+                .map_err(|e| err(path, e))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            let thin = ShapeStyle::from(&color);
+            chart
+                .draw_series(
+                    s.points.iter().map(|p| ErrorBar::new_vertical(p.x.value, p.y.lo, p.y.value, p.y.hi, thin, 8)),
+                )
+                .map_err(|e| err(path, e))?;
+            chart
+                .draw_series(
+                    s.points.iter().map(|p| ErrorBar::new_horizontal(p.y.value, p.x.lo, p.x.value, p.x.hi, thin, 8)),
+                )
+                .map_err(|e| err(path, e))?;
+            chart
+                .draw_series(s.points.iter().map(|p| {
+                    Text::new(format!(" {}", p.label), (p.x.value, p.y.value), (FONT, 13).into_font().color(&BLACK))
+                }))
+                .map_err(|e| err(path, e))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .label_font((FONT, 14))
+            .draw()
+            .map_err(|e| err(path, e))?;
+        root.present().map_err(|e| err(path, e))?;
+    }
+    finish(path, &tmp)
+}

@@ -74,6 +74,14 @@ impl Recipe for Ric {
         Ok(())
     }
 
+    fn experiments(&self) -> Vec<crate::methods::ExperimentEntry> {
+        vec![crate::methods::ExperimentEntry {
+            name: "ric",
+            options: "[model]\ntrain_weights = true",
+            starts_from: None,
+        }]
+    }
+
     fn run(&self, cfg: &RunConfig, o: &RicConfig, resume: bool) -> Result<Vec<StepLog>> {
         run(cfg, o, resume)
     }
