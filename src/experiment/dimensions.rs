@@ -4,8 +4,9 @@
 //! target combination and against Rewards-in-Context.
 //!
 //! 1. Task: continuation prompts from the rated snippets (as the sentiment experiment's).
-//! 2. Data: `[pairs] samples` base-model responses per training prompt, each with its VADER score
-//!    and length. From the same responses: a sentiment pair (best / worst by VADER, `"dimension":
+//! 2. Data: `[pairs] samples` base-model responses per training prompt (stopping at `stop_strings`:
+//!    `"\n"` makes a response one paragraph, which this base model often ends within the budget,
+//!    where it seldom emits EOS), each with its VADER score and length. From the same responses: a sentiment pair (best / worst by VADER, `"dimension":
 //!    "sentiment"`), a length pair (the shortest response that ended before the budget against the
 //!    longest, at least `min_length_gap` tokens apart, `"dimension": "length"`), RiC's scored rows
 //!    (every response with both scores), and for each of the four combinations a DPO file holding
@@ -119,6 +120,9 @@ pub struct PairsSection {
     pub judge: String,
     /// Smallest length difference (tokens) of a length pair.
     pub min_length_gap: usize,
+    /// Generation stops at these (`["\n"]`: a response is one paragraph, which the base model
+    /// often ends before the budget, where it seldom emits EOS).
+    pub stop_strings: Vec<String>,
     pub batch: usize,
 }
 
@@ -128,6 +132,7 @@ pub struct PairsSection {
 pub struct EvalSection {
     pub samples: usize,
     pub max_new_tokens: usize,
+    pub stop_strings: Vec<String>,
     pub batch: usize,
 }
 
@@ -513,6 +518,7 @@ fn build_data(cfg: &DimensionsConfig) -> Result<Option<Controlled>> {
             params: SamplingParams {
                 temperature: p.temperature,
                 max_new_tokens: p.max_new_tokens,
+                stop_strings: p.stop_strings.clone(),
                 seed: 7,
                 ..Default::default()
             },
@@ -702,6 +708,7 @@ fn evaluate_all(cfg: &DimensionsConfig, runs: &[Run], base: &Controlled, judge: 
                 params: SamplingParams {
                     temperature: cfg.temperature,
                     max_new_tokens: cfg.eval.max_new_tokens,
+                    stop_strings: cfg.eval.stop_strings.clone(),
                     seed: 1000 + j.seed,
                     ..Default::default()
                 },
@@ -820,10 +827,10 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
     let _ = writeln!(
         r,
         "Base model {}; seeds {:?}. Data: {} base-model samples per training prompt ({} prompts, up to {} tokens, \
-         T = {}) give {} sentiment pairs (best / worst by {}) and {} length pairs (the shortest response that ended \
+         stopping at {:?}, T = {}) give {} sentiment pairs (best / worst by {}) and {} length pairs (the shortest response that ended \
          before the budget / the longest, ≥ {} tokens apart), {} RiC rows (every response with both scores) and, \
          per combination, a DPO file of both pair sets oriented toward it. Evaluation: {} held-out prompts × {} \
-         samples per seed at T = {}, up to {} new tokens. Sentiment = VADER compound ({}), length = response \
+         samples per seed at T = {}, up to {} new tokens, stopping at {:?}. Sentiment = VADER compound ({}), length = response \
          tokens. Intervals: 95% bootstrap over responses pooled over seeds; differences and win rates are paired \
          by (seed, prompt, sample).\n",
         cfg.model,
@@ -831,6 +838,7 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
         cfg.pairs.samples,
         cfg.task.train,
         cfg.pairs.max_new_tokens,
+        cfg.pairs.stop_strings,
         cfg.pairs.temperature,
         n_dim(SENTIMENT),
         cfg.pairs.judge,
@@ -841,6 +849,7 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
         cfg.eval.samples,
         cfg.temperature,
         cfg.eval.max_new_tokens,
+        cfg.eval.stop_strings,
         cfg.pairs.judge,
     );
     let base = g.cells("base", None, None);
@@ -1169,8 +1178,8 @@ mod tests {
         let text = format!(
             "experiment = \"two-dimensions\"\noutput_dir = \"x\"\nmodel = \"m\"\nsnippets = \"s\"\nseeds = [0, 1]\n\
              temperature = 1.0\nmethods = {methods}\n[task]\nwords = 4\ntrain = 8\neval = 4\nseed = 0\n\
-             [pairs]\nsamples = 4\nmax_new_tokens = 32\ntemperature = 1.0\njudge = \"vader-full\"\nmin_length_gap = 4\nbatch = 8\n\
-             [eval]\nsamples = 1\nmax_new_tokens = 32\nbatch = 8\n[train]\nlr = 1e-5\n[fronts]\nweights = [0.0, 1.0]\n"
+             [pairs]\nsamples = 4\nmax_new_tokens = 32\ntemperature = 1.0\njudge = \"vader-full\"\nmin_length_gap = 4\nstop_strings = []\n\
+             batch = 8\n[eval]\nsamples = 1\nmax_new_tokens = 32\nstop_strings = []\nbatch = 8\n[train]\nlr = 1e-5\n[fronts]\nweights = [0.0, 1.0]\n"
         );
         let cfg: DimensionsConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         cfg.check().map_err(|e| e.to_string())?;
