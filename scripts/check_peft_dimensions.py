@@ -24,15 +24,31 @@ NEW = 24
 def meet_text(folder, control, prompt):
     out = subprocess.run([MEET, "generate", "--model", folder, "--control", control, "--prompt", prompt,
                           "--max-new-tokens", str(NEW)], check=True, capture_output=True, text=True)
-    return out.stdout
+    # The streamed text ends with a newline of its own.
+    return out.stdout[:-1] if out.stdout.endswith("\n") else out.stdout
 
 
-def greedy(model, tok, prompt, prefix=0):
+def greedy(model, tok, prompt):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def greedy_forward(model, tok, prompt):
+    """Greedy decoding by full forward passes (PEFT's generate path for prompt tuning is not used:
+    the model's logits are what is compared)."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(NEW):
+            x = torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], 1) if new else ids
+            nxt = int(model(input_ids=x).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    return tok.decode(new, skip_special_tokens=True)
 
 
 def main(folders):
@@ -46,12 +62,13 @@ def main(folders):
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         names = [c for d in dims for c in d["controls"]] if isinstance(dims, list) else [c for cs in dims.values() for c in cs]
         model = None
-        for name in names:
-            path = os.path.join(folder, kind, name)
-            if model is None:
-                model = PeftModel.from_pretrained(base, path, adapter_name=name).eval()
-            else:
-                model.load_adapter(path, adapter_name=name)
+        if kind == "lora":
+            for name in names:
+                path = os.path.join(folder, kind, name)
+                if model is None:
+                    model = PeftModel.from_pretrained(base, path, adapter_name=name).eval()
+                else:
+                    model.load_adapter(path, adapter_name=name)
         # (meet's --control, PEFT's active adapters with their scale)
         checks = [(n, {n: 1.0}) for n in names]
         if kind == "lora":
@@ -67,10 +84,12 @@ def main(folders):
                             if a in m.lora_A:
                                 m.set_scale(a, w)
             else:
-                model.set_adapter(next(iter(active)))
+                # One prompt-tuning adapter per model, loaded alone.
+                fresh = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                model = PeftModel.from_pretrained(fresh, os.path.join(folder, kind, control)).eval()
             for p in PROMPTS:
                 want = meet_text(folder, control, p)
-                got = greedy(model, tok, p)
+                got = greedy(model, tok, p) if kind == "lora" else greedy_forward(model, tok, p)
                 same = want == got
                 bad += not same
                 print(f"{os.path.basename(os.path.dirname(folder.rstrip('/')))} {control!r} {p!r}: "

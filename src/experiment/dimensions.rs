@@ -219,16 +219,7 @@ impl DimensionsConfig {
         if self.fronts.weights.len() > 3 {
             self.fronts.weights = vec![0.0, 0.5, 1.0];
         }
-        self.train.insert("max_steps".into(), toml::Value::Integer(2));
-        self.train.insert("warmup_steps".into(), toml::Value::Integer(0));
-        for (_, m) in self.method.iter_mut() {
-            if let toml::Value::Table(t) = m {
-                if let Some(toml::Value::Table(meet)) = t.get_mut("meet") {
-                    meet.remove("step1");
-                    meet.remove("step2");
-                }
-            }
-        }
+        super::quick_training(&mut self.train, &mut self.method);
     }
 
     fn dir(&self, parts: &[&str]) -> PathBuf {
@@ -854,6 +845,18 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
     );
     let base = g.cells("base", None, None);
     let base_pooled = Grid::pooled(&base);
+    // The base model's point in every figure.
+    let base_series = match base.is_empty() {
+        true => None,
+        false => Some(XySeries {
+            name: "base".into(),
+            points: vec![XyPoint {
+                x: estimate(&base_pooled, SENTIMENT, seed)?,
+                y: estimate(&base_pooled, LENGTH, seed)?,
+                label: "base".into(),
+            }],
+        }),
+    };
     if !base.is_empty() {
         let _ = writeln!(
             r,
@@ -934,16 +937,7 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
             name: m.clone(),
             points: pts.iter().map(|(n, v, t)| XyPoint { x: *v, y: *t, label: n.clone() }).collect(),
         }];
-        if !base.is_empty() {
-            series.push(XySeries {
-                name: "base".into(),
-                points: vec![XyPoint {
-                    x: estimate(&base_pooled, SENTIMENT, seed)?,
-                    y: estimate(&base_pooled, LENGTH, seed)?,
-                    label: "base".into(),
-                }],
-            });
-        }
+        series.extend(base_series.clone());
         xy_errors(&path, &format!("{m}: the four combinations"), "mean VADER", "mean length (tokens)", &series, false)?;
         let _ = writeln!(r, "![{m}](grid-{m}.png)\n");
     }
@@ -1024,16 +1018,7 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
             series.push(XySeries { name: (*m).clone(), points: pts });
             front_points.push(((*m).clone(), fp));
         }
-        if !base.is_empty() {
-            series.push(XySeries {
-                name: "base".into(),
-                points: vec![XyPoint {
-                    x: estimate(&base_pooled, SENTIMENT, seed)?,
-                    y: estimate(&base_pooled, LENGTH, seed)?,
-                    label: "base".into(),
-                }],
-            });
-        }
+        series.extend(base_series.clone());
         xy_errors(
             &cfg.dir(&["fronts.png"]),
             "Trade-off fronts: positive (w) against concise (1 - w)",

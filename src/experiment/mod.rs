@@ -288,16 +288,7 @@ impl ExperimentConfig {
         for sizes in [&mut self.sweep.prompt_n, &mut self.sweep.lora_r] {
             sizes.truncate(2);
         }
-        self.train.insert("max_steps".into(), toml::Value::Integer(2));
-        self.train.insert("warmup_steps".into(), toml::Value::Integer(0));
-        for (_, m) in self.method.iter_mut() {
-            if let toml::Value::Table(t) = m {
-                if let Some(toml::Value::Table(meet)) = t.get_mut("meet") {
-                    meet.remove("step1");
-                    meet.remove("step2");
-                }
-            }
-        }
+        quick_training(&mut self.train, &mut self.method);
     }
 
     fn dir(&self, parts: &[&str]) -> PathBuf {
@@ -330,6 +321,20 @@ impl ExperimentConfig {
             ("train.seed".to_string(), seed.to_string()),
         ];
         RunConfig::from_table(t, &over)
+    }
+}
+
+/// The quick profiles' training: two optimizer steps per run (per MEET step too), no warmup.
+pub(crate) fn quick_training(train: &mut toml::Table, methods: &mut toml::Table) {
+    train.insert("max_steps".into(), toml::Value::Integer(2));
+    train.insert("warmup_steps".into(), toml::Value::Integer(0));
+    for (_, m) in methods.iter_mut() {
+        if let toml::Value::Table(t) = m {
+            if let Some(toml::Value::Table(meet)) = t.get_mut("meet") {
+                meet.remove("step1");
+                meet.remove("step2");
+            }
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! compiled in (DejaVu Sans, `assets/fonts`), so plotting needs no system font libraries.
 
 use crate::{Error, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::Once;
@@ -73,6 +75,28 @@ fn tmp_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("png.tmp.png")
 }
 
+/// The chart of a figure: caption, labelled axes spanning `x` and `y`, and the mesh.
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+fn axes<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    x: (f64, f64),
+    y: (f64, f64),
+) -> Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)
+        .map_err(|e| err(path, e))?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).label_style((FONT, 14)).draw().map_err(|e| err(path, e))?;
+    Ok(chart)
+}
+
 /// A line chart: one line with markers per series, vertical error bars where a point has an
 /// interval; `connect = false` draws markers only.
 pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series], connect: bool) -> Result<()> {
@@ -84,20 +108,7 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Ser
         let pts = || series.iter().flat_map(|s| s.points.iter());
         let (x0, x1) = range(pts().map(|p| p.x));
         let (y0, y1) = range(pts().flat_map(|p| [p.lo, p.hi, p.y]));
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| err(path, e))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .label_style((FONT, 14))
-            .draw()
-            .map_err(|e| err(path, e))?;
+        let mut chart = axes(&root, path, title, (x_desc, y_desc), (x0, x1), (y0, y1))?;
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let xy: Vec<(f64, f64)> = s.points.iter().map(|p| (p.x, p.y)).collect();
@@ -265,20 +276,7 @@ pub fn xy_errors(
         let pts = || series.iter().flat_map(|s| s.points.iter());
         let (x0, x1) = range(pts().flat_map(|p| [p.x.lo, p.x.hi, p.x.value]));
         let (y0, y1) = range(pts().flat_map(|p| [p.y.lo, p.y.hi, p.y.value]));
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| err(path, e))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .label_style((FONT, 14))
-            .draw()
-            .map_err(|e| err(path, e))?;
+        let mut chart = axes(&root, path, title, (x_desc, y_desc), (x0, x1), (y0, y1))?;
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let style = ShapeStyle::from(&color).stroke_width(2);
