@@ -195,8 +195,11 @@ fn run() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Experiment { config, quick } => {
-            let report = meet::experiment::run_file(&config, quick)
-                .with_context(|| format!("experiment {}", config.display()))?;
+            let mut exp = meet::experiment::Experiment::from_file(&config)?;
+            if quick {
+                exp.quick();
+            }
+            let report = exp.run().with_context(|| format!("experiment {}", config.display()))?;
             eprintln!("report: {}", report.display());
         }
         Command::Convert { model, out } => {

@@ -143,6 +143,14 @@ reward = {{ eval_share = 0.3 }}
     std::fs::write(&cfg_path, std::fs::read_to_string(&cfg_path).unwrap().replace("\"dpo\"", "\"ppo\"")).unwrap();
     let e = ExperimentConfig::from_file(&cfg_path).unwrap_err().to_string();
     assert!(e.contains("exp.toml") && e.contains("unknown experiment method 'ppo'"), "{e}");
+    // An unknown experiment kind is refused with the kinds named.
+    std::fs::write(
+        &cfg_path,
+        format!("experiment = \"three-dimensions\"\n{}", std::fs::read_to_string(&cfg_path).unwrap()),
+    )
+    .unwrap();
+    let e = meet::experiment::Experiment::from_file(&cfg_path).err().expect("refused").to_string();
+    assert!(e.contains("exp.toml") && e.contains("\"two-dimensions\""), "{e}");
 }
 
 /// The paper's architecture through the whole experiment: GPT-Neo (a local window shorter than

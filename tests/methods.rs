@@ -447,7 +447,7 @@ fn every_example_config_is_valid() {
             let table: toml::Table = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
             if table.contains_key("methods") {
                 // An experiment file: every method's run configuration must build.
-                meet::experiment::ExperimentConfig::from_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                meet::experiment::Experiment::from_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
                 continue;
             }

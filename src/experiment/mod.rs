@@ -31,38 +31,45 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Runs the experiment a file describes — its top-level `experiment` key: `"sentiment"` (the
-/// default: [`ExperimentConfig`]) or `"two-dimensions"` ([`dimensions::DimensionsConfig`]) — in
-/// its `--quick` profile when asked; returns the report's path.
-pub fn run_file(path: &Path, quick: bool) -> Result<PathBuf> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
-    match table.get("experiment") {
-        None => {
-            let mut cfg = ExperimentConfig::from_file(path)?;
-            if quick {
-                cfg.quick();
+/// An experiment file of either kind, by its top-level `experiment` key: `"sentiment"` (the
+/// default: [`ExperimentConfig`]) or `"two-dimensions"` ([`dimensions::DimensionsConfig`]).
+pub enum Experiment {
+    Sentiment(ExperimentConfig),
+    Dimensions(dimensions::DimensionsConfig),
+}
+
+impl Experiment {
+    /// Reads and checks the file (every method's run configuration must build).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(path, e.to_string()))?;
+        match table.get("experiment") {
+            None => Ok(Self::Sentiment(ExperimentConfig::from_file(path)?)),
+            Some(toml::Value::String(k)) if k == "sentiment" => Ok(Self::Sentiment(ExperimentConfig::from_file(path)?)),
+            Some(toml::Value::String(k)) if k == dimensions::KIND => {
+                Ok(Self::Dimensions(dimensions::DimensionsConfig::from_file(path)?))
             }
-            run(&cfg)
+            Some(other) => Err(Error::parse(
+                path,
+                format!("experiment = {other}: \"sentiment\" (the default) or \"{}\"", dimensions::KIND),
+            )),
         }
-        Some(toml::Value::String(k)) if k == "sentiment" => {
-            let mut cfg = ExperimentConfig::from_file(path)?;
-            if quick {
-                cfg.quick();
-            }
-            run(&cfg)
+    }
+
+    /// Switches to the `--quick` profile.
+    pub fn quick(&mut self) {
+        match self {
+            Self::Sentiment(c) => c.quick(),
+            Self::Dimensions(c) => c.quick(),
         }
-        Some(toml::Value::String(k)) if k == dimensions::KIND => {
-            let mut cfg = dimensions::DimensionsConfig::from_file(path)?;
-            if quick {
-                cfg.quick();
-            }
-            dimensions::run(&cfg)
+    }
+
+    /// Runs (or continues) the experiment; returns the path of `report.md`.
+    pub fn run(&self) -> Result<PathBuf> {
+        match self {
+            Self::Sentiment(c) => run(c),
+            Self::Dimensions(c) => dimensions::run(c),
         }
-        Some(other) => Err(Error::parse(
-            path,
-            format!("experiment = {other}: \"sentiment\" (the default) or \"{}\"", dimensions::KIND),
-        )),
     }
 }
 
@@ -70,7 +77,7 @@ pub fn run_file(path: &Path, quick: bool) -> Result<PathBuf> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
-    /// `"sentiment"` when given (see [`run_file`]).
+    /// `"sentiment"` when given (see [`Experiment`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experiment: Option<String>,
     pub output_dir: PathBuf,
