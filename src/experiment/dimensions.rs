@@ -25,7 +25,7 @@ use super::plots::{xy_errors, XyPoint, XySeries};
 use super::{merge, record_time, ExperimentConfig, Timing};
 use crate::controls::Controlled;
 use crate::data::sentiment::{read_snippets, sentiment_task, write_task, TaskOptions};
-use crate::eval::sample::{evaluate, read_prompts, summarize, EvalOptions, Sample, Summary};
+use crate::eval::sample::{evaluate, paired_scores, read_prompts, summarize, EvalOptions, Sample, Summary};
 use crate::eval::stats::{mean_ci, win_rate, Estimate};
 use crate::eval::{judge_by_name, Judge};
 use crate::files::{atomic_write, read_jsonl, write_jsonl};
@@ -34,7 +34,6 @@ use crate::methods::config::RunConfig;
 use crate::{ui, Error, LoadOptions, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -766,36 +765,25 @@ impl<'a> Grid<'a> {
         cells.iter().flat_map(|e| e.samples.iter().cloned()).collect()
     }
 
-    /// `f(a) − f(b)` per (seed, prompt, sample) both have.
-    fn differences(a: &[&Evaluated], b: &[&Evaluated], f: impl Fn(&Sample) -> f64) -> Vec<f64> {
-        let mut out = Vec::new();
-        for ea in a {
-            let Some(eb) = b.iter().find(|x| x.cell.seed == ea.cell.seed) else { continue };
-            let key = |s: &Sample| (s.prompt_index, s.sample_index);
-            let bmap: BTreeMap<_, _> = eb.samples.iter().map(|s| (key(s), s)).collect();
-            for s in &ea.samples {
-                if let Some(o) = bmap.get(&key(s)) {
-                    out.push(f(s) - f(o));
-                }
-            }
-        }
-        out
-    }
-
-    /// Pairs of (a, b) values per (seed, prompt, sample), for win rates.
-    fn paired(a: &[&Evaluated], b: &[&Evaluated], f: impl Fn(&Sample) -> f64) -> (Vec<f64>, Vec<f64>) {
+    /// `f` of `a`'s and `b`'s responses paired by (seed, prompt, sample), through
+    /// [`paired_scores`] (which refuses evaluations of different prompts).
+    fn paired(a: &[&Evaluated], b: &[&Evaluated], f: impl Fn(&Sample) -> f64) -> Result<(Vec<f64>, Vec<f64>)> {
+        let valued =
+            |e: &Evaluated| -> Vec<Sample> { e.samples.iter().map(|s| Sample { score: f(s), ..s.clone() }).collect() };
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for ea in a {
             let Some(eb) = b.iter().find(|x| x.cell.seed == ea.cell.seed) else { continue };
-            let bmap: BTreeMap<_, _> = eb.samples.iter().map(|s| ((s.prompt_index, s.sample_index), s)).collect();
-            for s in &ea.samples {
-                if let Some(o) = bmap.get(&(s.prompt_index, s.sample_index)) {
-                    x.push(f(s));
-                    y.push(f(o));
-                }
-            }
+            let p = paired_scores(&valued(ea), &valued(eb))?;
+            x.extend(p.a);
+            y.extend(p.b);
         }
-        (x, y)
+        Ok((x, y))
+    }
+
+    /// `f(a) − f(b)` per (seed, prompt, sample) both have.
+    fn differences(a: &[&Evaluated], b: &[&Evaluated], f: impl Fn(&Sample) -> f64) -> Result<Vec<f64>> {
+        let (x, y) = Self::paired(a, b, f)?;
+        Ok(x.iter().zip(&y).map(|(x, y)| x - y).collect())
     }
 }
 
@@ -891,9 +879,9 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
             let s = summarize(&pooled, seed)?;
             let sign_s = if c.sentiment == 0 { 1.0 } else { -1.0 };
             let sign_l = if c.length == 0 { -1.0 } else { 1.0 };
-            let (a, b) = Grid::paired(&cells, &base, |x| sign_s * x.score);
+            let (a, b) = Grid::paired(&cells, &base, |x| sign_s * x.score)?;
             let ws = win_rate(&a, &b, seed)?;
-            let (a, b) = Grid::paired(&cells, &base, |x| sign_l * x.tokens as f64);
+            let (a, b) = Grid::paired(&cells, &base, |x| sign_l * x.tokens as f64)?;
             let wl = win_rate(&a, &b, seed)?;
             let _ = writeln!(
                 r,
@@ -961,22 +949,22 @@ fn report(cfg: &DimensionsConfig, all: &[Evaluated], provenance: &crate::provena
         if Combination::all().iter().any(|c| cell(c.sentiment, c.length).is_empty()) {
             continue;
         }
-        let diffs = |dim: &str, switch_sentiment: bool| -> Vec<f64> {
-            (0..2)
-                .flat_map(|held| {
-                    let (a, b) =
-                        if switch_sentiment { (cell(0, held), cell(1, held)) } else { (cell(held, 0), cell(held, 1)) };
-                    Grid::differences(&a, &b, |s| value(s, dim))
-                })
-                .collect()
+        let diffs = |dim: &str, switch_sentiment: bool| -> Result<Vec<f64>> {
+            let mut out = Vec::new();
+            for held in 0..2 {
+                let (a, b) =
+                    if switch_sentiment { (cell(0, held), cell(1, held)) } else { (cell(held, 0), cell(held, 1)) };
+                out.extend(Grid::differences(&a, &b, |s| value(s, dim))?);
+            }
+            Ok(out)
         };
         let _ = writeln!(
             r,
             "| {m} | {} | {} | {} | {} |",
-            fmt(&mean_ci(&diffs(SENTIMENT, true), seed)?),
-            fmt_len(&mean_ci(&diffs(LENGTH, true), seed)?),
-            fmt_len(&mean_ci(&diffs(LENGTH, false), seed)?),
-            fmt(&mean_ci(&diffs(SENTIMENT, false), seed)?)
+            fmt(&mean_ci(&diffs(SENTIMENT, true)?, seed)?),
+            fmt_len(&mean_ci(&diffs(LENGTH, true)?, seed)?),
+            fmt_len(&mean_ci(&diffs(LENGTH, false)?, seed)?),
+            fmt(&mean_ci(&diffs(SENTIMENT, false)?, seed)?)
         );
     }
 
