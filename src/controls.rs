@@ -23,6 +23,20 @@ pub struct Controlled {
     pub source: String,
 }
 
+/// Everything a control selection changes about generation from a batch of prompts.
+pub struct Prepared {
+    /// The prompts' ids, with control tokens or phrases where the method puts them.
+    pub ids: Vec<Vec<u32>>,
+    /// Soft-prompt embeddings `(n, hidden)` to put before every prompt.
+    pub prefix: Option<Tensor>,
+    /// The LoRA adapters (with weights) every row routes to; empty: as [`Controlled::row_routing`].
+    pub adapters: RowControls,
+    /// Strings generation stops at (Chain-of-Hindsight's feedback phrases).
+    pub stop_strings: Vec<String>,
+    /// Tokens never generated (control tokens).
+    pub suppress_tokens: Vec<u32>,
+}
+
 /// What a control selection does to a batch of prompts: their ids (with control tokens or
 /// phrases), the soft prompts to put first (in dimension order), and the LoRA adapters (with
 /// weights) to route to.
@@ -128,7 +142,7 @@ impl Controlled {
 
     /// Routes the adapters for every row: the selected ones (a single one at weight 1 as
     /// [`Routing::All`]), else the only one, else none.
-    fn route(&self, adapters: &RowControls) {
+    pub fn route(&self, adapters: &RowControls) {
         if let Some(l) = &self.policy.lora {
             l.set_training_step(None);
             l.route(match adapters.as_slice() {
@@ -137,6 +151,45 @@ impl Controlled {
                 [] => Routing::Off,
                 several => Routing::Several(several.to_vec()),
             });
+        }
+    }
+
+    /// Routes each batch row to its own adapters (each as [`Self::row_routing`] gives them).
+    pub fn route_rows(&self, rows: &[RowControls]) {
+        if let Some(l) = &self.policy.lora {
+            l.set_training_step(None);
+            let rows: Vec<RowControls> = rows.iter().map(|r| self.row_routing(r)).collect();
+            l.route(Routing::of_rows(&rows));
+        }
+    }
+
+    /// What generating under `control` takes (see [`Prepared`]), for decoders that drive the
+    /// model themselves (`meet serve`'s batcher). Routes nothing.
+    pub fn prepare(&self, prompts: &[Vec<u32>], control: Option<&str>) -> Result<Prepared> {
+        let a = self.apply(prompts, control)?;
+        let mut suppress_tokens = vec![];
+        if let Some(spec) = &self.spec {
+            let tok = &self.policy.pretrained.tokenizer;
+            suppress_tokens.extend(crate::methods::find(&spec.method)?.suppressed_tokens(spec, tok));
+        }
+        // Several dimensions' prompts one after another, in dimension order.
+        let prefix = match (a.prompts.as_slice(), &self.policy.prompts) {
+            ([], _) => None,
+            ([i], Some(sp)) => Some(sp.vars[*i].as_tensor().clone()),
+            (is, Some(sp)) => {
+                Some(Tensor::cat(&is.iter().map(|&i| sp.vars[i].as_tensor().clone()).collect::<Vec<_>>(), 0)?)
+            }
+            (_, None) => return Err(Error::Invalid("no soft prompts loaded".into())),
+        };
+        Ok(Prepared { ids: a.ids, prefix, adapters: a.adapters, stop_strings: a.stop_strings, suppress_tokens })
+    }
+
+    /// The routing of one row's adapters: the selected ones (a single one at weight 1 as one
+    /// adapter), else the only one, else none.
+    pub fn row_routing(&self, adapters: &RowControls) -> RowControls {
+        match (&self.policy.lora, adapters.as_slice()) {
+            (Some(l), []) if l.names.len() == 1 => vec![(0, 1.0)],
+            _ => adapters.clone(),
         }
     }
 
@@ -150,29 +203,17 @@ impl Controlled {
         params: &SamplingParams,
         on_token: impl FnMut(usize, u32) -> Result<()>,
     ) -> Result<Vec<Generation>> {
-        let a = self.apply(prompts, control)?;
+        let a = self.prepare(prompts, control)?;
         let mut params = params.clone();
         params.stop_strings.extend(a.stop_strings);
-        if let Some(spec) = &self.spec {
-            let tok = &self.policy.pretrained.tokenizer;
-            params.suppress_tokens.extend(crate::methods::find(&spec.method)?.suppressed_tokens(spec, tok));
-        }
+        params.suppress_tokens.extend(a.suppress_tokens);
         self.route(&a.adapters);
-        // Several dimensions' prompts one after another, in dimension order.
-        let prefix = match (a.prompts.as_slice(), &self.policy.prompts) {
-            ([], _) => None,
-            ([i], Some(sp)) => Some(sp.vars[*i].as_tensor().clone()),
-            (is, Some(sp)) => {
-                Some(Tensor::cat(&is.iter().map(|&i| sp.vars[i].as_tensor().clone()).collect::<Vec<_>>(), 0)?)
-            }
-            (_, None) => return Err(Error::Invalid("no soft prompts loaded".into())),
-        };
         let p = &self.policy.pretrained;
         generate_with_prefix(
             p.model.as_ref(),
             &p.tokenizer,
             &a.ids,
-            prefix.as_ref(),
+            a.prefix.as_ref(),
             &params,
             &p.generation,
             &p.device,

@@ -107,6 +107,10 @@ pub enum Command {
         #[arg(long, default_value = "data/sentiment-task")]
         out: PathBuf,
     },
+    /// Serve the model over OpenAI's API (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/models`, `/health`), each request under its own control (`"control": "good"` in the
+    /// body, or `model: "NAME:good"`), requests in flight decoded together.
+    Serve(ServeArgs),
     /// Win rate of one evaluation over another on the same prompts (ties half), with its 95% CI.
     Compare {
         /// `meet eval --out` file of method A.
@@ -166,6 +170,30 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Pretrained> {
         Pretrained::load(&self.model, &self.options()?).with_context(|| format!("loading model '{}'", self.model))
     }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on; port 0 picks a free port (the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// The model name clients give (`model`); default: `--model` as given.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Required as `Authorization: Bearer KEY` on every endpoint but /health.
+    #[arg(long, env = "MEET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Rows (requests × n) decoded together; more requests wait for a free row.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most new tokens one request may ask for (and its default when it gives none).
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
 }
 
 #[derive(Args)]

@@ -4,7 +4,8 @@
 //! Layout: [`models`] (one file per architecture), [`nn`] (layers and fused differentiable ops),
 //! [`io`] (model sources and HF folders), [`tokenizer`], [`generate`], [`peft`] (LoRA, soft
 //! prompts, PEFT folders), [`data`], [`objectives`] (losses), [`train`] (the loop), [`methods`]
-//! (one recipe per alignment method), [`controls`] (controls at inference), [`bench`].
+//! (one recipe per alignment method), [`controls`] (controls at inference), [`serve`] (the
+//! OpenAI-compatible server), [`bench`].
 
 // Every unsafe block says why it is sound; every unsafe fn says what its caller must uphold.
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -25,6 +26,7 @@ pub mod objectives;
 pub mod peft;
 pub mod policy;
 pub mod provenance;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod ui;

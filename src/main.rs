@@ -194,6 +194,21 @@ fn run() -> anyhow::Result<ExitCode> {
                 serde_json::json!({"a": a, "b": b, "win_rate": w, "length_a": len(&sa), "length_b": len(&sb)})
             );
         }
+        Command::Serve(a) => {
+            if a.max_tokens == 0 {
+                bail!("--max-tokens must be at least 1");
+            }
+            let model = a.model.load_controlled()?;
+            let opts = meet::serve::ServeOptions {
+                addr: a.addr.clone(),
+                name: a.served_model_name.clone().unwrap_or_else(|| a.model.model.clone()),
+                api_key: a.api_key.clone(),
+                max_batch: a.max_batch,
+                max_tokens: a.max_tokens,
+                max_body: a.max_body,
+            };
+            meet::serve::serve(model, &opts)?;
+        }
         Command::Experiment { config, quick } => {
             let mut exp = meet::experiment::Experiment::from_file(&config)?;
             if quick {
