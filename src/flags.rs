@@ -509,6 +509,36 @@ pub enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Load test of `meet serve` over loopback HTTP: the server started as a child process, then
+    /// a fixed number of streamed chat requests at each client count (fixed output length,
+    /// controls cycled); requests/s, output tokens/s, p50/p99 time to first token and latency,
+    /// errors, the server's peak memory; ends with one JSON line.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompts: JSONL with a "prompt" string per line, or one prompt per line (cycled).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Concurrent clients per level (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Requests per level.
+        #[arg(long, default_value_t = 32)]
+        requests: usize,
+        /// New tokens per request (EOS ignored).
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// A control, cycled over the requests with the others given (repeat the flag); none:
+        /// the plain model.
+        #[arg(long)]
+        control: Vec<String>,
+        /// The server's --max-batch.
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// A level issues no new request after this many seconds.
+        #[arg(long, default_value_t = 300.0)]
+        max_seconds: f64,
+    },
     /// Forward, backward and AdamW on the Python reference's fixed batch; ends with one JSON line.
     Train {
         /// Model: HF folder, GGUF file or Hub repo id (dense f32 weights are used).

@@ -253,6 +253,41 @@ fn run() -> anyhow::Result<ExitCode> {
                 serde_json::json!({"bench": "train", "model": model, "dtype": dtype, "threads": meet::nn::team::Team::global().threads(), "result": f})
             );
         }
+        Command::Bench {
+            what: BenchCommand::Serve { model, prompts, clients, requests, max_tokens, control, max_batch, max_seconds },
+        } => {
+            let opts = meet::serve::load::LoadOptions {
+                serve_args: vec![
+                    "--model".into(),
+                    model.model.clone(),
+                    "--weights".into(),
+                    model.weights.clone(),
+                    "--max-batch".into(),
+                    max_batch.to_string(),
+                    "--max-tokens".into(),
+                    max_tokens.max(1).to_string(),
+                ],
+                prompts: meet::eval::sample::read_prompts(&prompts)?,
+                clients,
+                requests,
+                max_tokens,
+                controls: control.into_iter().map(Some).collect(),
+                max_seconds,
+            };
+            let r = meet::serve::load::run(&opts)?;
+            for l in &r.levels {
+                println!(
+                    "{:>3} clients: {} requests ({} errors) in {:.1} s, {:.2} req/s, {:.1} output tok/s, TTFT p50 {:.3} s p99 {:.3} s, latency p50 {:.3} s p99 {:.3} s",
+                    l.clients, l.requests, l.errors, l.seconds, l.requests_per_s, l.output_tokens_per_s,
+                    l.ttft_p50_s, l.ttft_p99_s, l.latency_p50_s, l.latency_p99_s
+                );
+            }
+            println!("server peak RSS {:.0} MiB", r.server_peak_rss_mib.unwrap_or(f64::NAN));
+            println!(
+                "{}",
+                serde_json::json!({"bench": "serve", "model": model.model, "weights": model.weights, "threads": meet::nn::team::Team::global().threads(), "result": r})
+            );
+        }
         Command::Bench { what: BenchCommand::Dpo { model, pairs, steps, warmup, dtype } } => {
             let dtype = meet::train::Dtype::parse(&dtype)?;
             let f = meet::bench::bench_dpo(&model, &pairs, steps, warmup, dtype)?;

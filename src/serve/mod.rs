@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod load;
 
 use crate::controls::Controlled;
 use crate::generate::FinishReason;
