@@ -117,9 +117,23 @@ pub enum Command {
         a: PathBuf,
         /// `meet eval --out` file of method B.
         b: PathBuf,
-        /// Seed of the bootstrap resampling.
+        /// Seed of the bootstrap resampling (and of the LLM judge's orders).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Judge the pairs of responses with an LLM behind an OpenAI-compatible endpoint,
+        /// `llm:URL[#MODEL]` (URL the API base, e.g. http://127.0.0.1:8080/v1; key from
+        /// OPENAI_API_KEY), instead of comparing the files' scores.
+        #[arg(long)]
+        judge: Option<String>,
+        /// The LLM judge's prompt (the DPO paper's): `dialogue` or `summary`.
+        #[arg(long, default_value = "dialogue")]
+        judge_task: String,
+        /// LLM judge requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        judge_concurrency: usize,
+        /// Write the LLM judge's judgements (answers, orders, verdicts) here as JSONL.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Merge a LoRA adapter into its base model and write an HF folder.
     Merge {

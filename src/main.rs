@@ -160,39 +160,69 @@ fn run() -> anyhow::Result<ExitCode> {
                 s.len()
             );
         }
-        Command::Compare { a, b, seed } => {
-            use meet::eval::sample::{paired_scores, Sample};
+        Command::Compare { a, b, seed, judge, judge_task, judge_concurrency, out } => {
+            use meet::eval::sample::{paired_samples, Sample};
             let (sa, sb): (Vec<Sample>, Vec<Sample>) = (meet::files::read_jsonl(&a)?, meet::files::read_jsonl(&b)?);
-            let p = paired_scores(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
-            if p.only_a + p.only_b > 0 {
+            let (pairs, only_a, only_b) =
+                paired_samples(&sa, &sb).with_context(|| format!("pairing {} with {}", a.display(), b.display()))?;
+            if only_a + only_b > 0 {
                 eprintln!(
-                    "note: comparing the {} (prompt, sample) responses both files have; left out {} of {} and {} of {} \
-                     (the evaluations drew different --samples)",
-                    p.a.len(),
-                    p.only_a,
+                    "note: comparing the {} (prompt, sample) responses both files have; left out {only_a} of {} and \
+                     {only_b} of {} (the evaluations drew different --samples)",
+                    pairs.len(),
                     a.display(),
-                    p.only_b,
                     b.display()
                 );
             }
-            let w = meet::eval::stats::win_rate(&p.a, &p.b, seed)?;
-            let len =
-                |s: &[meet::eval::sample::Sample]| s.iter().map(|x| x.tokens as f64).sum::<f64>() / s.len() as f64;
-            eprintln!(
-                "win rate of {} over {}: {:.3} [{:.3}, {:.3}] on {} responses (lengths {:.1} vs {:.1} tokens)",
-                a.display(),
-                b.display(),
-                w.value,
-                w.lo,
-                w.hi,
-                w.n,
-                len(&sa),
-                len(&sb)
-            );
-            println!(
-                "{}",
-                serde_json::json!({"a": a, "b": b, "win_rate": w, "length_a": len(&sa), "length_b": len(&sb)})
-            );
+            let len = |s: &[&Sample]| s.iter().map(|x| x.tokens as f64).sum::<f64>() / s.len() as f64;
+            let (pa, pb): (Vec<&Sample>, Vec<&Sample>) = pairs.iter().copied().unzip();
+            let (la, lb) = (len(&pa), len(&pb));
+            if let Some(spec) = judge {
+                use meet::eval::llm_judge::{summarize, LlmJudge, Task};
+                let j = LlmJudge::from_spec(&spec, Task::parse(&judge_task)?, judge_concurrency)?;
+                let items: Vec<(String, String, String)> =
+                    pairs.iter().map(|(x, y)| (x.prompt.clone(), x.response.clone(), y.response.clone())).collect();
+                let (js, cached) = j.judge_pairs(&items, seed)?;
+                if let Some(out) = &out {
+                    meet::files::write_jsonl(out, &js)?;
+                }
+                let c = summarize(j.name(), j.task, &js, cached, seed)?;
+                let est = |e: &Option<meet::eval::stats::Estimate>| {
+                    e.map_or("n/a (no verdict parsed)".into(), |e| format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi))
+                };
+                let share = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{v:.3}"));
+                eprintln!(
+                    "LLM judge {}: win rate of {} over {}: {} on {} pairs, both orders; first order alone {}; \
+                     agreement under swapped order {}; position A chosen {}; {} of {} answers unparseable; {} from \
+                     the cache (lengths {la:.1} vs {lb:.1} tokens)",
+                    c.judge,
+                    a.display(),
+                    b.display(),
+                    est(&c.win_rate),
+                    c.pairs,
+                    est(&c.first_order_win_rate),
+                    share(c.agreement),
+                    share(c.position_a_share),
+                    c.unparseable,
+                    2 * c.pairs,
+                    c.cached
+                );
+                println!("{}", serde_json::json!({"a": a, "b": b, "llm_judge": c, "length_a": la, "length_b": lb}));
+            } else {
+                let sa: Vec<f64> = pa.iter().map(|s| s.score).collect();
+                let sb: Vec<f64> = pb.iter().map(|s| s.score).collect();
+                let w = meet::eval::stats::win_rate(&sa, &sb, seed)?;
+                eprintln!(
+                    "win rate of {} over {}: {:.3} [{:.3}, {:.3}] on {} responses (lengths {la:.1} vs {lb:.1} tokens)",
+                    a.display(),
+                    b.display(),
+                    w.value,
+                    w.lo,
+                    w.hi,
+                    w.n,
+                );
+                println!("{}", serde_json::json!({"a": a, "b": b, "win_rate": w, "length_a": la, "length_b": lb}));
+            }
         }
         Command::Serve(a) => {
             if a.max_tokens == 0 {

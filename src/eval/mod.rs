@@ -3,6 +3,7 @@
 //! [`Judge`] trait: VADER's sentiment today; a learned reward model and an LLM judge over an
 //! OpenAI-compatible endpoint slot in the same way.
 
+pub mod llm_judge;
 pub mod pairs;
 pub mod reward_model;
 pub mod sample;

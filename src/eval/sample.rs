@@ -144,12 +144,25 @@ pub struct Paired {
 /// Pairs two evaluations of the same prompts (see [`Paired`]). Different prompt lists, or no
 /// response in common, are errors.
 pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<Paired> {
+    let (pairs, only_a, only_b) = paired_samples(a, b)?;
+    Ok(Paired {
+        a: pairs.iter().map(|p| p.0.score).collect(),
+        b: pairs.iter().map(|p| p.1.score).collect(),
+        only_a,
+        only_b,
+    })
+}
+
+/// The responses of two evaluations to the same (prompt, sample), in `a`'s order, with how many
+/// only `a` and only `b` have.
+pub fn paired_samples<'a>(a: &'a [Sample], b: &'a [Sample]) -> Result<(Vec<(&'a Sample, &'a Sample)>, usize, usize)> {
     let key = |s: &Sample| (s.prompt_index, s.sample_index);
     let bmap: std::collections::HashMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
-    let mut out = Paired { a: vec![], b: vec![], only_a: 0, only_b: 0 };
+    let mut pairs = vec![];
+    let mut only_a = 0;
     for s in a {
         let Some(o) = bmap.get(&key(s)) else {
-            out.only_a += 1;
+            only_a += 1;
             continue;
         };
         if o.prompt != s.prompt {
@@ -158,14 +171,13 @@ pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<Paired> {
                 s.prompt_index
             )));
         }
-        out.a.push(s.score);
-        out.b.push(o.score);
+        pairs.push((s, *o));
     }
-    out.only_b = b.len() - out.a.len();
-    if out.a.is_empty() {
+    if pairs.is_empty() {
         return Err(Error::Invalid("the two evaluations have no (prompt, sample) in common".into()));
     }
-    Ok(out)
+    let only_b = b.len() - pairs.len();
+    Ok((pairs, only_a, only_b))
 }
 
 /// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
