@@ -322,8 +322,9 @@ impl LlmJudge {
                 }
             })
             .collect();
-        let answers: Mutex<Vec<Option<Result<(String, bool)>>>> =
-            Mutex::new((0..prompts.len()).map(|_| None).collect());
+        // Each request's answer (and whether it was cached), once asked.
+        type Answer = Option<Result<(String, bool)>>;
+        let answers: Mutex<Vec<Answer>> = Mutex::new((0..prompts.len()).map(|_| None).collect());
         let next = AtomicUsize::new(0);
         let progress = Mutex::new(crate::ui::Progress::new("judge", prompts.len(), "answers", 0));
         std::thread::scope(|s| {

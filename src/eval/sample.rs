@@ -153,9 +153,12 @@ pub fn paired_scores(a: &[Sample], b: &[Sample]) -> Result<Paired> {
     })
 }
 
-/// The responses of two evaluations to the same (prompt, sample), in `a`'s order, with how many
-/// only `a` and only `b` have.
-pub fn paired_samples<'a>(a: &'a [Sample], b: &'a [Sample]) -> Result<(Vec<(&'a Sample, &'a Sample)>, usize, usize)> {
+/// Responses of two evaluations to the same (prompt, sample), and how many only `a` and only `b`
+/// have.
+pub type SamplePairs<'a> = (Vec<(&'a Sample, &'a Sample)>, usize, usize);
+
+/// The responses of two evaluations to the same (prompt, sample), in `a`'s order.
+pub fn paired_samples<'a>(a: &'a [Sample], b: &'a [Sample]) -> Result<SamplePairs<'a>> {
     let key = |s: &Sample| (s.prompt_index, s.sample_index);
     let bmap: std::collections::HashMap<_, _> = b.iter().map(|s| (key(s), s)).collect();
     let mut pairs = vec![];
