@@ -19,6 +19,13 @@ fn the_experiment_runs_every_step_and_resumes() {
     let sn = dir.path().join("snippets.txt");
     std::fs::write(&sn, snippets).unwrap();
     let out = dir.path().join("exp");
+    // The LLM judge is a tiny random model behind `meet serve` (with room for the judging prompt):
+    // it never answers with a verdict.
+    let judge_model = dir.path().join("judge");
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(4, 2048), &judge_model).unwrap();
+    let server = common::serve_child(judge_model.to_str().unwrap(), &["--served-model-name", "judge"]);
+    let url = server.url.clone();
+    let cache = dir.path().join("judge-cache");
     let text = format!(
         r#"
 output_dir = {out:?}
@@ -50,10 +57,16 @@ lora_r = [2]
 [reward_model]
 train = {{ lr = 1e-3 }}
 reward = {{ eval_share = 0.3 }}
+[llm_judge]
+judge = "llm:{url}/v1#judge"
+task = "dialogue"
+concurrency = 2
+cache_dir = {cache:?}
 "#,
         out = out.to_string_lossy(),
         model = model.to_string_lossy(),
-        sn = sn.to_string_lossy()
+        sn = sn.to_string_lossy(),
+        cache = cache.to_string_lossy(),
     );
     let cfg_path = dir.path().join("exp.toml");
     std::fs::write(&cfg_path, text).unwrap();
@@ -76,6 +89,9 @@ reward = {{ eval_share = 0.3 }}
         "| meet-lora | 2 |",
         "| meet-prompt-n1-seed0 step 1 |",
         "| reward-model |",
+        "## LLM judge at T = 1: win rate over the base model",
+        // 6 prompts x 2 samples, both orders: 24 answers, none with a verdict.
+        "| sft | – | – | – | – | 24 of 24 | 12 |",
     ] {
         assert!(md.contains(want), "report lacks {want:?}:\n{md}");
     }
@@ -135,6 +151,9 @@ reward = {{ eval_share = 0.3 }}
     std::fs::copy(out.join("runs/sft-seed0/metrics.jsonl"), stray.join("metrics.jsonl")).unwrap();
     let stamp = std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap();
     let eval_stamp = std::fs::metadata(out.join("eval/sft-seed0-plain-t1.jsonl")).unwrap().modified().unwrap();
+    assert!(out.join("llm_judge/sft.jsonl").is_file());
+    // The judge is gone: its cached answers are all a rerun needs.
+    drop(server);
     run(&cfg).unwrap();
     assert_eq!(std::fs::metadata(out.join("data/pairs.jsonl")).unwrap().modified().unwrap(), stamp);
     assert_eq!(std::fs::metadata(out.join("eval/sft-seed0-plain-t1.jsonl")).unwrap().modified().unwrap(), eval_stamp);

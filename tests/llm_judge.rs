@@ -6,9 +6,8 @@
 mod common;
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -171,35 +170,21 @@ fn the_llm_judge_runs_against_meet_serve() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     meet::models::pretrained::save_hf_folder(&common::tiny_raw(3, 2048), &model).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meet"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--addr", "127.0.0.1:0", "--served-model-name", "judge"])
-        .env("RAYON_NUM_THREADS", "2")
-        .env_remove("MEET_API_KEY")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let server = common::serve_child(model.to_str().unwrap(), &["--served-model-name", "judge"]);
+    let url = &server.url;
     let a: Vec<Value> = (0..3).map(|i| sample(i, &format!("question {i}"), "yes")).collect();
     let b: Vec<Value> = (0..3).map(|i| sample(i, &format!("question {i}"), "no")).collect();
     let (fa, fb) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
     write(&fa, &a);
     write(&fb, &b);
     let cache = dir.path().join("cache");
-    let judge = format!("llm:{url}#judge");
+    let judge = format!("llm:{url}/v1#judge");
     let o = meet(
         &["compare", fa.to_str().unwrap(), fb.to_str().unwrap(), "--judge", &judge],
         &[("MEET_JUDGE_CACHE", cache.to_str().unwrap())],
     );
     let r = result(&o)["llm_judge"].clone();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     // A random tiny model never writes the verdict line: every answer is unparseable, and the
     // win rate is absent rather than invented.
     assert_eq!(r["pairs"], 3);

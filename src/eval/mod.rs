@@ -29,6 +29,13 @@ pub fn judge_by_name(name: &str) -> Result<Box<dyn Judge>> {
     Ok(match name {
         "vader" => Box::new(Vader::new(Scope::Response)),
         "vader-full" => Box::new(Vader::new(Scope::Full)),
+        other if other.starts_with("llm:") => {
+            return Err(Error::Invalid(format!(
+                "judge '{other}': an LLM judge compares two responses rather than scoring one: write each \
+                 model's responses with meet eval --out, then meet compare A.jsonl B.jsonl --judge {other} (the \
+                 experiment takes it as [llm_judge])"
+            )))
+        }
         other => match other.strip_prefix("reward:") {
             Some(path) => Box::new(reward_model::RewardModel::load(path)?),
             None => return Err(Error::Invalid(format!("unknown judge '{other}' (vader, vader-full, reward:PATH)"))),

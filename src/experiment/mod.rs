@@ -110,6 +110,26 @@ pub struct ExperimentConfig {
     /// `method = "reward"` and `[train]`); without the table no reward model is trained.
     #[serde(default)]
     pub reward_model: Option<toml::Table>,
+    /// `[llm_judge]`: also judge each method against the base model with an LLM; without the
+    /// table no LLM is asked.
+    #[serde(default)]
+    pub llm_judge: Option<LlmJudgeSection>,
+}
+
+/// `[llm_judge]`: the LLM judge of the report (see [`crate::eval::llm_judge`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmJudgeSection {
+    /// `llm:URL[#MODEL]`.
+    pub judge: String,
+    /// `dialogue` or `summary`: which of the DPO paper's prompts.
+    pub task: String,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Where answers are cached; default as `meet compare --judge` (`$MEET_JUDGE_CACHE`, else
+    /// `~/.cache/meet/llm-judge`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// `[sweep]`: the soft-prompt lengths and LoRA ranks MEET is trained with (besides its main
@@ -392,7 +412,18 @@ pub fn run(cfg: &ExperimentConfig) -> Result<PathBuf> {
     };
     let judge = judge_by_name(&cfg.eval.judge)?;
     let cells = evaluate_all(cfg, &trained, &base, judge.as_ref())?;
-    let path = write_report(cfg, &cells, &trained.sweep, judge.name())?;
+    let llm = match &cfg.llm_judge {
+        Some(l) => {
+            let task = crate::eval::llm_judge::Task::parse(&l.task)?;
+            let mut j = crate::eval::llm_judge::LlmJudge::from_spec(&l.judge, task, l.concurrency)?;
+            if let Some(d) = &l.cache_dir {
+                j.cache_dir = d.clone();
+            }
+            Some(j)
+        }
+        None => None,
+    };
+    let path = write_report(cfg, &cells, &trained.sweep, judge.name(), llm.as_ref())?;
     ui::note(&format!("this pass took {}", ui::duration(started.elapsed().as_secs_f64())));
     Ok(path)
 }
@@ -646,10 +677,16 @@ fn evaluate_all(
 }
 
 /// Phase 5: `report.md`, its figures and `results.jsonl`.
-fn write_report(cfg: &ExperimentConfig, cells: &[Evaluated], sweep: &[SweepPoint], judge: &str) -> Result<PathBuf> {
+fn write_report(
+    cfg: &ExperimentConfig,
+    cells: &[Evaluated],
+    sweep: &[SweepPoint],
+    judge: &str,
+    llm: Option<&crate::eval::llm_judge::LlmJudge>,
+) -> Result<PathBuf> {
     ui::header("[5/5] report and figures");
     let provenance = crate::provenance::Provenance::current();
-    let md = report::write(cfg, cells, sweep, judge, &provenance)?;
+    let md = report::write(cfg, cells, sweep, judge, llm, &provenance)?;
     let path = cfg.dir(&["report.md"]);
     atomic_write(&path, md.as_bytes())?;
     // The first line says which build, machine and kernels made the numbers; one cell per line

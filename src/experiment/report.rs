@@ -4,7 +4,8 @@
 
 use super::plots::{bars, lines, Point, Series};
 use super::{Evaluated, ExperimentConfig, SweepPoint, Timing};
-use crate::eval::sample::{paired_scores, summarize, Sample};
+use crate::eval::llm_judge::{summarize as summarize_judgements, LlmJudge};
+use crate::eval::sample::{paired_samples, paired_scores, summarize, Sample};
 use crate::eval::stats::{across_seeds, mean_ci, win_rate, Estimate};
 use crate::files::read_jsonl;
 use crate::train::StepLog;
@@ -49,6 +50,11 @@ impl<'a> Cells<'a> {
         self.all.iter().any(|x| x.cell.method == m && x.cell.control.as_deref() == Some("good")).then_some("good")
     }
 
+    /// A method with its main control: `meet-lora (good)`.
+    fn label(&self, m: &str) -> String {
+        format!("{m}{}", self.main_control(m).map(|c| format!(" ({c})")).unwrap_or_default())
+    }
+
     fn main(&self, m: &str, t: f64) -> Vec<&'a Evaluated> {
         self.group(m, self.main_control(m), t)
     }
@@ -71,9 +77,71 @@ impl<'a> Cells<'a> {
         Ok((x, y))
     }
 
+    /// Response texts of `a` and `b` paired by seed, prompt and sample: (prompt, a's, b's).
+    fn paired_texts(a: &[&Evaluated], b: &[&Evaluated]) -> Result<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for ea in a {
+            if let Some(eb) = b.iter().find(|eb| eb.cell.seed == ea.cell.seed) {
+                let (pairs, _, _) = paired_samples(&ea.samples, &eb.samples)?;
+                out.extend(pairs.iter().map(|(x, y)| (x.prompt.clone(), x.response.clone(), y.response.clone())));
+            }
+        }
+        Ok(out)
+    }
+
     fn has_rm(&self) -> bool {
         self.all.iter().any(|e| e.rm.is_some())
     }
+}
+
+/// The LLM judge's verdicts on each method's responses against the base model's (same seed,
+/// prompt and sample), both orders asked; judgements in `llm_judge/METHOD.jsonl`.
+fn llm_section(
+    r: &mut String,
+    cfg: &ExperimentConfig,
+    cells: &Cells,
+    names: &[String],
+    t: f64,
+    j: &LlmJudge,
+) -> Result<()> {
+    let _ = writeln!(
+        r,
+        "## LLM judge at T = {t}: win rate over the base model\n\nJudge {} with the DPO paper's {:?} prompt; each \
+         pair asked in both orders (the first drawn at random). Win rate: a pair scores the mean of its parsed \
+         verdicts; agreement: both orders name the same response; position A: share of verdicts for the first \
+         position (0.5 = no bias).\n",
+        j.name(),
+        j.task
+    );
+    let _ = writeln!(r, "| method | win vs base | first order only | agreement | position A | unparseable | pairs |");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|");
+    let base_t = cells.group("base", None, t);
+    let share = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.2}"));
+    for m in names.iter().filter(|m| *m != "base") {
+        let group = cells.main(m, t);
+        let items = Cells::paired_texts(&group, &base_t)?;
+        if items.is_empty() {
+            continue;
+        }
+        let (js, cached) = j.judge_pairs(&items, 0)?;
+        crate::files::write_jsonl(&cfg.output_dir.join("llm_judge").join(format!("{m}.jsonl")), &js)?;
+        let c = summarize_judgements(j.name(), j.task, &js, cached, 0)?;
+        let est = |e: &Option<Estimate>| e.as_ref().map_or("–".into(), fmt);
+        let _ = writeln!(
+            r,
+            "| {} | {} | {} | {} | {} | {} of {} | {} |",
+            cells.label(m),
+            est(&c.win_rate),
+            est(&c.first_order_win_rate),
+            share(c.agreement),
+            share(c.position_a_share),
+            c.unparseable,
+            2 * c.pairs,
+            c.pairs
+        );
+    }
+    let _ = writeln!(r);
+    Ok(())
 }
 
 /// Mean loss of the last fifth of the steps (at least one).
@@ -88,6 +156,7 @@ pub fn write(
     all: &[Evaluated],
     sweep: &[SweepPoint],
     judge: &str,
+    llm: Option<&LlmJudge>,
     provenance: &crate::provenance::Provenance,
 ) -> Result<String> {
     let cells = Cells { all };
@@ -127,7 +196,7 @@ pub fn write(
     let _ = writeln!(r);
     let mut names: Vec<String> = vec!["base".into()];
     names.extend(cfg.methods.iter().cloned());
-    let label = |m: &str| format!("{m}{}", cells.main_control(m).map(|c| format!(" ({c})")).unwrap_or_default());
+    let label = |m: &str| cells.label(m);
     let t = *cfg.temperatures.last().unwrap_or(&1.0);
 
     // Score by temperature.
@@ -232,6 +301,9 @@ pub fn write(
     )?;
     let _ = writeln!(r, "\nLengths are of `good` / plain responses; ties count half in win rates.\n");
     let _ = writeln!(r, "![](win_rates.png)\n\n![](score_vs_kl.png)\n");
+    if let Some(j) = llm {
+        llm_section(&mut r, cfg, &cells, &names, t, j)?;
+    }
 
     // MEET head to head.
     let meet: Vec<&String> = cfg.methods.iter().filter(|m| m.starts_with("meet")).collect();

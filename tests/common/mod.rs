@@ -137,3 +137,40 @@ pub fn seeded_normal(name: &str, std: f64, shape: &candle_core::Shape) -> Tensor
     let v: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng) as f32).collect();
     Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()
 }
+
+/// `meet serve` on a free loopback port as a child process, killed when dropped.
+pub struct ServeChild {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `meet serve --model MODEL EXTRA...`; its stderr is drained in the background.
+pub fn serve_child(model: &str, extra: &[&str]) -> ServeChild {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meet"))
+        .args(["serve", "--model", model, "--addr", "127.0.0.1:0"])
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("MEET_API_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("meet serve ended before listening").unwrap();
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap().trim_end_matches("/v1"));
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    ServeChild { child, url }
+}
