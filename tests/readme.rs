@@ -135,6 +135,13 @@ fn shorten(args: &mut Vec<String>) {
             set(args, "--new-tokens", "4");
             set(args, "--reps", "1");
         }
+        ["bench", "serve"] => {
+            set(args, "--clients", "1,2");
+            set(args, "--requests", "2");
+            set(args, "--max-tokens", "4");
+        }
+        // A free port; the test stops the server once it answers (see `serve`).
+        ["serve", ..] => set(args, "--addr", "127.0.0.1:0"),
         ["bench", "prefill"] => {
             set(args, "--lengths", "64");
             set(args, "--reps", "1");
@@ -165,6 +172,36 @@ fn check(args: &[String], stdout: &str, stderr: &str) {
     }
 }
 
+/// Runs `meet serve`, waits until it listens, checks `/health` and a completion, then stops it
+/// with SIGTERM (a clean exit).
+fn serve(args: &[String], dir: &Path) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meet"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("meet serve ended before listening").unwrap();
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let client = reqwest::blocking::Client::new();
+    assert!(client.get(url.replace("/v1", "/health")).send().unwrap().status().is_success());
+    let name = args.iter().position(|a| a == "--served-model-name").map_or("", |i| args[i + 1].as_str());
+    let body = serde_json::json!({"model": format!("{name}:good"), "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4});
+    let r = client.post(format!("{url}/chat/completions")).json(&body).send().unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    // SAFETY: a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
 fn link(from: &Path, to: &Path) {
     std::os::unix::fs::symlink(from, to).unwrap();
 }
@@ -186,6 +223,13 @@ fn every_usage_command_of_the_readme_runs_as_written() {
         let w = words(cmd);
         let started = std::time::Instant::now();
         let out = match w[0].as_str() {
+            "meet" if w.get(1).map(String::as_str) == Some("serve") => {
+                let mut args = w[1..].to_vec();
+                shorten(&mut args);
+                serve(&args, work.path());
+                ran += 1;
+                continue;
+            }
             "meet" => {
                 let mut args = w[1..].to_vec();
                 shorten(&mut args);
