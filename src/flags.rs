@@ -436,9 +436,17 @@ pub struct EvalArgs {
     #[arg(long)]
     pub reference: Option<String>,
     /// Judge: `vader` (compound sentiment of the response), `vader-full` (of prompt + response),
-    /// `reward:PATH` (a reward model trained with `method = "reward"`).
+    /// `reward:PATH` (a reward model trained with `method = "reward"`), or `llm:URL[#MODEL]` (an
+    /// LLM behind an OpenAI-compatible endpoint comparing each response with `--reference`'s
+    /// response to the same prompt: the score is the win rate over the reference).
     #[arg(long, default_value = "vader")]
     pub judge: String,
+    /// The LLM judge's prompt (the DPO paper's): `dialogue` or `summary`.
+    #[arg(long, default_value = "dialogue")]
+    pub judge_task: String,
+    /// LLM judge requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub judge_concurrency: usize,
     /// Render prompts with the chat template.
     #[arg(long)]
     pub chat: bool,

@@ -79,7 +79,6 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Eval(a) => {
             use meet::eval::sample::{evaluate, summarize, EvalOptions};
-            let judge = meet::eval::judge_by_name(&a.judge)?;
             let prompts = meet::eval::sample::read_prompts(&a.prompts)?;
             let model = a.model.load_controlled()?;
             let reference = match &a.reference {
@@ -102,6 +101,43 @@ fn run() -> anyhow::Result<ExitCode> {
                 batch: a.batch,
                 progress: Some("eval".into()),
             };
+            if a.judge.starts_with("llm:") {
+                use meet::eval::llm_judge::{evaluate_against, LlmJudge, Task};
+                let Some(reference) = reference.as_ref() else {
+                    bail!(
+                        "--judge {}: the LLM judge compares each response with --reference's; give --reference",
+                        a.judge
+                    )
+                };
+                let j = LlmJudge::from_spec(&a.judge, Task::parse(&a.judge_task)?, a.judge_concurrency)?;
+                let (samples, c) = evaluate_against(&j, &model, reference, &prompts, &opts)?;
+                if let Some(out) = &a.out {
+                    meet::files::write_jsonl(out, &samples)?;
+                }
+                let est = |e: &Option<meet::eval::stats::Estimate>| {
+                    e.map_or("n/a (no verdict parsed)".into(), |e| format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi))
+                };
+                eprintln!(
+                    "LLM judge {}: win rate over {} {} on {} pairs (both orders); first order alone {}; agreement \
+                     under swapped order {}; position A chosen {}; {} of {} answers unparseable; {} from the cache",
+                    c.judge,
+                    a.reference.as_deref().unwrap_or_default(),
+                    est(&c.win_rate),
+                    c.pairs,
+                    est(&c.first_order_win_rate),
+                    c.agreement.map_or("n/a".into(), |v| format!("{v:.3}")),
+                    c.position_a_share.map_or("n/a".into(), |v| format!("{v:.3}")),
+                    c.unparseable,
+                    2 * c.pairs,
+                    c.cached
+                );
+                println!(
+                    "{}",
+                    serde_json::json!({"eval": a.model.model, "control": a.control, "judge": a.judge, "reference": a.reference, "llm_judge": c})
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let judge = meet::eval::judge_by_name(&a.judge)?;
             let samples = evaluate(&model, reference.as_ref(), judge.as_ref(), &prompts, &opts)?;
             if let Some(out) = &a.out {
                 meet::files::write_jsonl(out, &samples)?;

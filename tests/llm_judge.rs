@@ -166,6 +166,55 @@ fn the_llm_judge_asks_both_orders_parses_strictly_retries_and_caches() {
 }
 
 #[test]
+fn meet_eval_judges_each_response_against_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Arc::new(Mock::default());
+    let url = start_mock(mock.clone());
+    let (m1, m2) = (dir.path().join("m1"), dir.path().join("m2"));
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(3, 256), &m1).unwrap();
+    meet::models::pretrained::save_hf_folder(&common::tiny_raw(4, 256), &m2).unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "first\nsecond\nthird\n").unwrap();
+    let out = dir.path().join("scored.jsonl");
+    let judge = format!("llm:{url}#scripted");
+    let cache = dir.path().join("cache");
+    let env = [("OPENAI_API_KEY", "sk-test"), ("MEET_JUDGE_CACHE", cache.to_str().unwrap())];
+    let args = [
+        "eval",
+        "--model",
+        m1.to_str().unwrap(),
+        "--reference",
+        m2.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let r = result(&meet(&args, &env))["llm_judge"].clone();
+    // Neither says GOOD: the scripted judge always answers B, so each response wins in one order
+    // and loses in the other: win rate ½, no agreement, every verdict for position B.
+    assert_eq!(r["pairs"], 6);
+    assert_eq!(r["unparseable"], 0);
+    assert_eq!(r["win_rate"]["value"], 0.5);
+    assert_eq!(r["agreement"], 0.0);
+    assert_eq!(r["position_a_share"], 0.0);
+    assert_eq!(mock.requests.load(Ordering::SeqCst), 12);
+    let scored: Vec<Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(scored.len(), 6);
+    assert!(scored.iter().all(|s| s["score"] == 0.5 && s["kl"].is_f64()), "{scored:?}");
+    // Without a reference there is nothing to compare with.
+    let o = meet(&args[..3].iter().chain(&args[5..]).copied().collect::<Vec<_>>(), &env);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give --reference"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
 fn the_llm_judge_runs_against_meet_serve() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");

@@ -175,31 +175,19 @@ fn check(args: &[String], stdout: &str, stderr: &str) {
 /// Runs `meet serve`, waits until it listens, checks `/health` and a completion, then stops it
 /// with SIGTERM (a clean exit).
 fn serve(args: &[String], dir: &Path) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meet"))
-        .args(args)
-        .current_dir(dir)
-        .env("RAYON_NUM_THREADS", "2")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("meet serve ended before listening").unwrap();
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meet"));
+    cmd.args(args).current_dir(dir);
+    let mut server = common::listening(cmd);
+    let url = server.url.clone();
     let client = reqwest::blocking::Client::new();
-    assert!(client.get(url.replace("/v1", "/health")).send().unwrap().status().is_success());
+    assert!(client.get(format!("{url}/health")).send().unwrap().status().is_success());
     let name = args.iter().position(|a| a == "--served-model-name").map_or("", |i| args[i + 1].as_str());
     let body = serde_json::json!({"model": format!("{name}:good"), "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4});
-    let r = client.post(format!("{url}/chat/completions")).json(&body).send().unwrap();
+    let r = client.post(format!("{url}/v1/chat/completions")).json(&body).send().unwrap();
     assert!(r.status().is_success(), "{}", r.text().unwrap());
     // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert!(server.child.wait().unwrap().success());
 }
 
 fn link(from: &Path, to: &Path) {

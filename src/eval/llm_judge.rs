@@ -376,6 +376,54 @@ impl LlmJudge {
     }
 }
 
+/// A placeholder for the scores of responses that the LLM judge compares afterwards.
+struct Pending;
+
+impl crate::eval::Judge for Pending {
+    fn name(&self) -> &str {
+        "pending"
+    }
+
+    fn score(&self, items: &[(&str, &str)]) -> Result<Vec<f64>> {
+        Ok(vec![0.0; items.len()])
+    }
+}
+
+/// `meet eval --judge llm:...`: samples `model` (under its control) and `reference` (plain) on the
+/// same prompts with the same options, and has the LLM judge compare each (prompt, sample) pair.
+/// Each of the model's responses then scores its pair's win (1, ½, 0: the mean of its parsed
+/// verdicts); responses whose pair got no verdict are left out of the returned samples.
+pub fn evaluate_against(
+    judge: &LlmJudge,
+    model: &crate::controls::Controlled,
+    reference: &crate::controls::Controlled,
+    prompts: &[String],
+    opts: &crate::eval::sample::EvalOptions,
+) -> Result<(Vec<crate::eval::sample::Sample>, Comparison)> {
+    use crate::eval::sample::{evaluate, EvalOptions};
+    let mine = evaluate(model, Some(reference), &Pending, prompts, opts)?;
+    let ref_opts = EvalOptions { control: None, progress: Some("reference".into()), ..opts.clone() };
+    let theirs = evaluate(reference, None, &Pending, prompts, &ref_opts)?;
+    // Both are sorted by (prompt, sample) over the same prompts and sample counts.
+    let items: Vec<(String, String, String)> =
+        mine.iter().zip(&theirs).map(|(a, b)| (a.prompt.clone(), a.response.clone(), b.response.clone())).collect();
+    let seed = opts.params.seed;
+    let (js, cached) = judge.judge_pairs(&items, seed)?;
+    let c = summarize(judge.name(), judge.task, &js, cached, seed)?;
+    let scored = mine
+        .into_iter()
+        .zip(&js)
+        .filter_map(|(mut s, j)| {
+            let parsed: Vec<f64> = j.a_wins.iter().flatten().map(|&w| if w { 1.0 } else { 0.0 }).collect();
+            (!parsed.is_empty()).then(|| {
+                s.score = mean(&parsed);
+                s
+            })
+        })
+        .collect();
+    Ok((scored, c))
+}
+
 /// The statistics of judgements (see [`Comparison`]).
 pub fn summarize(judge: String, task: Task, js: &[Judgement], cached: usize, seed: u64) -> Result<Comparison> {
     let win = |b: bool| if b { 1.0 } else { 0.0 };

@@ -31,9 +31,9 @@ pub fn judge_by_name(name: &str) -> Result<Box<dyn Judge>> {
         "vader-full" => Box::new(Vader::new(Scope::Full)),
         other if other.starts_with("llm:") => {
             return Err(Error::Invalid(format!(
-                "judge '{other}': an LLM judge compares two responses rather than scoring one: write each \
-                 model's responses with meet eval --out, then meet compare A.jsonl B.jsonl --judge {other} (the \
-                 experiment takes it as [llm_judge])"
+                "judge '{other}': an LLM judge compares two responses rather than scoring one (meet eval \
+                 --judge {other} --reference R, meet compare A.jsonl B.jsonl --judge {other}, or the \
+                 experiment's [llm_judge])"
             )))
         }
         other => match other.strip_prefix("reward:") {

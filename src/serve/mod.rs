@@ -186,30 +186,40 @@ enum Endpoint {
     Text,
 }
 
-async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let bytes = body(&s, req).await?;
-        let (c, r) = api::parse::<api::ChatRequest>(&bytes)?;
-        let plan = api::chat_plan(&c, &r, &s.model, &s.limits)?;
-        Ok::<_, ApiError>((c.model, plan))
+/// A request's plan from its body, by endpoint.
+fn plan(s: &AppState, endpoint: Endpoint, bytes: &[u8]) -> std::result::Result<(String, Plan), ApiError> {
+    let (c, plan) = match endpoint {
+        Endpoint::Chat => {
+            let (c, r) = api::parse::<api::ChatRequest>(bytes)?;
+            let p = api::chat_plan(&c, &r, &s.model, &s.limits)?;
+            (c, p)
+        }
+        Endpoint::Text => {
+            let (c, r) = api::parse::<api::CompletionRequest>(bytes)?;
+            let p = api::completion_plan(&c, &r, &s.model, &s.limits)?;
+            (c, p)
+        }
     };
-    match run.await {
-        Ok((model, plan)) => respond(s, Endpoint::Chat, model, plan).await,
+    Ok((c.model, plan))
+}
+
+async fn handle(s: Arc<AppState>, endpoint: Endpoint, req: Request) -> Response {
+    let planned = match body(&s, req).await {
+        Ok(bytes) => plan(&s, endpoint, &bytes),
+        Err(e) => Err(e),
+    };
+    match planned {
+        Ok((model, plan)) => respond(s, endpoint, model, plan).await,
         Err(e) => e.into_response(),
     }
 }
 
+async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    handle(s, Endpoint::Chat, req).await
+}
+
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    let run = async {
-        let bytes = body(&s, req).await?;
-        let (c, r) = api::parse::<api::CompletionRequest>(&bytes)?;
-        let plan = api::completion_plan(&c, &r, &s.model, &s.limits)?;
-        Ok::<_, ApiError>((c.model, plan))
-    };
-    match run.await {
-        Ok((model, plan)) => respond(s, Endpoint::Text, model, plan).await,
-        Err(e) => e.into_response(),
-    }
+    handle(s, Endpoint::Text, req).await
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {

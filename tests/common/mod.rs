@@ -152,14 +152,19 @@ impl Drop for ServeChild {
     }
 }
 
-/// Starts `meet serve --model MODEL EXTRA...`; its stderr is drained in the background.
+/// Starts `meet serve --model MODEL EXTRA...` on a free port.
 pub fn serve_child(model: &str, extra: &[&str]) -> ServeChild {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meet"));
+    cmd.args(["serve", "--model", model, "--addr", "127.0.0.1:0"]).args(extra).env_remove("MEET_API_KEY");
+    listening(cmd)
+}
+
+/// Spawns a `meet serve` command and waits until it listens; its stderr is drained in the
+/// background.
+pub fn listening(mut cmd: std::process::Command) -> ServeChild {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meet"))
-        .args(["serve", "--model", model, "--addr", "127.0.0.1:0"])
-        .args(extra)
+    let mut child = cmd
         .env("RAYON_NUM_THREADS", "2")
-        .env_remove("MEET_API_KEY")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
