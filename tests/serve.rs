@@ -487,6 +487,13 @@ fn bad_input_gets_an_openai_error_naming_the_field() {
         ),
         (
             "/v1/completions",
+            format!(r#"{{"model": "m", "prompt": "{}"}}"#, "z".repeat(4100)),
+            400,
+            Some("prompt"),
+            "the prompt has 4100",
+        ),
+        (
+            "/v1/completions",
             r#"{"model": "m", "prompt": "a", "echo": true}"#.into(),
             400,
             Some("echo"),

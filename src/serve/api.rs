@@ -301,8 +301,10 @@ fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
     })
 }
 
-/// The budget of new tokens, checked against the cap and the context.
+/// The budget of new tokens, checked against the cap and the context (`input`: the field holding
+/// the prompt, `messages` or `prompt`).
 fn budget(
+    input: &str,
     asked: Option<u64>,
     param: &str,
     default: Option<usize>,
@@ -313,7 +315,7 @@ fn budget(
     let ctx = model.policy.pretrained.model.max_positions();
     if longest >= ctx {
         return Err(ApiError::invalid(
-            Some("messages"),
+            Some(input),
             format!("This model's maximum context length is {ctx} tokens; the prompt has {longest}"),
         )
         .with(400, "context_length_exceeded"));
@@ -410,7 +412,7 @@ pub fn chat_plan(c: &Common, r: &ChatRequest, model: &Controlled, limits: &Limit
         (Some(a), _) => (Some(a), "max_completion_tokens"),
         (None, b) => (b, "max_tokens"),
     };
-    params.max_new_tokens = budget(asked, param, None, len + prefix, model, limits)?;
+    params.max_new_tokens = budget("messages", asked, param, None, len + prefix, model, limits)?;
     if c.ignore_eos == Some(true) {
         params.min_new_tokens = params.max_new_tokens;
     }
@@ -471,7 +473,7 @@ pub fn completion_plan(
         longest = longest.max(len + prefix);
     }
     // OpenAI's default for text completions is 16 new tokens.
-    params.max_new_tokens = budget(c.max_tokens, "max_tokens", Some(16), longest, model, limits)?;
+    params.max_new_tokens = budget("prompt", c.max_tokens, "max_tokens", Some(16), longest, model, limits)?;
     if c.ignore_eos == Some(true) {
         params.min_new_tokens = params.max_new_tokens;
     }
