@@ -114,22 +114,11 @@ fn run() -> anyhow::Result<ExitCode> {
                 if let Some(out) = &a.out {
                     meet::files::write_jsonl(out, &samples)?;
                 }
-                let est = |e: &Option<meet::eval::stats::Estimate>| {
-                    e.map_or("n/a (no verdict parsed)".into(), |e| format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi))
-                };
                 eprintln!(
-                    "LLM judge {}: win rate over {} {} on {} pairs (both orders); first order alone {}; agreement \
-                     under swapped order {}; position A chosen {}; {} of {} answers unparseable; {} from the cache",
+                    "LLM judge {}: win rate over {}: {}",
                     c.judge,
                     a.reference.as_deref().unwrap_or_default(),
-                    est(&c.win_rate),
-                    c.pairs,
-                    est(&c.first_order_win_rate),
-                    c.agreement.map_or("n/a".into(), |v| format!("{v:.3}")),
-                    c.position_a_share.map_or("n/a".into(), |v| format!("{v:.3}")),
-                    c.unparseable,
-                    2 * c.pairs,
-                    c.cached
+                    c.describe()
                 );
                 println!(
                     "{}",
@@ -223,25 +212,12 @@ fn run() -> anyhow::Result<ExitCode> {
                     meet::files::write_jsonl(out, &js)?;
                 }
                 let c = summarize(j.name(), j.task, &js, cached, seed)?;
-                let est = |e: &Option<meet::eval::stats::Estimate>| {
-                    e.map_or("n/a (no verdict parsed)".into(), |e| format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi))
-                };
-                let share = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{v:.3}"));
                 eprintln!(
-                    "LLM judge {}: win rate of {} over {}: {} on {} pairs, both orders; first order alone {}; \
-                     agreement under swapped order {}; position A chosen {}; {} of {} answers unparseable; {} from \
-                     the cache (lengths {la:.1} vs {lb:.1} tokens)",
+                    "LLM judge {}: win rate of {} over {}: {} (lengths {la:.1} vs {lb:.1} tokens)",
                     c.judge,
                     a.display(),
                     b.display(),
-                    est(&c.win_rate),
-                    c.pairs,
-                    est(&c.first_order_win_rate),
-                    share(c.agreement),
-                    share(c.position_a_share),
-                    c.unparseable,
-                    2 * c.pairs,
-                    c.cached
+                    c.describe()
                 );
                 println!("{}", serde_json::json!({"a": a, "b": b, "llm_judge": c, "length_a": la, "length_b": lb}));
             } else {

@@ -137,6 +137,28 @@ pub struct Comparison {
     pub cached: usize,
 }
 
+impl Comparison {
+    /// The figures in words: `0.750 [0.5, 1.0] on 12 pairs, both orders; first order alone …`.
+    pub fn describe(&self) -> String {
+        let est = |e: &Option<Estimate>| {
+            e.map_or("n/a (no verdict parsed)".into(), |e| format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi))
+        };
+        let share = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{v:.3}"));
+        format!(
+            "{} on {} pairs, both orders; first order alone {}; agreement under swapped order {}; position A \
+             chosen {}; {} of {} answers unparseable; {} from the cache",
+            est(&self.win_rate),
+            self.pairs,
+            est(&self.first_order_win_rate),
+            share(self.agreement),
+            share(self.position_a_share),
+            self.unparseable,
+            2 * self.pairs,
+            self.cached
+        )
+    }
+}
+
 /// A judge behind an OpenAI-compatible endpoint.
 pub struct LlmJudge {
     pub base_url: String,

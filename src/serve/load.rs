@@ -96,12 +96,6 @@ fn start_server(args: &[String]) -> Result<ServerProcess> {
     Ok(ServerProcess { child, url })
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
 /// One streamed request: (time to first token, latency, output tokens).
 fn one_request(client: &reqwest::blocking::Client, url: &str, body: &Value) -> Result<(f64, f64, usize)> {
     let t0 = Instant::now();
@@ -226,7 +220,7 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport> {
     }
     Ok(LoadReport {
         levels,
-        server_peak_rss_mib: peak_rss_mib(server.child.id()),
+        server_peak_rss_mib: crate::bench::peak_rss_mib_of(&server.child.id().to_string()),
         max_tokens: opts.max_tokens,
         controls: opts.controls.clone(),
     })

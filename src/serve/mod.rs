@@ -120,8 +120,7 @@ fn router(state: Arc<AppState>) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|p: Box<dyn std::any::Any + Send>| {
-            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-            ApiError::internal(format!("internal error: {}", msg.unwrap_or_else(|| "a panic".into()))).into_response()
+            ApiError::internal(format!("internal error: {}", engine::panic_message(&p))).into_response()
         }))
         .with_state(state)
 }
