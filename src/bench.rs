@@ -292,7 +292,7 @@ fn timed_train<T: crate::objectives::Item>(
 ) -> Result<Timed> {
     let dir = &cfg.output_dir;
     let run = crate::train::RunDir { dir: dir.clone(), config_hash: String::new(), label: "bench".into() };
-    let logs = crate::train::train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run, false);
+    let logs = crate::train::train(&built.policy, objective, items, &[], &mut built.optimizer, &cfg.train, &run, false);
     let _ = std::fs::remove_dir_all(dir);
     let logs = logs?;
     let timed = &logs[warmup.min(logs.len())..];
@@ -382,7 +382,7 @@ pub fn bench_dpo(
     cfg.train.dtype = dtype;
     let d = DpoConfig::default();
     let t = Instant::now();
-    let refs = crate::methods::dpo::cached_reference_logps(&cfg, &d, &pairs, 0)?;
+    let refs = crate::methods::dpo::cached_reference_logps(&cfg, &d, &pairs, 0, "reference_logps.json")?;
     let reference_s = t.elapsed().as_secs_f64();
     let mut built = build(&cfg)?;
     let items: Vec<DpoPair> = pairs

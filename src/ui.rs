@@ -52,11 +52,16 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts a phase at `done` of `total` units.
+    /// Starts a phase at `done` of `total` units; `total` 0 when it is not known (a count
+    /// without a bar, as for a JSON Lines file read as a stream).
     pub fn new(label: &str, total: usize, unit: &str, done: usize) -> Self {
         let kind = if is_terminal() {
             let bar = indicatif::ProgressBar::new(total as u64);
-            let template = format!("{{prefix}} {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}  [{{elapsed}} < {{eta}}]");
+            let template = if total == 0 {
+                format!("{{prefix}} {{spinner}} {{pos}} {unit}  {{msg}}  [{{elapsed}}]")
+            } else {
+                format!("{{prefix}} {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}  [{{elapsed}} < {{eta}}]")
+            };
             let style = indicatif::ProgressStyle::with_template(&template)
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
@@ -64,7 +69,7 @@ impl Progress {
             bar.set_position(done as u64);
             Kind::Bar(bar)
         } else {
-            let every = (total / 20).max(1);
+            let every = if total == 0 { 10_000 } else { (total / 20).max(1) };
             Kind::Lines { next: done + 1, every }
         };
         Self {
@@ -81,7 +86,7 @@ impl Progress {
     /// Seconds left at the rate of this process so far.
     pub fn eta_s(&self) -> f64 {
         let done = self.pos.saturating_sub(self.start_pos);
-        if done == 0 {
+        if done == 0 || self.total == 0 {
             return f64::NAN;
         }
         self.started.elapsed().as_secs_f64() / done as f64 * self.total.saturating_sub(self.pos) as f64
@@ -100,7 +105,8 @@ impl Progress {
                 if pos >= *next || pos == self.total {
                     let eta = if eta.is_finite() { format!("  eta {}", duration(eta)) } else { String::new() };
                     let sep = if msg.is_empty() { "" } else { "  " };
-                    eprintln!("    {}: {pos}/{} {}{sep}{msg}{eta}", self.label, self.total, self.unit);
+                    let of = if self.total == 0 { String::new() } else { format!("/{}", self.total) };
+                    eprintln!("    {}: {pos}{of} {}{sep}{msg}{eta}", self.label, self.unit);
                     // The first unit, then every ~5%, then the last.
                     *next = if pos < *every { *every } else { (pos / *every + 1) * *every };
                 }

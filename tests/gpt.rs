@@ -194,7 +194,7 @@ fn full_fine_tuning_losses_match_transformers() {
         let out = tempfile::tempdir().unwrap();
         let run = meet::train::RunDir { dir: out.path().to_path_buf(), config_hash: "x".into(), label: name.into() };
         let objective = LanguageModeling { pad_id: 0 };
-        let logs = meet::train::train(&policy, &objective, &items, &mut opt, &train, &run, false).unwrap();
+        let logs = meet::train::train(&policy, &objective, &items, &[], &mut opt, &train, &run, false).unwrap();
         let want: Vec<f64> = serde_json::from_value(exp["train"]["losses"].clone()).unwrap();
         assert_eq!(logs.len(), 4);
         for (i, (log, want)) in logs.iter().zip(&want).enumerate() {

@@ -7,11 +7,10 @@
 
 mod common;
 
-use common::tiny_raw;
+use common::{metrics, tiny_raw};
 use meet::controls::Controlled;
 use meet::generate::SamplingParams;
 use meet::methods::config::RunConfig;
-use meet::train::StepLog;
 use meet::LoadOptions;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -230,14 +229,6 @@ fn control_tokens_learn_the_rule() {
 #[test]
 fn chain_of_hindsight_learns_the_rule() {
     assert_controllable(&train_and_rate("coh", &[("model.train_weights", "true")]));
-}
-
-fn metrics(out: &Path) -> Vec<StepLog> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -158,6 +158,9 @@ fn check(args: &[String], stdout: &str, stderr: &str) {
         assert!(!text.contains('\n'), "--stop-strings \"\\n\" did not stop at the newline: {text:?}");
         assert!(!text.is_empty());
     }
+    if args[0] == "train" && args.iter().any(|a| a.starts_with("data.eval")) {
+        assert!(stderr.contains("held-out"), "no held-out data read: {stderr}");
+    }
     if args[0] == "train" && has("--resume") {
         assert!(stderr.contains("finished earlier; nothing to do"), "{stderr}");
     }
@@ -209,6 +212,17 @@ fn every_usage_command_of_the_readme_runs_as_written() {
     let mut ran = 0;
     for cmd in &commands {
         let w = words(cmd);
+        // Leading `NAME=value` words set the command's environment, as in a shell.
+        let is_env = |x: &String| {
+            x.split_once('=')
+                .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        };
+        let env: Vec<(String, String)> = w
+            .iter()
+            .take_while(|x| is_env(x))
+            .map(|x| x.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).unwrap())
+            .collect();
+        let w = w[env.len()..].to_vec();
         let started = std::time::Instant::now();
         let out = match w[0].as_str() {
             "meet" if w.get(1).map(String::as_str) == Some("serve") => {
@@ -225,6 +239,7 @@ fn every_usage_command_of_the_readme_runs_as_written() {
                     .args(&args)
                     .current_dir(work.path())
                     .env("RAYON_NUM_THREADS", "2")
+                    .envs(env.iter().map(|(k, v)| (k, v)))
                     .output()
                     .unwrap();
                 let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

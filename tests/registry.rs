@@ -60,18 +60,22 @@ impl Recipe for Echo {
         let mut built = setup::standard(cfg)?;
         let p = &built.policy.pretrained;
         let cue = p.tokenizer.encode(&format!(" {}", o.cue), false)?;
-        let examples: Vec<Example> = load_pairs(cfg, p)?
-            .into_iter()
-            .map(|x| Example {
-                start: x.prompt.len() + cue.len(),
-                ids: [x.prompt, cue.clone(), x.chosen].concat(),
-                ..Default::default()
-            })
-            .collect();
+        let (pairs, held_out) = load_pairs(cfg, p)?;
+        let to_examples = |pairs: Vec<meet::data::preference::Pair>| -> Vec<Example> {
+            pairs
+                .into_iter()
+                .map(|x| Example {
+                    start: x.prompt.len() + cue.len(),
+                    ids: [x.prompt, cue.clone(), x.chosen].concat(),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let (examples, eval) = (to_examples(pairs), to_examples(held_out));
         let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
         let st = Stage { name: "echo", label: "echo: the chosen responses after the cue", dir: &cfg.output_dir };
         let s = spec(cfg, ControlKind::Text, vec![o.cue.clone()]);
-        stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
+        stage(cfg, &st, &mut built, &objective, &examples, &eval, resume, Some(s))
     }
 
     fn apply_control(

@@ -248,7 +248,9 @@ fn dpo_losses_match_the_python_reference() {
     cfg.train.max_steps = Some(4);
     cfg.train.shuffle = false;
     cfg.train.save_every = Some(0);
-    let refs = meet::methods::dpo::cached_reference_logps(&cfg, &DpoConfig::default(), &pairs, 0).unwrap();
+    let refs =
+        meet::methods::dpo::cached_reference_logps(&cfg, &DpoConfig::default(), &pairs, 0, "reference_logps.json")
+            .unwrap();
     let mut built = build(&cfg).unwrap();
     let items: Vec<DpoPair> =
         pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
@@ -262,7 +264,8 @@ fn dpo_losses_match_the_python_reference() {
     let objective = Dpo { config: DpoConfig::default(), pad_id: 0 };
     let run = meet::train::RunDir { dir: dir.path().to_path_buf(), config_hash: "dpo".into(), label: "dpo".into() };
     let logs =
-        meet::train::train(&built.policy, &objective, &items, &mut built.optimizer, &cfg.train, &run, false).unwrap();
+        meet::train::train(&built.policy, &objective, &items, &[], &mut built.optimizer, &cfg.train, &run, false)
+            .unwrap();
     #[allow(clippy::approx_constant)] // the recorded figures, as printed
     let want = [0.6931, 0.6316, 0.5743, 0.5211];
     for (i, (log, want)) in logs.iter().zip(want).enumerate() {

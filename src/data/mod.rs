@@ -7,13 +7,15 @@
 //! assistant message). An optional `"control"` names the soft prompt / LoRA adapter of the row.
 //! Preference data (chosen/rejected) is in [`preference`].
 
+pub mod mix;
 pub mod preference;
 pub mod sentiment;
+pub mod source;
 
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};
 use serde_json::Value;
-use std::io::Read;
+pub use source::Records;
 use std::path::Path;
 
 /// One training sequence.
@@ -32,55 +34,57 @@ pub struct Example {
     pub scores: Vec<f64>,
 }
 
-/// One record of a data file: where it is (`line N` / `record N`) and its JSON, or why that line
-/// is not usable JSON (a per-record problem, which `skip_invalid` skips).
+/// One record of a data file: where it is (`line N` / `record N` / `row N`, after the file's name
+/// when a source has several) and its JSON, or why that line is not usable JSON (a per-record
+/// problem, which `skip_invalid` skips).
 #[derive(Debug, Clone)]
 pub struct Record {
     pub loc: String,
     pub value: std::result::Result<Value, String>,
 }
 
-/// Records of a JSON Lines file or a JSON array (plain or gzip-compressed, `.gz`). A line that is
-/// not JSON or not UTF-8 is a record with an error (see [`Record`]); a file that cannot be read, or
-/// a JSON array that does not parse, is an error naming the file.
-pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let mut bytes = Vec::new();
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    reader.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    if first == Some(b'[') {
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-            Error::parse(path, format!("line {line}: not valid UTF-8"))
-        })?;
-        let v: Vec<Value> = serde_json::from_str(text).map_err(|e| Error::parse(path, format!("invalid JSON: {e}")))?;
-        return Ok(v
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| Record { loc: format!("record {}", i + 1), value: Ok(v) })
-            .collect());
+/// Reads and tokenises records with a progress bar when the source is large, counting what
+/// was read, skipped and cut: `each` turns one record into an item or says why it cannot be one.
+/// An invalid record stops with its location (and the Parquet columns), or with `skip_invalid`
+/// is skipped and counted. Returns the items and the records seen.
+pub fn read_each<T>(
+    records: Records,
+    skip_invalid: bool,
+    what: &str,
+    mut each: impl FnMut(&Value) -> std::result::Result<T, String>,
+    mut status: impl FnMut(usize, &[String]) -> String,
+    error_suffix: &str,
+) -> Result<(Vec<T>, Vec<String>, usize)> {
+    let mut records = records;
+    let source = records.source.clone();
+    let mut progress = records.large.then(|| {
+        crate::ui::Progress::new(&format!("reading {}", source.display()), records.total.unwrap_or(0), "records", 0)
+    });
+    let (mut out, mut skipped, mut seen) = (Vec::new(), Vec::new(), 0usize);
+    while let Some(r) = records.next() {
+        let r = r?;
+        seen += 1;
+        match r.value.as_ref().map_err(String::clone).and_then(&mut each) {
+            Ok(item) => out.push(item),
+            Err(e) if skip_invalid => skipped.push(format!("{}: {e}", r.loc)),
+            Err(e) => {
+                return Err(Error::parse(&source, format!("{}: {e}{}{error_suffix}", r.loc, records.schema_hint())))
+            }
+        }
+        if let Some(p) = &mut progress {
+            if seen % 256 == 0 {
+                p.update(seen, &format!("{} {what}, {}", out.len(), status(out.len(), &skipped)));
+            }
+        }
     }
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let loc = format!("line {}", i + 1);
-        let value = match std::str::from_utf8(line) {
-            Err(e) => Err(format!("not valid UTF-8 (byte {})", e.valid_up_to())),
-            Ok(l) if l.trim().is_empty() => continue,
-            Ok(l) => serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")),
-        };
-        out.push(Record { loc, value });
+    if let Some(p) = progress {
+        p.finish(&format!("{} {what}, {}", out.len(), status(out.len(), &skipped)));
     }
-    Ok(out)
-}
-
-/// The first record that is JSON (what formats are detected from).
-pub fn first_value(records: &[Record]) -> Option<&Value> {
-    records.iter().find_map(|r| r.value.as_ref().ok())
+    report_skipped(&source, &skipped, seen);
+    if out.is_empty() {
+        return Err(Error::parse(&source, format!("no usable {what} ({} skipped)", skipped.len())));
+    }
+    Ok((out, skipped, seen))
 }
 
 /// Records skipped with `skip_invalid`: `"{loc}: {reason}"` each. Logs how many and the first few.
@@ -130,9 +134,10 @@ fn field<'a>(v: &'a Value, k: &str) -> std::result::Result<&'a str, String> {
     v.get(k).and_then(Value::as_str).ok_or_else(|| format!("field '{k}' must be a string"))
 }
 
-/// Reads a supervised JSONL file into examples.
+/// Reads a supervised data source (a file, a folder or an `hf:` id, see [`source`]) into
+/// examples.
 pub fn read_supervised(path: &Path, tok: &Tokenizer, opts: &SupervisedOptions) -> Result<(Vec<Example>, ReadStats)> {
-    supervised_from_records(path, read_records(path)?, tok, opts)
+    supervised_from_records(Records::open(path, "train")?, tok, opts)
 }
 
 /// One supervised row as an example, or why it cannot be one.
@@ -236,32 +241,36 @@ fn supervised_example(
     Ok(Example { ids, start, controls, scores, ..Default::default() })
 }
 
-/// Supervised examples from the records of `path` (see [`read_records`]). An invalid record
-/// stops with its file and line, or with `skip_invalid` is skipped and counted.
+/// Supervised examples from `records`. An invalid record stops with its location, or with
+/// `skip_invalid` is skipped and counted.
 pub fn supervised_from_records(
-    path: &Path,
-    records: Vec<Record>,
+    records: Records,
     tok: &Tokenizer,
     opts: &SupervisedOptions,
 ) -> Result<(Vec<Example>, ReadStats)> {
+    let source = records.source.clone();
     let mut stats = ReadStats::default();
-    let mut out = Vec::new();
-    for r in &records {
-        match r.value.as_ref().map_err(String::clone).and_then(|v| supervised_example(v, tok, opts, &mut stats)) {
-            Ok(e) => out.push(e),
-            Err(e) if opts.skip_invalid => stats.skipped.push(format!("{}: {e}", r.loc)),
-            Err(e) => return Err(Error::parse(path, format!("{}: {e} (skip_invalid skips such records)", r.loc))),
-        }
-    }
-    report_skipped(path, &stats.skipped, records.len());
-    if out.is_empty() {
-        return Err(Error::parse(path, format!("no usable records ({} skipped)", stats.skipped.len())));
-    }
+    let truncated = std::cell::Cell::new(0usize);
+    let (out, skipped, _) = read_each(
+        records,
+        opts.skip_invalid,
+        "records",
+        |v| {
+            let mut s = ReadStats::default();
+            let e = supervised_example(v, tok, opts, &mut s);
+            truncated.set(truncated.get() + s.truncated);
+            e
+        },
+        |_, skipped| format!("{} skipped, {} cut", skipped.len(), truncated.get()),
+        " (skip_invalid skips such records)",
+    )?;
+    stats.skipped = skipped;
+    stats.truncated = truncated.get();
     stats.examples = out.len();
     if stats.truncated > 0 {
         tracing::warn!(
             "{}: {} of {} examples cut to max_length {}",
-            path.display(),
+            source.display(),
             stats.truncated,
             out.len(),
             opts.max_length

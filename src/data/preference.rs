@@ -15,9 +15,10 @@
 //!   (ShareGPT style, optional `"system"`) or `{"instruction", "input", "chosen", "rejected"}`
 //!   (Alpaca style).
 //!
-//! Files are JSON Lines or one JSON array (`.json`), plain or `.gz`.
+//! Sources are JSON Lines, JSON arrays or Parquet files, folders of shards, or Hub dataset ids
+//! (see [`crate::data::source`]).
 
-use crate::data::{first_value, read_records, report_skipped, Record};
+use crate::data::{read_each, Records};
 use crate::tokenizer::{Message, Tokenizer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -437,58 +438,55 @@ fn record_dimension(v: &Value, dimensions: &[String]) -> std::result::Result<Opt
     }
 }
 
-/// Reads and tokenises a preference file. Invalid records fail with file and line, or with
-/// `skip_invalid` are skipped and listed in the stats.
+/// Reads and tokenises a preference source (a file, a folder or an `hf:` id, see
+/// [`crate::data::source`]). Invalid records fail with their location, or with `skip_invalid`
+/// are skipped and listed in the stats.
 pub fn read_preferences(
     path: &Path,
     tok: &Tokenizer,
     opts: &PreferenceOptions,
 ) -> Result<(Vec<Pair>, PreferenceStats)> {
-    preferences_from_records(path, read_records(path)?, tok, opts)
+    preferences_from_records(Records::open(path, "train")?, tok, opts)
 }
 
-/// [`read_preferences`] on the records of `path` (see [`read_records`]).
+/// [`read_preferences`] on a stream of records; the format is detected from the first.
 pub fn preferences_from_records(
-    path: &Path,
-    records: Vec<Record>,
+    mut records: Records,
     tok: &Tokenizer,
     opts: &PreferenceOptions,
 ) -> Result<(Vec<Pair>, PreferenceStats)> {
-    let format = match (opts.format, first_value(&records)) {
-        (Format::Auto, Some(v)) => detect(v),
+    let format = match (opts.format, records.first_value()?) {
+        (Format::Auto, Some(v)) => detect(&v),
         (f, _) => f,
     };
-    let mut stats = PreferenceStats::default();
-    let mut pairs = Vec::with_capacity(records.len());
-    for r in &records {
-        let pair = r.value.as_ref().map_err(String::clone).and_then(|v| {
+    let source = records.source.clone();
+    let stats = std::cell::RefCell::new(PreferenceStats::default());
+    let suffix = format!(" (read as {} records; skip_invalid skips such records)", format.name());
+    let (pairs, skipped, _) = read_each(
+        records,
+        opts.skip_invalid,
+        "preference records",
+        |v| {
             let dimension = record_dimension(v, &opts.dimensions)?;
             let p = parse_record(v, format)?;
-            let mut pair = tokenize(&p, tok, opts, &mut stats).map_err(|e| e.to_string())?;
+            let mut pair = tokenize(&p, tok, opts, &mut stats.borrow_mut()).map_err(|e| e.to_string())?;
             pair.dimension = dimension;
             Ok(pair)
-        });
-        match pair {
-            Ok(p) => pairs.push(p),
-            Err(e) if opts.skip_invalid => stats.skipped.push(format!("{}: {e}", r.loc)),
-            Err(e) => {
-                return Err(Error::parse(
-                    path,
-                    format!("{}: {e} (read as {} records; skip_invalid skips such records)", r.loc, format.name()),
-                ))
-            }
-        }
-    }
-    report_skipped(path, &stats.skipped, records.len());
-    if pairs.is_empty() {
-        return Err(Error::parse(path, format!("no usable preference records ({} skipped)", stats.skipped.len())));
-    }
+        },
+        |_, skipped| {
+            let s = stats.borrow();
+            format!("{} skipped, {} prompts and {} responses cut", skipped.len(), s.prompts_cut, s.responses_cut)
+        },
+        &suffix,
+    )?;
+    let mut stats = stats.into_inner();
+    stats.skipped = skipped;
     stats.pairs = pairs.len();
     if stats.prompts_cut + stats.responses_cut > 0 {
         let limit = |v: Option<usize>| v.map_or("none".to_string(), |n| n.to_string());
         tracing::warn!(
             "{}: {} prompts and {} response pairs cut to fit (max_length {}, max_prompt_length {}, max_completion_length {})",
-            path.display(),
+            source.display(),
             stats.prompts_cut,
             stats.responses_cut,
             opts.max_length,

@@ -183,8 +183,30 @@ pub fn paired_samples<'a>(a: &'a [Sample], b: &'a [Sample]) -> Result<SamplePair
     Ok((pairs, only_a, only_b))
 }
 
-/// Prompts from a JSONL file (`"prompt"` strings) or a text file (one per line).
+/// Prompts from a text file (one per line), or from the `"prompt"` strings of a data source: a
+/// JSONL / JSON / Parquet file, a folder, or a Hub dataset id (`hf:…`, split `test` by default;
+/// see [`crate::data::source`]).
 pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    let hub_or_folder = name.starts_with(crate::io::hub::DATASET_PREFIX) || path.is_dir();
+    let plain_json = name.ends_with(".jsonl") || name.ends_with(".json");
+    // Parquet and `.gz` files, folders and Hub ids are read as records; plain JSONL / text below.
+    if hub_or_folder || (crate::io::hub::is_data_file(&name) && !plain_json) {
+        let (out, _, _) = crate::data::read_each(
+            crate::data::Records::open(path, "test")?,
+            false,
+            "prompts",
+            |v| {
+                v.get("prompt")
+                    .and_then(|p| p.as_str())
+                    .map(String::from)
+                    .ok_or("field 'prompt' must be a string".into())
+            },
+            |_, _| String::new(),
+            "",
+        )?;
+        return Ok(out);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
     let mut out = Vec::new();

@@ -9,6 +9,7 @@
 //! combination's phrases follow the prompt one after another, in dimension order (the baseline
 //! as published composes no other way).
 
+use crate::data::preference::Pair;
 use crate::data::Example;
 use crate::methods::config::RunConfig;
 use crate::methods::setup::{self, load_pairs, pair_controls, pair_controls_of};
@@ -177,35 +178,39 @@ fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
     let per_control = if several { c.dimension_phrases(cfg) } else { vec![] };
     let per_control_ids = per_control.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xC0C0);
-    let pairs = load_pairs(cfg, p)?;
-    let examples: Vec<Example> = pairs
-        .iter()
-        .map(|pair| {
-            let (good, bad) = if several {
-                // The pair's dimension's two phrases.
-                let (g, b) = pair_controls_of(cfg, pair)?;
-                (
-                    (per_control_ids[g].as_slice(), pair.chosen.as_slice()),
-                    (per_control_ids[b].as_slice(), pair.rejected.as_slice()),
-                )
-            } else {
-                (
-                    (pos[rng.gen_range(0..pos.len())].as_slice(), pair.chosen.as_slice()),
-                    (neg[rng.gen_range(0..neg.len())].as_slice(), pair.rejected.as_slice()),
-                )
-            };
-            let positive_first = match c.order {
-                Order::Random => rng.gen_bool(0.5),
-                Order::PositiveFirst => true,
-                Order::NegativeFirst => false,
-            };
-            if positive_first {
-                Ok(sequence(&pair.prompt, good, bad))
-            } else {
-                Ok(sequence(&pair.prompt, bad, good))
-            }
-        })
-        .collect::<Result<_>>()?;
+    let (pairs, eval_pairs) = load_pairs(cfg, p)?;
+    let mut to_examples = |pairs: &[Pair]| -> Result<Vec<Example>> {
+        pairs
+            .iter()
+            .map(|pair| {
+                let (good, bad) = if several {
+                    // The pair's dimension's two phrases.
+                    let (g, b) = pair_controls_of(cfg, pair)?;
+                    (
+                        (per_control_ids[g].as_slice(), pair.chosen.as_slice()),
+                        (per_control_ids[b].as_slice(), pair.rejected.as_slice()),
+                    )
+                } else {
+                    (
+                        (pos[rng.gen_range(0..pos.len())].as_slice(), pair.chosen.as_slice()),
+                        (neg[rng.gen_range(0..neg.len())].as_slice(), pair.rejected.as_slice()),
+                    )
+                };
+                let positive_first = match c.order {
+                    Order::Random => rng.gen_bool(0.5),
+                    Order::PositiveFirst => true,
+                    Order::NegativeFirst => false,
+                };
+                if positive_first {
+                    Ok(sequence(&pair.prompt, good, bad))
+                } else {
+                    Ok(sequence(&pair.prompt, bad, good))
+                }
+            })
+            .collect::<Result<_>>()
+    };
+    let examples = to_examples(&pairs)?;
+    let eval = to_examples(&eval_pairs)?;
     let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let s = if several {
         let mut s = spec(cfg, ControlKind::Text, per_control.clone());
@@ -221,5 +226,5 @@ fn run(cfg: &RunConfig, c: &CohConfig, resume: bool) -> Result<Vec<StepLog>> {
         label: "Chain-of-Hindsight: both responses behind feedback phrases",
         dir: &cfg.output_dir,
     };
-    stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
+    stage(cfg, &st, &mut built, &objective, &examples, &eval, resume, Some(s))
 }

@@ -77,9 +77,30 @@ pub struct Dimension {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSONL / JSON file: supervised rows (see [`crate::data`]) or preference records (see
-    /// [`crate::data::preference`]).
+    /// The training data: a JSONL / JSON / Parquet file (plain or `.gz`), a folder of shards, or a
+    /// Hub dataset id `hf:OWNER/NAME[/CONFIG][@REVISION][:SPLIT]` (split `train` by default);
+    /// supervised rows (see [`crate::data`]) or preference records (see
+    /// [`crate::data::preference`]). Leave it out when giving `[[data.sources]]`.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub train: PathBuf,
+    /// Several training sources mixed by weight, instead of `train`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceSection>,
+    /// Read at most this many records of `train` (the first ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<usize>,
+    /// Held-out data, read like `train` (split `test` by default): its loss (and the objective's
+    /// figures) is logged to `metrics.jsonl` as `eval_loss` every `train.eval_every` steps and at
+    /// the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<PathBuf>,
+    /// Instead of `eval`: hold out this share of the training records (seeded by `train.seed`;
+    /// of each source when there are several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_share: Option<f64>,
+    /// Read at most this many records of `eval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_max_records: Option<usize>,
     /// Longest sequence in tokens (virtual tokens not counted).
     #[serde(default = "default_max_length")]
     pub max_length: usize,
@@ -97,6 +118,22 @@ pub struct DataSection {
     pub skip_invalid: bool,
 }
 
+/// One `[[data.sources]]` entry: a training source (anything `data.train` takes), its weight in
+/// the mixture, and optionally how many of its records to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    pub path: PathBuf,
+    /// Relative share of the draws (positive; the weights need not sum to 1).
+    pub weight: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<usize>,
+}
+
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
 fn default_max_length() -> usize {
     1024
 }
@@ -110,12 +147,76 @@ impl DataSection {
     pub fn new(train: impl Into<PathBuf>) -> Self {
         Self {
             train: train.into(),
+            sources: vec![],
+            max_records: None,
+            eval: None,
+            eval_share: None,
+            eval_max_records: None,
             max_length: default_max_length(),
             format: Format::Auto,
             max_prompt_length: default_max_prompt_length(),
             max_completion_length: None,
             skip_invalid: false,
         }
+    }
+
+    /// The training sources: `train` (weight 1) or `sources`.
+    pub fn training_sources(&self) -> Vec<SourceSection> {
+        if self.sources.is_empty() {
+            vec![SourceSection { path: self.train.clone(), weight: 1.0, max_records: self.max_records }]
+        } else {
+            self.sources.clone()
+        }
+    }
+
+    /// How the training data is named in messages: `train`, or the sources.
+    pub fn shown(&self) -> PathBuf {
+        if self.sources.is_empty() {
+            self.train.clone()
+        } else {
+            let names: Vec<String> = self.sources.iter().map(|s| s.path.display().to_string()).collect();
+            PathBuf::from(format!("data.sources [{}]", names.join(", ")))
+        }
+    }
+
+    /// Checks the combinations the types allow but reading cannot use.
+    pub fn check(&self) -> Result<()> {
+        match (is_empty_path(&self.train), self.sources.is_empty()) {
+            (true, true) => return Err(Error::Invalid("data: give train, or [[data.sources]]".into())),
+            (false, false) => {
+                return Err(Error::Invalid("data: give train or [[data.sources]], not both".into()));
+            }
+            _ => {}
+        }
+        if !self.sources.is_empty() && self.max_records.is_some() {
+            return Err(Error::Invalid(
+                "data: max_records applies to train; with [[data.sources]] give each source its max_records".into(),
+            ));
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                return Err(Error::Invalid(format!("data.sources[{i}].weight {} must be a positive number", s.weight)));
+            }
+        }
+        let zero = |k: &str, v: Option<usize>| match v {
+            Some(0) => Err(Error::Invalid(format!("data: {k} must be at least 1"))),
+            _ => Ok(()),
+        };
+        zero("max_records", self.max_records)?;
+        zero("eval_max_records", self.eval_max_records)?;
+        for (i, s) in self.sources.iter().enumerate() {
+            zero(&format!("sources[{i}].max_records"), s.max_records)?;
+        }
+        if self.eval.is_some() && self.eval_share.is_some() {
+            return Err(Error::Invalid("data: give eval or eval_share, not both".into()));
+        }
+        if let Some(x) = self.eval_share.filter(|x| !(*x > 0.0 && *x < 1.0)) {
+            return Err(Error::Invalid(format!("data: eval_share {x} must be between 0 and 1")));
+        }
+        if self.eval_share.is_none() && self.eval_max_records.is_some() && self.eval.is_none() {
+            return Err(Error::Invalid("data: eval_max_records without eval".into()));
+        }
+        Ok(())
     }
 
     /// The reading options of preference data.
@@ -505,6 +606,7 @@ impl RunConfig {
         if self.data.max_length == 0 {
             return Err(Error::Invalid("data: max_length must be at least 1".into()));
         }
+        self.data.check()?;
         Ok(())
     }
 
@@ -512,8 +614,14 @@ impl RunConfig {
     /// start from, and those the method names. Run before anything is written.
     pub fn check_sources(&self) -> Result<()> {
         io::resolve(&self.model.source)?;
-        if !self.data.train.is_file() {
-            return Err(Error::Invalid(format!("data.train: {} is not a file", self.data.train.display())));
+        if self.data.sources.is_empty() {
+            crate::data::source::check("data.train", &self.data.train, "train")?;
+        }
+        for (i, s) in self.data.sources.iter().enumerate() {
+            crate::data::source::check(&format!("data.sources[{i}].path"), &s.path, "train")?;
+        }
+        if let Some(e) = &self.data.eval {
+            crate::data::source::check("data.eval", e, "test")?;
         }
         if let Some(p) = self.model.init_adapters.as_ref().filter(|p| !p.is_dir()) {
             return Err(Error::Invalid(format!("model.init_adapters: {} is not a folder", p.display())));

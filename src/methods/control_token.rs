@@ -165,7 +165,7 @@ fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<Step
         let tokens: Vec<u32> = cs.iter().map(|&c| ids[c]).collect();
         Ok(Example { ids: with_tokens(&prefix, seq, &tokens), start: start + tokens.len(), ..Default::default() })
     };
-    let examples: Vec<Example> = match load_data(cfg, p)? {
+    let (examples, eval) = load_data(cfg, p)?.map(|d| match d {
         TrainingData::Pairs(pairs) => {
             let mut out = Vec::with_capacity(2 * pairs.len());
             for pr in &pairs {
@@ -173,7 +173,7 @@ fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<Step
                 out.push(prefixed(&[pr.prompt.as_slice(), &pr.chosen].concat(), pr.prompt.len(), &[good])?);
                 out.push(prefixed(&[pr.prompt.as_slice(), &pr.rejected].concat(), pr.prompt.len(), &[bad])?);
             }
-            out
+            Ok(out)
         }
         TrainingData::Supervised(ex) => ex
             .iter()
@@ -183,8 +183,8 @@ fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<Step
                 }
                 prefixed(&e.ids, e.start, &e.controls)
             })
-            .collect::<Result<_>>()?,
-    };
+            .collect::<Result<_>>(),
+    })?;
     let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let s = spec(cfg, ControlKind::Token, tokens);
     let st = Stage {
@@ -192,5 +192,5 @@ fn run(cfg: &RunConfig, o: &ControlTokenConfig, resume: bool) -> Result<Vec<Step
         label: "control tokens: the full model with one new token per control",
         dir: &cfg.output_dir,
     };
-    stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
+    stage(cfg, &st, &mut built, &objective, &examples, &eval, resume, Some(s))
 }

@@ -65,12 +65,19 @@ struct Cache {
 }
 
 /// Reference log-probabilities of `pairs`, from the cache when it matches.
-pub fn cached_reference_logps(cfg: &RunConfig, d: &DpoConfig, pairs: &[Pair], pad: u32) -> Result<Vec<(f64, f64)>> {
+/// `file` is the cache's name in the output folder (one per set: training, held-out).
+pub fn cached_reference_logps(
+    cfg: &RunConfig,
+    d: &DpoConfig,
+    pairs: &[Pair],
+    pad: u32,
+    file: &str,
+) -> Result<Vec<(f64, f64)>> {
     let reference = d.reference.clone().unwrap_or_else(|| cfg.model.source.clone());
     // bf16 reference log-probabilities differ from f32 ones; f32 keeps its old fingerprint.
     let bf16 = cfg.train.dtype == crate::train::Dtype::Bf16;
     let fingerprint = if bf16 { config_hash(&(&reference, pairs, "bf16")) } else { config_hash(&(&reference, pairs)) };
-    let path = cfg.output_dir.join("reference_logps.json");
+    let path = cfg.output_dir.join(file);
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<Cache>(&text) {
             Ok(c) if c.fingerprint == fingerprint && c.logps.len() == pairs.len() => {
@@ -98,15 +105,21 @@ fn run(cfg: &RunConfig, d: &DpoConfig, resume: bool) -> Result<Vec<StepLog>> {
     let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
     let pad = p.generation.pad_id()?;
-    let pairs = load_pairs(cfg, p)?;
-    let refs = cached_reference_logps(cfg, d, &pairs, pad)?;
-    let items: Vec<DpoPair> =
-        pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect();
+    let (pairs, eval_pairs) = load_pairs(cfg, p)?;
+    let with_refs = |pairs: Vec<Pair>, file: &str| -> Result<Vec<DpoPair>> {
+        if pairs.is_empty() {
+            return Ok(vec![]);
+        }
+        let refs = cached_reference_logps(cfg, d, &pairs, pad, file)?;
+        Ok(pairs.into_iter().zip(refs).map(|(pair, (c, r))| DpoPair { pair, ref_chosen: c, ref_rejected: r }).collect())
+    };
+    let items = with_refs(pairs, "reference_logps.json")?;
+    let eval = with_refs(eval_pairs, "reference_logps_eval.json")?;
     let objective = DpoLoss { config: d.clone(), pad_id: pad };
     let st = Stage {
         name: "dpo",
         label: "DPO: the policy against the cached reference log-probabilities",
         dir: &cfg.output_dir,
     };
-    stage(cfg, &st, &mut built, &objective, &items, resume, adapter_spec(cfg))
+    stage(cfg, &st, &mut built, &objective, &items, &eval, resume, adapter_spec(cfg))
 }

@@ -228,7 +228,7 @@ fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
         let c = step_config(cfg, false, &m.step1);
         let mut built = setup::standard(&c)?;
         let p = &built.policy.pretrained;
-        let ex = examples(cfg, load_data(cfg, p)?)?;
+        let (ex, eval) = load_data(cfg, p)?.map(|d| examples(cfg, d))?;
         let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
         let (dir, label) = if m.steps == MeetSteps::Step1 {
             (cfg.output_dir.clone(), "MEET step 1 (alone): the controls, model frozen")
@@ -236,7 +236,7 @@ fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
             (step1_dir.clone(), "MEET step 1/2: the controls, model frozen")
         };
         let st = Stage { name: "meet-step1", label, dir: &dir };
-        logs.extend(stage(&c, &st, &mut built, &objective, &ex, resume, adapter_spec(cfg))?);
+        logs.extend(stage(&c, &st, &mut built, &objective, &ex, &eval, resume, adapter_spec(cfg))?);
     }
     if m.steps != MeetSteps::Step1 {
         let mut c = step_config(cfg, true, &m.step2);
@@ -251,10 +251,11 @@ fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
         let optimizer = setup::optimizer(&c, params)?;
         let mut built = Built { policy, optimizer };
         let p = &built.policy.pretrained;
-        let mut ex = examples(cfg, load_data(cfg, p)?)?;
+        let (mut ex, mut eval) = load_data(cfg, p)?.map(|d| examples(cfg, d))?;
         let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
         if m.steps == MeetSteps::Both && m.combinations == Combinations::Labelled && cfg.dimensions().len() > 1 {
             label_other_dimensions(cfg, &built.policy, &mut ex, objective.pad_id)?;
+            label_other_dimensions(cfg, &built.policy, &mut eval, objective.pad_id)?;
         }
         let label = match (m.steps, m.freeze_controls) {
             (MeetSteps::Step2, _) => "MEET step 2 (alone): the full model with fresh controls",
@@ -262,7 +263,7 @@ fn run(cfg: &RunConfig, m: &MeetConfig, resume: bool) -> Result<Vec<StepLog>> {
             (_, true) => "MEET step 2/2: the full model conditioned on the frozen controls",
         };
         let st = Stage { name: "meet-step2", label, dir: &cfg.output_dir };
-        logs.extend(stage(&c, &st, &mut built, &objective, &ex, resume, adapter_spec(cfg))?);
+        logs.extend(stage(&c, &st, &mut built, &objective, &ex, &eval, resume, adapter_spec(cfg))?);
     }
     Ok(logs)
 }

@@ -60,8 +60,8 @@ impl Recipe for Reward {
     }
 
     fn check_sources(&self, _: &RunConfig, r: &RewardConfig) -> Result<()> {
-        match r.eval.as_ref().filter(|p| !p.is_file()) {
-            Some(p) => Err(Error::Invalid(format!("reward.eval: {} is not a file", p.display()))),
+        match &r.eval {
+            Some(p) => crate::data::source::check("reward.eval", p, "train"),
             None => Ok(()),
         }
     }
@@ -106,12 +106,13 @@ fn run(cfg: &RunConfig, r: &RewardConfig, resume: bool) -> Result<Vec<StepLog>> 
     let mut built = Built { policy, optimizer };
     let p = &built.policy.pretrained;
     let pad = p.generation.pad_id()?;
-    let mut pairs = load_pairs(cfg, p)?;
+    let (mut pairs, eval_pairs) = load_pairs(cfg, p)?;
     let held_out = match &r.eval {
         Some(path) => {
             let mut c = cfg.clone();
-            c.data.train = path.clone();
-            load_pairs(&c, p)?
+            c.data = crate::methods::config::DataSection { train: path.clone(), ..cfg.data.clone() };
+            (c.data.sources, c.data.max_records, c.data.eval, c.data.eval_share) = (vec![], None, None, None);
+            load_pairs(&c, p)?.0
         }
         None => {
             pairs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed));
@@ -125,7 +126,7 @@ fn run(cfg: &RunConfig, r: &RewardConfig, resume: bool) -> Result<Vec<StepLog>> 
     let objective = RewardModelling { head: head.clone(), pad_id: pad };
     let before = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
     let st = Stage { name: "reward", label: "reward model: Bradley-Terry on the pairs", dir: &cfg.output_dir };
-    let logs = stage_train(cfg, &st, &mut built, &objective, &pairs, resume)?;
+    let logs = stage_train(cfg, &st, &mut built, &objective, &pairs, &eval_pairs, resume)?;
     let after = accuracy(&built.policy, head.as_tensor(), &held_out, cfg.train.batch_size, pad)?;
     crate::ui::note(&format!(
         "held-out pairwise accuracy {:.3} -> {:.3} on {} pairs",

@@ -140,35 +140,37 @@ pub fn score_stats(objectives: &[String], examples: &[Example]) -> Result<Vec<[f
 fn run(cfg: &RunConfig, o: &RicConfig, resume: bool) -> Result<Vec<StepLog>> {
     let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
-    let rows = match load_scored_data(cfg, p, &o.objectives)? {
-        TrainingData::Supervised(ex) => ex,
-        TrainingData::Pairs(_) => {
-            return Err(Error::parse(
-                &cfg.data.train,
-                "method ric needs supervised rows with \"scores\" (prompt, completion, scores per objective), not preference pairs",
-            ))
-        }
-    };
+    let (rows, eval_rows) = load_scored_data(cfg, p, &o.objectives)?.map(|d| match d {
+        TrainingData::Supervised(ex) => Ok(ex),
+        TrainingData::Pairs(_) => Err(Error::parse(
+            cfg.data.shown(),
+            "method ric needs supervised rows with \"scores\" (prompt, completion, scores per objective), not preference pairs",
+        )),
+    })?;
+    // Held-out rows are normalised with the training rows' statistics.
     let stats = score_stats(&o.objectives, &rows)?;
     let tags: Vec<String> = o.objectives.iter().map(|n| o.tag.replace("{name}", n)).collect();
-    let examples: Vec<Example> = rows
-        .into_iter()
-        .map(|e| {
-            let z: Vec<f64> = e.scores.iter().zip(&stats).map(|(s, [m, sd])| (s - m) / sd).collect();
-            let mark = p.tokenizer.encode(&score_text(&tags, &z), false)?;
-            let mut ids = e.ids[..e.start].to_vec();
-            ids.extend(&mark);
-            ids.extend(&e.ids[e.start..]);
-            Ok(Example { ids, start: e.start + mark.len(), controls: e.controls, ..Default::default() })
-        })
-        .collect::<Result<_>>()?;
+    let to_examples = |rows: Vec<Example>| -> Result<Vec<Example>> {
+        rows.into_iter()
+            .map(|e| {
+                let z: Vec<f64> = e.scores.iter().zip(&stats).map(|(s, [m, sd])| (s - m) / sd).collect();
+                let mark = p.tokenizer.encode(&score_text(&tags, &z), false)?;
+                let mut ids = e.ids[..e.start].to_vec();
+                ids.extend(&mark);
+                ids.extend(&e.ids[e.start..]);
+                Ok(Example { ids, start: e.start + mark.len(), controls: e.controls, ..Default::default() })
+            })
+            .collect::<Result<_>>()
+    };
+    let examples = to_examples(rows)?;
+    let eval = to_examples(eval_rows)?;
     let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let mut s = spec(cfg, ControlKind::Scores, tags);
     s.names = o.objectives.clone();
     s.score_stats = stats;
     let st =
         Stage { name: "ric", label: "RiC: the responses behind their scores on every objective", dir: &cfg.output_dir };
-    stage(cfg, &st, &mut built, &objective, &examples, resume, Some(s))
+    stage(cfg, &st, &mut built, &objective, &examples, &eval, resume, Some(s))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! the list it passes to [`optimizer`]. And the training data: [`load_data`], [`load_pairs`].
 
 use crate::data::preference::{preferences_from_records, Pair};
-use crate::data::{first_value, read_records, supervised_from_records, Example, SupervisedOptions};
+use crate::data::{supervised_from_records, Example, Records, SupervisedOptions};
 use crate::methods::config::RunConfig;
 use crate::models;
 use crate::models::pretrained::{self, LoadOptions, Packing, RawModel};
@@ -15,6 +15,7 @@ use crate::policy::Policy;
 use crate::train::optim::AdamW;
 use crate::{Error, Pretrained, Result};
 use candle_core::Var;
+use std::path::Path;
 
 /// A trainable parameter: its name, its variable, its group (0 = model weights at `train.lr`,
 /// 1 = controls at `train.control_lr`).
@@ -124,26 +125,74 @@ pub enum TrainingData {
     Pairs(Vec<Pair>),
 }
 
+impl TrainingData {
+    fn kind(&self) -> &'static str {
+        match self {
+            TrainingData::Supervised(_) => "supervised rows",
+            TrainingData::Pairs(_) => "preference pairs",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            TrainingData::Supervised(v) => v.len(),
+            TrainingData::Pairs(v) => v.len(),
+        }
+    }
+
+    /// The items at `at`, in that order (an index may repeat).
+    fn pick(&self, at: impl Iterator<Item = usize>) -> TrainingData {
+        match self {
+            TrainingData::Supervised(v) => TrainingData::Supervised(at.map(|i| v[i].clone()).collect()),
+            TrainingData::Pairs(v) => TrainingData::Pairs(at.map(|i| v[i].clone()).collect()),
+        }
+    }
+}
+
+/// The training data and the held-out data (`[data] eval` or `eval_share`), when there is any.
+pub struct Loaded {
+    pub train: TrainingData,
+    pub eval: Option<TrainingData>,
+}
+
+impl Loaded {
+    /// Turns both sets into a method's items the same way (the training set first).
+    pub fn map<T>(self, mut f: impl FnMut(TrainingData) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
+        let train = f(self.train)?;
+        let eval = match self.eval {
+            Some(e) => f(e)?,
+            None => vec![],
+        };
+        Ok((train, eval))
+    }
+}
+
 /// Whether a record is a preference (it has a rejected response).
 fn is_preference(v: &serde_json::Value) -> bool {
     v.get("rejected").is_some() || (v.get("info").is_some() && v.get("summaries").is_some())
 }
 
-/// Reads `cfg.data.train` with the policy's tokenizer: preference records (any format of
+/// Reads the training data of `cfg` (`data.train` or the mixture of `data.sources`) and its
+/// held-out data with the policy's tokenizer: preference records (any format of
 /// [`crate::data::preference`]) as pairs, otherwise supervised rows (controls by name).
-pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<TrainingData> {
+pub fn load_data(cfg: &RunConfig, p: &Pretrained) -> Result<Loaded> {
     load_scored_data(cfg, p, &[])
 }
 
-/// [`load_data`] where every supervised row must score `objectives` (`"scores"`, read into
-/// [`Example::scores`]).
-pub fn load_scored_data(cfg: &RunConfig, p: &Pretrained, objectives: &[String]) -> Result<TrainingData> {
-    let path = &cfg.data.train;
-    let records = read_records(path)?;
-    if first_value(&records).is_some_and(is_preference) {
+/// One source, read and tokenised.
+fn read_source(
+    cfg: &RunConfig,
+    p: &Pretrained,
+    source: &Path,
+    split: &str,
+    max_records: Option<usize>,
+    objectives: &[String],
+) -> Result<TrainingData> {
+    let mut records = Records::open(source, split)?.limit(max_records);
+    if records.first_value()?.is_some_and(|v| is_preference(&v)) {
         let mut opts = cfg.data.preference_options();
         opts.dimensions = cfg.dimensions().into_iter().map(|d| d.name).collect();
-        let (pairs, _) = preferences_from_records(path, records, &p.tokenizer, &opts)?;
+        let (pairs, _) = preferences_from_records(records, &p.tokenizer, &opts)?;
         return Ok(TrainingData::Pairs(pairs));
     }
     let opts = SupervisedOptions {
@@ -155,18 +204,92 @@ pub fn load_scored_data(cfg: &RunConfig, p: &Pretrained, objectives: &[String]) 
         eos_id: p.generation.eos_token_ids.first().copied(),
         skip_invalid: cfg.data.skip_invalid,
     };
-    Ok(TrainingData::Supervised(supervised_from_records(path, records, &p.tokenizer, &opts)?.0))
+    Ok(TrainingData::Supervised(supervised_from_records(records, &p.tokenizer, &opts)?.0))
 }
 
-/// Pairs only: the methods that learn from a chosen and a rejected response.
-pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<Vec<Pair>> {
-    match load_data(cfg, p)? {
+/// [`load_data`] where every supervised row must score `objectives` (`"scores"`, read into
+/// [`Example::scores`]).
+pub fn load_scored_data(cfg: &RunConfig, p: &Pretrained, objectives: &[String]) -> Result<Loaded> {
+    let d = &cfg.data;
+    let seed = cfg.train.seed;
+    let sources = d.training_sources();
+    let mut parts = Vec::with_capacity(sources.len());
+    let mut held_out = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        let data = read_source(cfg, p, &s.path, "train", s.max_records, objectives)?;
+        if let Some(first) = parts.first().map(TrainingData::kind).filter(|k| *k != data.kind()) {
+            return Err(Error::parse(
+                &s.path,
+                format!("holds {}, the first source {first}: every source must hold the same kind", data.kind()),
+            ));
+        }
+        match d.eval_share {
+            Some(share) => {
+                let (train, eval) = crate::data::mix::split_share(data.len(), share, seed ^ i as u64)
+                    .map_err(|e| Error::parse(&s.path, e))?;
+                parts.push(data.pick(train.into_iter()));
+                held_out.push(data.pick(eval.into_iter()));
+            }
+            None => parts.push(data),
+        }
+    }
+    let train = if parts.len() == 1 {
+        parts.pop().expect("one source")
+    } else {
+        // One pass of the mixture draws as many examples as the sources hold.
+        let sizes: Vec<usize> = parts.iter().map(TrainingData::len).collect();
+        let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
+        let draws = crate::data::mix::mixture(&sizes, &weights, sizes.iter().sum(), seed);
+        concat(draws.iter().map(|&(s, i)| parts[s].pick(std::iter::once(i))).collect())
+    };
+    let eval = match (&d.eval, held_out.is_empty()) {
+        (Some(path), _) => {
+            let e = read_source(cfg, p, path, "test", d.eval_max_records, objectives)?;
+            if e.kind() != train.kind() {
+                return Err(Error::parse(
+                    path,
+                    format!("holds {}, the training data {}: they must be of one kind", e.kind(), train.kind()),
+                ));
+            }
+            Some(e)
+        }
+        (None, false) => Some(concat(held_out)),
+        (None, true) => None,
+    };
+    if let Some(e) = &eval {
+        crate::ui::note(&format!("{} training and {} held-out {}", train.len(), e.len(), train.kind()));
+    }
+    Ok(Loaded { train, eval })
+}
+
+/// Sets of one kind, one after another.
+fn concat(parts: Vec<TrainingData>) -> TrainingData {
+    let mut it = parts.into_iter();
+    let first = it.next().unwrap_or(TrainingData::Pairs(vec![]));
+    it.fold(first, |acc, d| match (acc, d) {
+        (TrainingData::Supervised(mut a), TrainingData::Supervised(b)) => {
+            a.extend(b);
+            TrainingData::Supervised(a)
+        }
+        (TrainingData::Pairs(mut a), TrainingData::Pairs(b)) => {
+            a.extend(b);
+            TrainingData::Pairs(a)
+        }
+        // Kinds are checked as the sources are read.
+        (acc, _) => acc,
+    })
+}
+
+/// Pairs only, training and held-out (empty when none): the methods that learn from a chosen
+/// and a rejected response.
+pub fn load_pairs(cfg: &RunConfig, p: &Pretrained) -> Result<(Vec<Pair>, Vec<Pair>)> {
+    load_data(cfg, p)?.map(|d| match d {
         TrainingData::Pairs(pairs) => Ok(pairs),
         TrainingData::Supervised(_) => Err(Error::parse(
-            &cfg.data.train,
+            cfg.data.shown(),
             format!("method {} needs preference records (chosen and rejected responses)", cfg.method),
         )),
-    }
+    })
 }
 
 /// The control indices of a pair's chosen and rejected response: with several dimensions the

@@ -40,19 +40,21 @@ fn run(cfg: &RunConfig, resume: bool) -> Result<Vec<StepLog>> {
     let mut built = setup::standard(cfg)?;
     let p = &built.policy.pretrained;
     let default_control = (cfg.lora.is_some() || cfg.prompt.is_some()).then_some(0);
-    let examples = match load_data(cfg, p)? {
-        TrainingData::Supervised(ex) => ex,
-        TrainingData::Pairs(pairs) => pairs
-            .into_iter()
-            .map(|p| Example {
-                start: p.prompt.len(),
-                ids: [p.prompt, p.chosen].concat(),
-                controls: default_control.into_iter().collect(),
-                ..Default::default()
-            })
-            .collect(),
-    };
+    let (examples, eval) = load_data(cfg, p)?.map(|d| {
+        Ok(match d {
+            TrainingData::Supervised(ex) => ex,
+            TrainingData::Pairs(pairs) => pairs
+                .into_iter()
+                .map(|p| Example {
+                    start: p.prompt.len(),
+                    ids: [p.prompt, p.chosen].concat(),
+                    controls: default_control.into_iter().collect(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    })?;
     let objective = LanguageModeling { pad_id: p.generation.pad_id()? };
     let st = Stage { name: "sft", label: "SFT: supervised fine-tuning on the chosen responses", dir: &cfg.output_dir };
-    stage(cfg, &st, &mut built, &objective, &examples, resume, adapter_spec(cfg))
+    stage(cfg, &st, &mut built, &objective, &examples, &eval, resume, adapter_spec(cfg))
 }

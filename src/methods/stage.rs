@@ -53,22 +53,24 @@ pub struct Stage<'a> {
     pub dir: &'a Path,
 }
 
-/// Trains `built` on `items` (see [`stage_train`]), then saves the outputs under `dir/final` with
-/// `spec` and marks the stage finished. With `resume`, a stage that finished earlier is skipped and
-/// its outputs are left as they are.
+/// Trains `built` on `items` with the loss on `eval` logged (see [`stage_train`]), then saves
+/// the outputs under `dir/final` with `spec` and marks the stage finished. With `resume`, a stage
+/// that finished earlier is skipped and its outputs are left as they are.
+#[allow(clippy::too_many_arguments)]
 pub fn stage<T: Item>(
     cfg: &RunConfig,
     st: &Stage,
     built: &mut Built,
     objective: &dyn Objective<T>,
     items: &[T],
+    eval: &[T],
     resume: bool,
     spec: Option<ControlSpec>,
 ) -> Result<Vec<StepLog>> {
     if resume && finished_stage(cfg, st).is_some() {
         return Ok(vec![]);
     }
-    let logs = stage_train(cfg, st, built, objective, items, resume)?;
+    let logs = stage_train(cfg, st, built, objective, items, eval, resume)?;
     let out = st.dir.join("final");
     save_outputs(&built.policy, &cfg.model.source, &out)?;
     if let Some(s) = spec {
@@ -117,6 +119,7 @@ pub fn stage_train<T: Item>(
     built: &mut Built,
     objective: &dyn Objective<T>,
     items: &[T],
+    eval: &[T],
     resume: bool,
 ) -> Result<Vec<StepLog>> {
     // A stage trained anew must not look finished if it is stopped part-way.
@@ -126,10 +129,11 @@ pub fn stage_train<T: Item>(
     }
     let total = cfg.train.total_steps(items.len());
     ui::header(st.label);
-    ui::note(&format!("{} training items, {total} optimizer steps, in {}", items.len(), st.dir.display()));
+    let held_out = if eval.is_empty() { String::new() } else { format!(" ({} held out)", eval.len()) };
+    ui::note(&format!("{} training items{held_out}, {total} optimizer steps, in {}", items.len(), st.dir.display()));
     let run_dir =
         RunDir { dir: st.dir.to_path_buf(), config_hash: config_hash(&(cfg, st.name)), label: st.name.into() };
-    train(&built.policy, objective, items, &mut built.optimizer, &cfg.train, &run_dir, resume)
+    train(&built.policy, objective, items, eval, &mut built.optimizer, &cfg.train, &run_dir, resume)
 }
 
 /// Writes what trained: the model as an HF folder at `out` when its weights are trainable, LoRA

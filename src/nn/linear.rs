@@ -631,9 +631,13 @@ mod tests {
         let diff = |p: &Tensor, q: &Tensor| -> f32 {
             (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
         };
-        assert!(diff(&yf, &yg) < 1e-5, "forward {}", diff(&yf, &yg));
+        // Relative bounds: the two paths sum in different orders, and the kernels chosen (AVX2,
+        // AVX-512) differ by processor; values here reach ~100, where an f32 ulp is 7.6e-6.
+        let max_abs =
+            |t: &Tensor| -> f32 { t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap() };
+        assert!(diff(&yf, &yg) <= 1e-6 * max_abs(&yg).max(1.0), "forward {} of {}", diff(&yf, &yg), max_abs(&yg));
         for (name, (p, q)) in ["dx", "dA", "dB"].iter().zip(gf.iter().zip(&gg)) {
-            assert!(diff(p, q) < 1e-4, "{name}: {}", diff(p, q));
+            assert!(diff(p, q) <= 1e-6 * max_abs(q).max(1.0), "{name}: {} of {}", diff(p, q), max_abs(q));
         }
     }
 

@@ -59,6 +59,10 @@ pub struct TrainConfig {
     /// still match.
     #[serde(skip_serializing_if = "Dtype::is_f32")]
     pub dtype: Dtype,
+    /// With held-out data (`[data] eval` / `eval_share`): its loss every this many steps (and
+    /// always after the last), as TRL's `eval_steps`; unset: after the last step only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<usize>,
 }
 
 /// The precision of the products in training (`[train] dtype`).
@@ -104,6 +108,7 @@ impl Default for TrainConfig {
             save_every: None,
             keep_checkpoints: false,
             dtype: Dtype::F32,
+            eval_every: None,
         }
     }
 }
@@ -149,6 +154,9 @@ impl TrainConfig {
         }
         if let Some(g) = self.max_grad_norm.filter(|g| !(g.is_finite() && *g >= 0.0)) {
             return Err(Error::Invalid(format!("train: max_grad_norm {g} must be a non-negative number")));
+        }
+        if self.eval_every == Some(0) {
+            return Err(Error::Invalid("train: eval_every must be at least 1".into()));
         }
         Ok(())
     }
@@ -203,7 +211,12 @@ pub struct RunDir {
 /// The progress message of a step: loss, learning rate, speed and the objective's headline figures.
 fn step_message(log: &StepLog) -> String {
     let mut msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", log.loss, log.lr, log.tokens_per_s);
-    for (key, short) in [("rewards/accuracies", "acc"), ("rewards/margins", "margin")] {
+    for (key, short) in [
+        ("rewards/accuracies", "acc"),
+        ("rewards/margins", "margin"),
+        ("eval_loss", "eval_loss"),
+        ("eval_rewards/accuracies", "eval_acc"),
+    ] {
         if let Some(v) = log.extra.get(key) {
             msg.push_str(&format!("  {short} {v:.3}"));
         }
@@ -235,13 +248,45 @@ fn warn_bf16_ties(opt: &AdamW) -> Result<()> {
     Ok(())
 }
 
-/// Trains `opt`'s parameters on `examples` under `objective`. With `resume`, continues from the
-/// newest checkpoint in `run.dir` (a fresh start when there is none). Returns the step logs of
-/// this invocation.
+/// The loss of `objective` over `items` (and its figures), averaged over its units, in
+/// micro-batches of `batch_size`, without training: what `metrics.jsonl` logs as `eval_loss`
+/// (and `eval_` + each figure). Adapter dropout is off.
+pub fn evaluate<T: Item>(
+    policy: &Policy,
+    objective: &dyn Objective<T>,
+    items: &[T],
+    batch_size: usize,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    if let Some(l) = &policy.lora {
+        l.set_training_step(None);
+    }
+    let refs: Vec<&T> = items.iter().collect();
+    let (mut sum, mut units) = (0.0, 0usize);
+    let mut figures = std::collections::BTreeMap::new();
+    for mb in refs.chunks(batch_size.max(1)) {
+        let out = objective.loss(policy, mb)?;
+        sum += out.sum.detach().to_scalar::<f32>()? as f64;
+        units += objective.units(mb);
+        for (k, v) in out.metrics {
+            *figures.entry(format!("eval_{k}")).or_insert(0.0) += v;
+        }
+    }
+    let units = units.max(1) as f64;
+    figures.values_mut().for_each(|v| *v /= units);
+    figures.insert("eval_loss".into(), sum / units);
+    Ok(figures)
+}
+
+/// Trains `opt`'s parameters on `examples` under `objective`, logging the loss on `eval` (none
+/// when empty) every `cfg.eval_every` steps and after the last. With `resume`, continues from
+/// the newest checkpoint in `run.dir` (a fresh start when there is none). Returns the step logs
+/// of this invocation.
+#[allow(clippy::too_many_arguments)]
 pub fn train<T: Item>(
     policy: &Policy,
     objective: &dyn Objective<T>,
     examples: &[T],
+    eval: &[T],
     opt: &mut AdamW,
     cfg: &TrainConfig,
     run: &RunDir,
@@ -358,6 +403,9 @@ pub fn train<T: Item>(
 
         let tokens: usize = step_examples.iter().map(|e| e.tokens()).sum();
         let secs = t0.elapsed().as_secs_f64();
+        if !eval.is_empty() && (state.step == total || cfg.eval_every.is_some_and(|k| state.step.is_multiple_of(k))) {
+            extra.extend(evaluate(policy, objective, eval, cfg.batch_size)?);
+        }
         let log = StepLog {
             step: state.step,
             epoch: state.epoch,

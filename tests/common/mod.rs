@@ -179,3 +179,12 @@ pub fn listening(mut cmd: std::process::Command) -> ServeChild {
     std::thread::spawn(move || lines.for_each(drop));
     ServeChild { child, url }
 }
+
+/// The step lines of a run's `metrics.jsonl`.
+pub fn metrics(out: &std::path::Path) -> Vec<meet::train::StepLog> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
