@@ -78,6 +78,14 @@ def sft_rows(rng, n):
             for i in range(n)]
 
 
+def llama_factory_rows(rng, n):
+    # LLaMA-Factory's ShareGPT-style preference rows: structs for the two answers.
+    return [{"conversations": [{"from": "human", "value": f"{words(rng, 5)} {i}?"}],
+             "chosen": {"from": "gpt", "value": words(rng, rng.randint(2, 8))},
+             "rejected": {"from": "gpt", "value": "not " + words(rng, rng.randint(1, 6))},
+             "system": rng.choice(["", "Answer briefly."])} for i in range(n)]
+
+
 def write_jsonl(path, rows, gz=False):
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if gz:
@@ -113,6 +121,7 @@ def main():
     rng = random.Random(20)
     sets = {"trl": trl_rows(rng, 200), "chat": chat_rows(rng, 150), "hh": hh_rows(rng, 200),
             "tldr": tldr_rows(rng, 150), "sft": sft_rows(rng, 150)}
+    sets["llama_factory"] = llama_factory_rows(random.Random(21), 120)
     for name, rows in sets.items():
         write_jsonl(os.path.join(OUT, f"{name}.jsonl"), rows)
         write_parquet(os.path.join(OUT, f"{name}.parquet"), rows)

@@ -127,7 +127,7 @@ fn configuration_errors_name_the_flag_or_the_file_and_write_nothing() {
     let err = failed_with(&meet(&["train", "nope.toml"]), &["nope.toml"]);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let a = train_flags("sft", &model, Path::new("missing.jsonl"), &out, &["--set", "model.train_weights=true"]);
-    failed_with(&run(&a), &["data.train: missing.jsonl is not a file"]);
+    failed_with(&run(&a), &["data.train: missing.jsonl: no such file or folder"]);
     assert!(!out.exists());
     // An output folder that cannot be made: the path and the OS reason, once.
     let file = dir.path().join("a-file");

@@ -46,7 +46,7 @@ fn jsonl(name: &str) -> String {
 #[test]
 fn parquet_gives_the_examples_of_the_same_records_in_jsonl_for_every_format() {
     let tok = tiny_tokenizer();
-    for (name, n) in [("trl", 200), ("chat", 150), ("hh", 200), ("tldr", 150)] {
+    for (name, n) in [("trl", 200), ("chat", 150), ("hh", 200), ("tldr", 150), ("llama_factory", 120)] {
         let (a, sa) = read_preferences(&fixtures().join(format!("{name}.jsonl")), &tok, &opts()).unwrap();
         let (b, sb) = read_preferences(&fixtures().join(format!("{name}.parquet")), &tok, &opts()).unwrap();
         assert_eq!(a.len(), n, "{name}");
@@ -326,4 +326,130 @@ fn eval_prompts_come_from_parquet_folders_and_hub_ids_as_from_jsonl() {
     assert_eq!(read("hf:meet-fixtures/prefs:train"), from_jsonl[..160]);
     let e = meet::eval::sample::read_prompts(&fixtures().join("hh.parquet")).unwrap_err().to_string();
     assert!(e.contains("hh.parquet: row 1: field 'prompt' must be a string"), "{e}");
+}
+
+/// A stand-in for the Hub's HTTP API, serving the repos of the fixture cache as `hf-hub` asks for
+/// them: `GET /api/datasets/{repo}/revision/{rev}` (the listing) and
+/// `GET /datasets/{repo}/resolve/{rev}/{file}` with byte ranges, `etag`, `x-repo-commit` and
+/// `content-range`. Returns its address and the paths asked for.
+fn mock_hub() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::http::{header, HeaderMap, StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let root = fixtures().join("hub");
+    let handle = move |uri: Uri, headers: HeaderMap| {
+        let (root, log) = (root.clone(), log.clone());
+        async move {
+            let path = uri.path().to_string();
+            log.lock().unwrap().push(path.clone());
+            let not_found = || (StatusCode::NOT_FOUND, "not found").into_response();
+            // {owner}/{name}/{kind}/{revision, '/' escaped as %2F}[/file]
+            let snapshot = |rest: &str, kind: &str| -> Option<(String, PathBuf, String)> {
+                let mut parts = rest.splitn(5, '/');
+                let (owner, name, k, rev) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+                if k != kind {
+                    return None;
+                }
+                let rev = rev.replace("%2F", "/");
+                let base = root.join(format!("datasets--{owner}--{name}"));
+                let commit = std::fs::read_to_string(base.join("refs").join(&rev)).ok()?;
+                Some((commit.clone(), base.join("snapshots").join(commit), parts.next().unwrap_or("").to_string()))
+            };
+            let response: Response = if let Some(rest) = path.strip_prefix("/api/datasets/") {
+                match snapshot(rest, "revision") {
+                    Some((sha, dir, _)) => {
+                        let files = meet::io::hub::data_files_under(&dir).unwrap();
+                        let siblings: Vec<_> = files.iter().map(|f| json!({"rfilename": f})).collect();
+                        axum::Json(json!({"sha": sha, "siblings": siblings})).into_response()
+                    }
+                    None => not_found(),
+                }
+            } else if let Some(rest) = path.strip_prefix("/datasets/") {
+                match snapshot(rest, "resolve")
+                    .and_then(|(sha, dir, f)| Some((sha, std::fs::read(dir.join(&f)).ok()?, f)))
+                {
+                    Some((sha, bytes, file)) => {
+                        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("bytes=0-");
+                        let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+                        let a: usize = a.parse().unwrap();
+                        let b: usize = b.parse().unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
+                        let etag = format!("\"{sha}-{}\"", file.replace('/', "-"));
+                        (
+                            StatusCode::PARTIAL_CONTENT,
+                            [
+                                ("etag", etag),
+                                ("x-repo-commit", sha),
+                                ("content-range", format!("bytes {a}-{b}/{}", bytes.len())),
+                            ],
+                            bytes[a..=b].to_vec(),
+                        )
+                            .into_response()
+                    }
+                    None => not_found(),
+                }
+            } else {
+                not_found()
+            };
+            response
+        }
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, axum::Router::new().fallback(handle)).await.unwrap();
+        });
+    });
+    (format!("http://{addr}"), asked)
+}
+
+#[test]
+fn hub_ids_download_into_the_cache_when_online_and_then_read_offline() {
+    let (endpoint, asked) = mock_hub();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let cache = dir.path().join("hf-cache");
+    let train = |out: &str, online: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meet"));
+        cmd.args(["train", "--method", "sft", "--model", &model, "--data", "hf:meet-fixtures/tldr/comparisons"])
+            .args(["--output-dir", &dir.path().join(out).to_string_lossy()])
+            .args(["--set", "data.eval=\"hf:meet-fixtures/prefs\"", "--set", "data.max_length=128"])
+            .args(["--set", "model.train_weights=true", "--set", "train.max_steps=2"])
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HOME");
+        if online {
+            cmd.env("HF_ENDPOINT", &endpoint).env_remove("HF_HUB_OFFLINE");
+        } else {
+            cmd.env("HF_HUB_OFFLINE", "1").env("HF_ENDPOINT", "http://127.0.0.1:9");
+        }
+        let run = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{err}");
+        err
+    };
+    let err = train("online", true);
+    assert!(err.contains("120 training and 40 held-out preference pairs"), "{err}");
+    let asked = asked.lock().unwrap().clone();
+    // main holds a loading script only, so the Parquet conversion was listed and fetched.
+    for path in [
+        "/api/datasets/meet-fixtures/tldr/revision/main",
+        "/api/datasets/meet-fixtures/tldr/revision/refs%2Fconvert%2Fparquet",
+        "/datasets/meet-fixtures/tldr/resolve/refs%2Fconvert%2Fparquet/comparisons/train/0000.parquet",
+        "/api/datasets/meet-fixtures/prefs/revision/main",
+        "/datasets/meet-fixtures/prefs/resolve/main/data/test-00000-of-00001.parquet",
+    ] {
+        assert!(asked.iter().any(|a| a == path), "{path} not asked for: {asked:?}");
+    }
+    assert!(
+        !asked.iter().any(|a| a.contains("validation") || a.contains("train-0000")),
+        "other splits fetched: {asked:?}"
+    );
+    assert!(cache.join("datasets--meet-fixtures--tldr/refs/refs/convert/parquet").is_file());
+    // The cache hf-hub wrote is read offline, with no server.
+    let err = train("offline", false);
+    assert!(err.contains("120 training and 40 held-out preference pairs"), "{err}");
 }

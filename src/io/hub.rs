@@ -1,7 +1,8 @@
 //! Hugging Face Hub repos through the `hf-hub` crate: model ids (`org/name[@revision]`) and
 //! dataset ids (`hf:org/name[/config][@revision][:split]`, see [`DatasetId`]). Files are taken
 //! from the standard HF cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-//! `~/.cache/huggingface/hub`); missing ones are downloaded unless `HF_HUB_OFFLINE=1`.
+//! `~/.cache/huggingface/hub`); missing ones are downloaded (from `$HF_ENDPOINT` when set) unless
+//! `HF_HUB_OFFLINE=1`.
 
 use crate::{Error, Result};
 use hf_hub::{Cache, Repo, RepoType};
@@ -19,6 +20,17 @@ fn cache() -> Cache {
         Ok(p) if !p.is_empty() => Cache::new(PathBuf::from(p)),
         _ => Cache::from_env(),
     }
+}
+
+/// The Hub client over `cache`, at `$HF_ENDPOINT` when set (a mirror), else huggingface.co.
+fn api(cache: &Cache) -> std::result::Result<hf_hub::api::sync::Api, String> {
+    let mut b = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone());
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()) {
+        if !endpoint.is_empty() {
+            b = b.with_endpoint(endpoint);
+        }
+    }
+    b.build().map_err(|e| e.to_string())
 }
 
 fn offline() -> bool {
@@ -39,11 +51,7 @@ pub fn snapshot_in(cache: Cache, model: &str, offline: bool) -> Result<PathBuf> 
     let err = |msg: String| Error::ModelSource { model: model.into(), msg };
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision);
     let cached = cache.repo(repo.clone());
-    let api = if offline {
-        None
-    } else {
-        Some(hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| err(e.to_string()))?)
-    };
+    let api = if offline { None } else { Some(api(&cache).map_err(err)?) };
     let fetch = |file: &str, required: bool| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
             return Ok(Some(p));
@@ -297,11 +305,7 @@ pub fn dataset_files_in(cache: Cache, id: &DatasetId, default_split: &str, offli
         Some(r) => vec![r.clone()],
         None => vec!["main".into(), PARQUET_BRANCH.into()],
     };
-    let api = if offline {
-        None
-    } else {
-        Some(hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| err(e.to_string()))?)
-    };
+    let api = if offline { None } else { Some(api(&cache).map_err(err)?) };
     let mut tried = Vec::new();
     for rev in &revisions {
         let repo = Repo::with_revision(id.repo.clone(), RepoType::Dataset, rev.clone());
