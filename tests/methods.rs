@@ -264,7 +264,12 @@ fn dpo_on(arch: &str) {
         first.loss,
         last.loss
     );
-    assert!((first.loss - std::f64::consts::LN_2).abs() < 1e-4, "first DPO loss {}", first.loss);
+    // The reference pass batches the pairs differently from the policy's first step; in f32 that
+    // moves the loss by < 1e-4, under bf16 autocast the operands' rounding can amplify it (gpt2 on
+    // an AVX2-only processor: 0.69305, 9.7e-5 off ln 2, with 0.81 of the pairs "won").
+    let bf16 = std::env::var("MEET_TEST_DTYPE").is_ok_and(|d| d == "bf16");
+    let tol = if bf16 { 2e-3 } else { 1e-4 };
+    assert!((first.loss - std::f64::consts::LN_2).abs() < tol, "first DPO loss {}", first.loss);
     assert!(last.extra["rewards/margins"] > 1.0 && last.extra["rewards/accuracies"] >= 0.9);
     assert!(after >= 0.75 && after > before + 0.25, "{arch}: rule rate {before} -> {after}");
     assert!(out.join("reference_logps.json").is_file());
@@ -688,7 +693,7 @@ fn meet_with_lora_controls_composes_two_dimensions() {
 /// processor (different sums, so different bits) `neutral,so` gives yes 0.46: the composition is
 /// not robust (README). Asserted: each token alone; the combinations are printed.
 #[test]
-fn control_tokens_learn_each_dimension_alone() {
+fn control_tokens_steer_two_dimensions_one_at_a_time() {
     assert_each_alone(&train_two_dimensions("control-token", &[("model.train_weights", "true")]));
 }
 
