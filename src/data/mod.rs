@@ -46,15 +46,15 @@ pub struct Record {
 /// Reads and tokenises records with a progress bar when the source is large, counting what
 /// was read, skipped and cut: `each` turns one record into an item or says why it cannot be one.
 /// An invalid record stops with its location (and the Parquet columns), or with `skip_invalid`
-/// is skipped and counted. Returns the items and the records seen.
+/// is skipped and counted. Returns the items and the skipped records (`"{loc}: {reason}"`).
 pub fn read_each<T>(
     records: Records,
     skip_invalid: bool,
     what: &str,
     mut each: impl FnMut(&Value) -> std::result::Result<T, String>,
-    mut status: impl FnMut(usize, &[String]) -> String,
+    mut status: impl FnMut(&[String]) -> String,
     error_suffix: &str,
-) -> Result<(Vec<T>, Vec<String>, usize)> {
+) -> Result<(Vec<T>, Vec<String>)> {
     let mut records = records;
     let source = records.source.clone();
     let mut progress = records.large.then(|| {
@@ -73,18 +73,18 @@ pub fn read_each<T>(
         }
         if let Some(p) = &mut progress {
             if seen % 256 == 0 {
-                p.update(seen, &format!("{} {what}, {}", out.len(), status(out.len(), &skipped)));
+                p.update(seen, &format!("{} {what}, {}", out.len(), status(&skipped)));
             }
         }
     }
     if let Some(p) = progress {
-        p.finish(&format!("{} {what}, {}", out.len(), status(out.len(), &skipped)));
+        p.finish(&format!("{} {what}, {}", out.len(), status(&skipped)));
     }
     report_skipped(&source, &skipped, seen);
     if out.is_empty() {
         return Err(Error::parse(&source, format!("no usable {what} ({} skipped)", skipped.len())));
     }
-    Ok((out, skipped, seen))
+    Ok((out, skipped))
 }
 
 /// Records skipped with `skip_invalid`: `"{loc}: {reason}"` each. Logs how many and the first few.
@@ -249,23 +249,17 @@ pub fn supervised_from_records(
     opts: &SupervisedOptions,
 ) -> Result<(Vec<Example>, ReadStats)> {
     let source = records.source.clone();
-    let mut stats = ReadStats::default();
-    let truncated = std::cell::Cell::new(0usize);
-    let (out, skipped, _) = read_each(
+    let stats = std::cell::RefCell::new(ReadStats::default());
+    let (out, skipped) = read_each(
         records,
         opts.skip_invalid,
         "records",
-        |v| {
-            let mut s = ReadStats::default();
-            let e = supervised_example(v, tok, opts, &mut s);
-            truncated.set(truncated.get() + s.truncated);
-            e
-        },
-        |_, skipped| format!("{} skipped, {} cut", skipped.len(), truncated.get()),
+        |v| supervised_example(v, tok, opts, &mut stats.borrow_mut()),
+        |skipped| format!("{} skipped, {} cut", skipped.len(), stats.borrow().truncated),
         " (skip_invalid skips such records)",
     )?;
+    let mut stats = stats.into_inner();
     stats.skipped = skipped;
-    stats.truncated = truncated.get();
     stats.examples = out.len();
     if stats.truncated > 0 {
         tracing::warn!(

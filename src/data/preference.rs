@@ -462,7 +462,7 @@ pub fn preferences_from_records(
     let source = records.source.clone();
     let stats = std::cell::RefCell::new(PreferenceStats::default());
     let suffix = format!(" (read as {} records; skip_invalid skips such records)", format.name());
-    let (pairs, skipped, _) = read_each(
+    let (pairs, skipped) = read_each(
         records,
         opts.skip_invalid,
         "preference records",
@@ -473,7 +473,7 @@ pub fn preferences_from_records(
             pair.dimension = dimension;
             Ok(pair)
         },
-        |_, skipped| {
+        |skipped| {
             let s = stats.borrow();
             format!("{} skipped, {} prompts and {} responses cut", skipped.len(), s.prompts_cut, s.responses_cut)
         },

@@ -188,11 +188,9 @@ pub fn paired_samples<'a>(a: &'a [Sample], b: &'a [Sample]) -> Result<SamplePair
 /// see [`crate::data::source`]).
 pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     let name = path.to_string_lossy().to_ascii_lowercase();
-    let hub_or_folder = name.starts_with(crate::io::hub::DATASET_PREFIX) || path.is_dir();
-    let plain_json = name.ends_with(".jsonl") || name.ends_with(".json");
-    // Parquet and `.gz` files, folders and Hub ids are read as records; plain JSONL / text below.
-    if hub_or_folder || (crate::io::hub::is_data_file(&name) && !plain_json) {
-        let (out, _, _) = crate::data::read_each(
+    // Data files, folders and Hub ids through the record reader; anything else is text.
+    if name.starts_with(crate::io::hub::DATASET_PREFIX) || path.is_dir() || crate::io::hub::is_data_file(&name) {
+        let (out, _) = crate::data::read_each(
             crate::data::Records::open(path, "test")?,
             false,
             "prompts",
@@ -202,29 +200,13 @@ pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
                     .map(String::from)
                     .ok_or("field 'prompt' must be a string".into())
             },
-            |_, _| String::new(),
+            |_| String::new(),
             "",
         )?;
         return Ok(out);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if !jsonl {
-            out.push(line.to_string());
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| Error::parse(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-        match v.get("prompt").and_then(|p| p.as_str()) {
-            Some(p) => out.push(p.to_string()),
-            None => return Err(Error::parse(path, format!("line {}: field 'prompt' must be a string", i + 1))),
-        }
-    }
+    let out: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect();
     if out.is_empty() {
         return Err(Error::parse(path, "no prompts"));
     }
