@@ -1,8 +1,9 @@
 //! GFLOP/s of the training products of SmolLM2 (batch 4 x 128 tokens), and of LoRA r 64 on
 //! GPT-Neo-125M, through `meet::nn::gemm` (f32), or `meet::nn::bf16` (bf16 operands, f32 sums)
 //! with the argument `bf16`; the best of 5 timed batches per product.
-//!     cargo run --release --example gemm_speed [-- bf16|f32 [ROWS]]
-//! ROWS (default 512) sets the rows of x: 64 is a decoding step of a batch of 64.
+//!     cargo run --release --example gemm_speed [-- bf16|f32 [ROWS [NAME]]]
+//! ROWS (default 512) sets the rows of x: 64 is a decoding step of a batch of 64; NAME keeps only
+//! the products whose name contains it.
 use meet::nn::bf16::{self, Src};
 use std::time::Instant;
 
@@ -34,6 +35,9 @@ fn main() {
         ("lora A 64x3072", 64, 3072),
         ("lora B 3072x64", 3072, 64),
     ] {
+        if std::env::args().nth(3).is_some_and(|only| !name.contains(&only)) {
+            continue;
+        }
         let x = vec![0.5f32; rows * k];
         let w = vec![0.25f32; n * k];
         let dy = vec![0.1f32; rows * n];

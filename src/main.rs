@@ -405,6 +405,23 @@ fn inference_bench_json(
     .to_string())
 }
 
+/// Keeps memory freed at the end of a training step for the next one. The work runs on a pool
+/// thread, whose glibc arena is made of 64 MB heaps that glibc unmaps as soon as they empty: a
+/// step's activations then come back as fresh pages, each a page fault and a page cleared
+/// (measured on bf16 full fine-tuning: ~200k faults per step, the forward pass 0.48 s against
+/// 0.28 s with them kept). A top pad of a whole heap keeps emptied heaps mapped, and fixed
+/// mmap and trim thresholds keep allocations of up to 32 MB in the heaps and the heaps untrimmed.
+/// The cost is that memory freed after the peak is not returned until exit.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
     // The kernel team (src/nn/team.rs) runs every heavy op on all cores. candle's own elementwise
     // ops would otherwise spread over rayon too, whose idle workers spin on the same cores and
@@ -417,6 +434,7 @@ fn main() -> ExitCode {
         std::env::set_var("MEET_THREADS", n.max(1).to_string());
     }
     std::env::set_var("RAYON_NUM_THREADS", "1");
+    keep_freed_memory();
     // Run on a pool worker so parallel kernels use the calling thread plus the others, instead of
     // a blocked main thread beside busy-waiting workers.
     match rayon::scope(|_| run()) {

@@ -22,8 +22,8 @@ pub struct Numerics {
     /// The widest of `meet`'s own vector kernels in use: `avx512`, `avx2` or `scalar` (the CPU's
     /// best, capped by `MEET_SIMD`).
     pub kernels: String,
-    /// Where bf16 products run (`[train] dtype = "bf16"` only): `amx`, or `f32-kernels` (the
-    /// rounded operands multiplied by the f32 kernels).
+    /// Where bf16 products run (`[train] dtype = "bf16"` only): `amx`, `avx512-bf16`, or
+    /// `f32-kernels` (the rounded operands multiplied by the f32 kernels).
     pub bf16_products: String,
     /// Whether the `gemm` crate's f32 products run their AVX-512 kernels (the CPU has AVX-512 F;
     /// they cannot be capped).
@@ -48,7 +48,7 @@ impl Provenance {
             cpu: cpu_name(),
             numerics: Numerics {
                 kernels: crate::nn::simd::kernel_level().into(),
-                bf16_products: if crate::nn::bf16::uses_amx() { "amx" } else { "f32-kernels" }.into(),
+                bf16_products: crate::nn::bf16::kernel().name().into(),
                 gemm_avx512: gemm_avx512(),
                 threads: crate::nn::team::Team::global().threads(),
             },

@@ -400,7 +400,7 @@ impl CausalLm for Llama {
         Ok(self.lm_head.forward(h)?)
     }
 
-    fn dense_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
+    fn dense_lm_head(&self) -> Option<crate::nn::linear::DenseWeight> {
         self.lm_head.dense_cpu()
     }
 

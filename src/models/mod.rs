@@ -91,7 +91,7 @@ pub trait CausalLm: Send + Sync {
     /// The LM head's weight `[vocab, hidden]` when it is a dense CPU matrix without bias or adapter
     /// (a `Var` when it trains; frozen, with its bf16 packing inside autocast), so that a loss may
     /// fuse it (see [`crate::objectives::logps`]).
-    fn dense_lm_head(&self) -> Option<(Tensor, Option<std::sync::Arc<crate::nn::bf16::PackedB>>)> {
+    fn dense_lm_head(&self) -> Option<crate::nn::linear::DenseWeight> {
         None
     }
     /// An empty cache for `batch` rows of up to `capacity` tokens.

@@ -2,11 +2,15 @@
 //! a matmul. Operands are rounded to bf16 (round to nearest even), products are exact in f32 and
 //! summed in f32.
 //!
-//! On a CPU with AMX-BF16 (Intel Sapphire Rapids and later) the products run on the tile unit:
-//! one `tdpbf16ps` is 16 x 16 x 32 multiply-adds, ~10x the f32 FMA peak of a core
-//! (`scripts/cpu_ceiling.c`). Elsewhere the operands are rounded the same way and multiplied by
-//! the f32 kernels ([`crate::nn::gemm`]): the same products and f32 sums, in another order.
-//! AVX512_BF16's `vdpbf16ps` is not used: it measured no faster than two f32 FMAs per cycle.
+//! Three kernels, the best the CPU has ([`kernel`]), all on the same packed operands:
+//! - AMX-BF16 (Intel Sapphire Rapids and later): one `tdpbf16ps` is 16 x 16 x 32 multiply-adds,
+//!   ~10x the f32 FMA peak of a core (`scripts/cpu_ceiling.c`).
+//! - AVX512_BF16 (AMD Zen 4/5, Intel Cooper Lake): `vdpbf16ps` does two multiply-adds per f32
+//!   lane. On Zen 5 its GEMM register tile runs at 1.8x the f32 one (`scripts/cpu_ceiling.c`:
+//!   178 against 97 GFLOP/s per core); on Intel cores it about ties two `vfmadd`s, and AMX is
+//!   used there anyway.
+//! - Elsewhere the operands are rounded the same way and multiplied by the f32 kernels
+//!   ([`crate::nn::gemm`]): the same products and f32 sums, in another order.
 
 use crate::nn::gemm::sgemm;
 use crate::nn::team::{SharedMut, Team};
@@ -59,12 +63,47 @@ pub fn sgemm_autocast(
     }
 }
 
-/// Whether bf16 products run on AMX tiles here (else on the f32 kernels).
-pub fn uses_amx() -> bool {
+/// Which kernel multiplies bf16 operands in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512_BF16 dot products (`vdpbf16ps`).
+    Avx512Bf16,
+    /// The rounded operands multiplied by the f32 kernels.
+    F32,
+}
+
+impl Kernel {
+    /// The name recorded in a run's provenance.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::F32 => "f32-kernels",
+        }
+    }
+}
+
+/// The kernel bf16 products use here: AMX where the CPU and the kernel allow it and `MEET_SIMD`
+/// does not cap it below `amx`; else AVX512_BF16 unless capped below `avx512`; else the f32
+/// kernels (so `MEET_SIMD=avx2` tests the fallback on any machine).
+pub fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    return amx::available();
+    {
+        static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *K.get_or_init(|| {
+            if tiled::amx_available() {
+                Kernel::Amx
+            } else if tiled::avx512_bf16_available() {
+                Kernel::Avx512Bf16
+            } else {
+                Kernel::F32
+            }
+        })
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    Kernel::F32
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as its upper 16 bits; NaN stays a quiet NaN.
@@ -161,6 +200,23 @@ impl Bits for u16 {
 /// (`b_t`), as [`sgemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Src, b_t: bool, c: &mut [f32], accumulate: bool) {
+    gemm_on(kernel(), m, n, k, a, a_t, b, b_t, c, accumulate)
+}
+
+/// [`gemm`] on a given kernel (one the CPU has): the tests run each.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Src,
+    a_t: bool,
+    b: Src,
+    b_t: bool,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "bf16 gemm: buffers too small");
     if m == 0 || n == 0 {
         return;
@@ -172,19 +228,21 @@ pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Src, b_t: bool, 
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if amx::available() && m * n * k >= 1 << 15 {
-        amx::gemm(m, n, k, a, a_t, amx::Right::Pack(b, b_t), c, accumulate);
+    if kernel != Kernel::F32 && m * n * k >= 1 << 15 {
+        tiled::gemm(kernel, m, n, k, a, a_t, tiled::Right::Pack(b, b_t), c, accumulate);
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernel;
     // The same bf16 operands, multiplied and summed in f32 by the f32 kernels.
     sgemm(m, n, k, &a.widen(m * k), a_t, &b.widen(k * n), b_t, c, accumulate);
 }
 
-/// A frozen right operand `op(b)` (`k x n`) packed once for the tile unit (bf16, half the
+/// A frozen right operand `op(b)` (`k x n`) packed once for the bf16 kernels (bf16, half the
 /// memory of its f32 source): a frozen layer's weight, used by every product of a run.
 pub struct PackedB {
     #[cfg(target_arch = "x86_64")]
-    inner: amx::Packed,
+    inner: tiled::Packed,
 }
 
 impl std::fmt::Debug for PackedB {
@@ -194,12 +252,13 @@ impl std::fmt::Debug for PackedB {
 }
 
 impl PackedB {
-    /// `op(b)` packed, or `None` where products do not run on AMX (then [`gemm`] is the way).
+    /// `op(b)` packed, or `None` where products run on the f32 kernels (then [`gemm`] is the
+    /// way).
     pub fn new(k: usize, n: usize, b: Src, b_t: bool) -> Option<PackedB> {
         assert!(b.len() >= k * n, "bf16 pack: buffer too small");
         #[cfg(target_arch = "x86_64")]
-        if amx::available() && k > 0 && n > 0 {
-            return Some(PackedB { inner: amx::Packed::new(k, n, b, b_t) });
+        if kernel() != Kernel::F32 && k > 0 && n > 0 {
+            return Some(PackedB { inner: tiled::Packed::new(k, n, b, b_t) });
         }
         None
     }
@@ -220,14 +279,16 @@ impl PackedB {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        amx::gemm(m, n, k, a, a_t, amx::Right::Packed(&self.inner), c, accumulate);
+        tiled::gemm(kernel(), m, n, k, a, a_t, tiled::Right::Packed(&self.inner), c, accumulate);
     }
 }
 
-/// The AMX path: both operands packed into bf16 tiles, 32 x 32 output blocks of four 16 x 16
-/// f32 accumulator tiles, column panels of `op(b)` spread over the kernel team.
+/// The AMX and AVX512_BF16 paths: both operands packed into bf16 tiles (AMX's layout, which is
+/// also the pair-interleaved one `vdpbf16ps` wants), column panels of `op(b)` spread over the
+/// kernel team; AMX multiplies 32 x 32 output blocks of four 16 x 16 f32 accumulator tiles,
+/// AVX512_BF16 8 x 32 blocks of sixteen accumulator registers.
 #[cfg(target_arch = "x86_64")]
-mod amx {
+mod tiled {
     use super::*;
     use std::ops::Range;
 
@@ -332,8 +393,8 @@ mod amx {
     const TILE: usize = 1024;
 
     /// Whether the CPU has AMX-BF16, the kernel lets this process use the tile state, and
-    /// `MEET_SIMD` allows it (`MEET_SIMD=avx512` or lower takes the fallback).
-    pub fn available() -> bool {
+    /// `MEET_SIMD` allows it (`MEET_SIMD=avx512` or lower takes another kernel).
+    pub fn amx_available() -> bool {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE (std's detection of them is
@@ -348,10 +409,19 @@ mod amx {
             // SAFETY: a plain system call with integer arguments.
             let r = unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) };
             if r != 0 {
-                tracing::warn!("the kernel refused AMX tile state; bf16 products use the f32 kernels");
+                tracing::warn!("the kernel refused AMX tile state; bf16 products use another kernel");
             }
             r == 0
         })
+    }
+
+    /// Whether the CPU has AVX512_BF16 (with the F/BW/VL the packing uses) and `MEET_SIMD`
+    /// allows `avx512`.
+    pub fn avx512_bf16_available() -> bool {
+        crate::nn::simd::has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
 
     use std::arch::x86_64::*;
@@ -625,8 +695,10 @@ mod amx {
         }
     }
 
+    /// `kernel` is AMX or AVX512_BF16, and the CPU has it.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Right, c: &mut [f32], acc: bool) {
+    pub fn gemm(kernel: Kernel, m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Right, c: &mut [f32], acc: bool) {
+        assert!(kernel != Kernel::F32, "the tiled bf16 product needs AMX or AVX512_BF16");
         let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
         // Packed operands live in per-thread buffers that are reused: a fresh 50 MB buffer per
         // call (the LM head's backward) cost more in page faults than its products.
@@ -669,6 +741,7 @@ mod amx {
         let pc = SharedMut(c.as_mut_ptr());
         let apr: &[u16] = ap_tiles;
         let per = slice_depth(k);
+        let amx = kernel == Kernel::Amx;
         team.for_chunks(panels * row_parts, 1, &|jobs| {
             let pc = &pc;
             let mut bp = PACKED_B.with(|b| std::mem::take(&mut *b.borrow_mut()));
@@ -682,8 +755,9 @@ mod amx {
                 let rows = part * rows_per..((part + 1) * rows_per).min(m);
                 for (s, d) in (0..k).step_by(per).enumerate() {
                     let depth = d..(d + per).min(k);
-                    // SAFETY: AVX-512 as above; `ap` and the panel are packed and padded as
-                    // `tiles` requires; this job writes only its rows and columns of `c`.
+                    // SAFETY: AVX-512 as above, and AMX or AVX512_BF16 ([`kernel`] chose this
+                    // path); `ap` and the panel are packed and padded as `tiles` and `dots`
+                    // require; this job writes only its rows and columns of `c`.
                     unsafe {
                         let panel_b: &[u32] = match b {
                             Right::Pack(Src::F32(v), b_t) => {
@@ -696,7 +770,12 @@ mod amx {
                             }
                             Right::Packed(p) => &p.data[p.start + p.offsets[panel * k.div_ceil(per) + s]..],
                         };
-                        tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc || d > 0)
+                        let acc = acc || d > 0;
+                        if amx {
+                            tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc)
+                        } else {
+                            dots(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc)
+                        }
                     };
                 }
             }
@@ -724,7 +803,7 @@ mod amx {
     /// accumulator tiles, two tiles of `a` and two of `b` per 32 depths.
     ///
     /// # Safety
-    /// The CPU has AMX-BF16 and the process its tile state ([`available`]); `ap` is laid out
+    /// The CPU has AMX-BF16 and the process its tile state ([`amx_available`]); `ap` is laid out
     /// by [`pack_a`] for `k_pad`, `bp` by [`pack_b`] for `cols` and `depth`; `c` is row-major
     /// with `n` columns and only this caller writes its block `rows` x `cols` meanwhile;
     /// `rows.start` and `depth.start` are multiples of 32.
@@ -821,6 +900,83 @@ mod amx {
         }
         // SAFETY: releases the tile state this thread configured.
         std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Rows of `a` per block of [`dots`]: eight rows by 32 columns are sixteen accumulator
+    /// registers, enough independent sums to cover `vdpbf16ps`'s latency at two per cycle.
+    const ROWS: usize = 8;
+
+    /// What [`tiles`] does (the same arguments and packed operands), with AVX512_BF16: 8 x 32
+    /// blocks, each pair of depths one broadcast word of `a` per row against two 16-column
+    /// words of the panel.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and AVX512_BF16; otherwise as [`tiles`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dots(
+        n: usize,
+        k_pad: usize,
+        ap: &[u16],
+        bp: &[u32],
+        rows: Range<usize>,
+        cols: Range<usize>,
+        depth: Range<usize>,
+        c: *mut f32,
+        acc: bool,
+    ) {
+        let steps = depth.len().div_ceil(32);
+        let pairs = steps * 16;
+        let aw = ap.as_ptr() as *const u32;
+        let mut edge = [0f32; ROWS * 32];
+        for i in rows.clone().step_by(ROWS) {
+            // Rows i..i + 8 lie in one 16-row tile of `a` (i is a multiple of 8): row r's word for
+            // pair q of a 16-pair step is at `a0 + r * 16 + q`, and each step is one tile further.
+            let a0 = aw.add(((i / 16) * (k_pad / 32) + depth.start / 32) * 256 + (i % 16) * 16);
+            for jj in (0..cols.len()).step_by(32) {
+                let j = cols.start + jj;
+                let (nr, nc) = ((rows.end - i).min(ROWS), (cols.end - j).min(32));
+                let full = nr == ROWS && nc == 32;
+                let (dst, ld) = if full { (c.add(i * n + j), n) } else { (edge.as_mut_ptr(), 32) };
+                if !full && acc {
+                    for r in 0..nr {
+                        std::ptr::copy_nonoverlapping(c.add((i + r) * n + j), edge.as_mut_ptr().add(r * 32), nc);
+                    }
+                }
+                let mut s = [[_mm512_setzero_ps(); 2]; ROWS];
+                if acc {
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        sr[0] = _mm512_loadu_ps(dst.add(r * ld));
+                        sr[1] = _mm512_loadu_ps(dst.add(r * ld + 16));
+                    }
+                }
+                // The panel's two 16-column words of pair p are at `b0 + p * 16` and `b1 + p * 16`.
+                let b0 = bp.as_ptr().add((jj / 16) * pairs * 16);
+                let b1 = b0.add(pairs * 16);
+                for t in 0..steps {
+                    let at = a0.add(t * 256);
+                    for q in 0..16 {
+                        let p = t * 16 + q;
+                        let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(p * 16) as *const __m512i));
+                        let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 16) as *const __m512i));
+                        for (r, sr) in s.iter_mut().enumerate() {
+                            let w: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + q) as i32));
+                            sr[0] = _mm512_dpbf16_ps(sr[0], w, x0);
+                            sr[1] = _mm512_dpbf16_ps(sr[1], w, x1);
+                        }
+                    }
+                }
+                for (r, sr) in s.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(r * ld), sr[0]);
+                    _mm512_storeu_ps(dst.add(r * ld + 16), sr[1]);
+                }
+                if !full {
+                    for r in 0..nr {
+                        std::ptr::copy_nonoverlapping(edge.as_ptr().add(r * 32), c.add((i + r) * n + j), nc);
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(test)]
@@ -947,8 +1103,18 @@ mod tests {
 
     #[test]
     fn products_match_rounded_operands_in_every_layout_and_size() {
+        // Every kernel this CPU has, not only the one `kernel` picks.
+        let mut kernels = vec![Kernel::F32];
         #[cfg(target_arch = "x86_64")]
-        eprintln!("AMX: {}", amx::available());
+        {
+            if tiled::avx512_bf16_available() {
+                kernels.push(Kernel::Avx512Bf16);
+            }
+            if tiled::amx_available() {
+                kernels.push(Kernel::Amx);
+            }
+        }
+        eprintln!("bf16 kernels tested: {kernels:?} (used: {:?})", kernel());
         // Sizes around the 32 x 32 blocks, 256-column panels and depth slices, and under the AMX
         // threshold.
         for (m, n, k) in
@@ -961,16 +1127,19 @@ mod tests {
             for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
                 let av = if a_t { &at } else { &a };
                 let bv = if b_t { &bt } else { &b };
-                let mut c = vec![0.5f32; m * n];
-                gemm(m, n, k, Src::F32(av), a_t, Src::F32(bv), b_t, &mut c, false);
                 let close = |c: &[f32], shift: f64| {
                     c.iter().zip(&want).all(|(x, y)| (*x as f64 - y - shift).abs() <= 1e-5 * (1.0 + y.abs()))
                 };
-                assert!(close(&c, 0.0), "{m}x{n}x{k} a_t {a_t} b_t {b_t}");
-                c.fill(0.5);
-                let bits: Vec<u16> = bv.iter().map(|&x| to_bf16_bits(x)).collect();
-                gemm(m, n, k, Src::F32(av), a_t, Src::Bf16(&bits), b_t, &mut c, true);
-                assert!(close(&c, 0.5), "accumulate, bf16 b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                let mut c = vec![0.5f32; m * n];
+                for &kr in &kernels {
+                    c.fill(0.5);
+                    gemm_on(kr, m, n, k, Src::F32(av), a_t, Src::F32(bv), b_t, &mut c, false);
+                    assert!(close(&c, 0.0), "{kr:?} {m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                    c.fill(0.5);
+                    let bits: Vec<u16> = bv.iter().map(|&x| to_bf16_bits(x)).collect();
+                    gemm_on(kr, m, n, k, Src::F32(av), a_t, Src::Bf16(&bits), b_t, &mut c, true);
+                    assert!(close(&c, 0.5), "{kr:?} accumulate, bf16 b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");
+                }
                 if let Some(p) = PackedB::new(k, n, Src::F32(bv), b_t) {
                     p.gemm(m, Src::F32(av), a_t, &mut c, false);
                     assert!(close(&c, 0.0), "packed b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");

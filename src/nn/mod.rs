@@ -181,6 +181,7 @@ impl<'a> Builder<'a> {
                     adapter,
                     transposed: Default::default(),
                     bf16: Default::default(),
+                    bf16_dx: Default::default(),
                 });
             }
         }
@@ -262,6 +263,7 @@ impl Embedding {
             adapter: None,
             transposed: Default::default(),
             bf16: Default::default(),
+            bf16_dx: Default::default(),
         }
     }
 }

@@ -66,8 +66,8 @@ pub fn label_logps(policy: &Policy, batch: &Batch) -> Result<LabelLogps> {
     let h = h.reshape((b * total, hidden))?.index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
     // The fused head computes its input gradient up front: only worth it when one is needed.
     let logps = match policy.pretrained.model.dense_lm_head() {
-        Some((w, _)) if w.is_variable() => trainable_head_logps(&h, &w, &tgt)?,
-        Some((w, packed)) if h.track_op() => frozen_head_logps(&h, &w, packed, &tgt)?,
+        Some(d) if d.w.is_variable() => trainable_head_logps(&h, &d.w, &tgt)?,
+        Some(d) if h.track_op() => frozen_head_logps(&h, &d.w, d.packed.clone(), d.packed_dx()?, &tgt)?,
         _ => token_logps(&policy.pretrained.model.lm_head(&h)?, &tgt)?, // logits (labelled, v)
     };
     Ok(LabelLogps { logps, rows, b })
@@ -170,6 +170,8 @@ struct FrozenHeadLogps {
     w: Tensor,
     /// `Wᵀ` packed for bf16 products (inside autocast).
     packed: Option<Arc<crate::nn::bf16::PackedB>>,
+    /// `W` packed for the input gradient's product (inside autocast).
+    packed_dx: Option<Arc<crate::nn::bf16::PackedB>>,
     targets: Arc<Vec<u32>>,
     /// `(onehot − softmax) W` per row, from the forward pass.
     dh: Mutex<Vec<f32>>,
@@ -225,7 +227,11 @@ impl CustomOp1 for FrozenHeadLogps {
                         row[t] += 1.0;
                     }
                 });
-                sgemm_autocast(c, hidden, v, z, false, w, false, &mut dh[r0 * hidden..(r0 + c) * hidden], false);
+                let dhc = &mut dh[r0 * hidden..(r0 + c) * hidden];
+                match &self.packed_dx {
+                    Some(p) => p.gemm(c, crate::nn::bf16::Src::F32(z), false, dhc, false),
+                    None => sgemm_autocast(c, hidden, v, z, false, w, false, dhc, false),
+                }
             }
         })?;
         *self.dh.lock().unwrap_or_else(|p| p.into_inner()) = dh;
@@ -244,14 +250,21 @@ impl CustomOp1 for FrozenHeadLogps {
 }
 
 /// [`token_logps`] of `h W^T` for a frozen LM head `w`, without materialising the logits.
-/// `packed`: the head packed for bf16 products, used inside autocast.
+/// `packed`, `packed_dx`: the head packed for bf16 products (`h Wᵀ`, `dz W`), used inside autocast.
 pub fn frozen_head_logps(
     h: &Tensor,
     w: &Tensor,
     packed: Option<Arc<crate::nn::bf16::PackedB>>,
+    packed_dx: Option<Arc<crate::nn::bf16::PackedB>>,
     targets: &[u32],
 ) -> Result<Tensor> {
-    let op = FrozenHeadLogps { w: w.clone(), packed, targets: Arc::new(targets.to_vec()), dh: Mutex::new(Vec::new()) };
+    let op = FrozenHeadLogps {
+        w: w.clone(),
+        packed,
+        packed_dx,
+        targets: Arc::new(targets.to_vec()),
+        dh: Mutex::new(Vec::new()),
+    };
     Ok(h.contiguous()?.apply_op1(op)?)
 }
 
@@ -337,7 +350,7 @@ impl CustomOp2 for TrainableHeadLogps {
             candle_core::bail!("head log-probs: backward without a forward pass");
         };
         logits_grad_in_place(&mut dz, v, &g, &lse, &self.targets);
-        let (dh, dw) = crate::nn::linear::product_backward(&dz, h, w, true)?;
+        let (dh, dw) = crate::nn::linear::product_backward(&dz, h, w, None, true)?;
         keep_logit_buffer(dz);
         let dh = h.track_op().then(|| Tensor::from_vec(dh, (n, hidden), h.device())).transpose()?;
         Ok((dh, dw))
@@ -416,7 +429,7 @@ mod tests {
         let h = Var::from_vec(h, (n, hidden), &dev).unwrap();
         let w = Tensor::from_vec(w, (v, hidden), &dev).unwrap();
         let y: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
-        let fused = frozen_head_logps(h.as_tensor(), &w, None, &y).unwrap();
+        let fused = frozen_head_logps(h.as_tensor(), &w, None, None, &y).unwrap();
         let plain = token_logps(&h.as_tensor().matmul(&w.t().unwrap()).unwrap(), &y).unwrap();
         let d = (&fused - &plain).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "{d}");

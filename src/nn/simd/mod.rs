@@ -53,7 +53,7 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// The widest of `meet`'s own vector kernels this process uses: `avx512`, `avx2` or `scalar`
-/// (bf16 products: [`crate::nn::bf16::uses_amx`]).
+/// (bf16 products: [`crate::nn::bf16::kernel`]).
 pub fn kernel_level() -> &'static str {
     if has_avx512() {
         "avx512"
