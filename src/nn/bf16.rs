@@ -1131,12 +1131,12 @@ mod tests {
                     c.iter().zip(&want).all(|(x, y)| (*x as f64 - y - shift).abs() <= 1e-5 * (1.0 + y.abs()))
                 };
                 let mut c = vec![0.5f32; m * n];
+                let bits: Vec<u16> = bv.iter().map(|&x| to_bf16_bits(x)).collect();
                 for &kr in &kernels {
                     c.fill(0.5);
                     gemm_on(kr, m, n, k, Src::F32(av), a_t, Src::F32(bv), b_t, &mut c, false);
                     assert!(close(&c, 0.0), "{kr:?} {m}x{n}x{k} a_t {a_t} b_t {b_t}");
                     c.fill(0.5);
-                    let bits: Vec<u16> = bv.iter().map(|&x| to_bf16_bits(x)).collect();
                     gemm_on(kr, m, n, k, Src::F32(av), a_t, Src::Bf16(&bits), b_t, &mut c, true);
                     assert!(close(&c, 0.5), "{kr:?} accumulate, bf16 b: {m}x{n}x{k} a_t {a_t} b_t {b_t}");
                 }

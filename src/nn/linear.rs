@@ -317,6 +317,21 @@ fn forward_product(
     Ok(())
 }
 
+/// `dx = dy W` (`dy: [m, n]`, `W: [n, k]`): through `W`'s bf16 packing for this product when
+/// there is one, else `W` itself (inside autocast, rounded as it is packed).
+pub(crate) fn input_grad_product(
+    g: &[f32],
+    w: &[f32],
+    packed: Option<&PackedB>,
+    (m, n, k): (usize, usize, usize),
+    dx: &mut [f32],
+) {
+    match packed {
+        Some(p) => p.gemm(m, Src::F32(g), false, dx, false),
+        None => sgemm_autocast(m, k, n, g, false, w, false, dx, false),
+    }
+}
+
 /// `x Wᵀ` for a dense `W` on the CPU, with a backward that writes `dx = dy W` and (only for a
 /// trainable `W`) `dW = dyᵀ x` straight in `W`'s layout, with no transposed copies.
 struct MatMulT {
@@ -435,8 +450,9 @@ impl MatMulT {
 }
 
 /// The backward products of `y = x Wᵀ` (`x: [m, k]`, `W: [n, k]`) for `dy` (`g`, `m x n` values):
-/// `dx = dy W` (through `packed_w`, `W` packed for bf16, when given), and when `weight_grad`, `dW = dyᵀ x` — written into `W`'s registered gradient
-/// buffer when it has one (then `None` goes back to candle), else returned as a tensor.
+/// `dx = dy W` (through `packed_w`, `W` packed for bf16, when given), and when `weight_grad`,
+/// `dW = dyᵀ x` — written into `W`'s registered gradient buffer when it has one (then `None` goes
+/// back to candle), else returned as a tensor.
 pub(crate) fn product_backward(
     g: &[f32],
     x: &Tensor,
@@ -447,10 +463,7 @@ pub(crate) fn product_backward(
     let (n, k) = w.dims2()?;
     let m = g.len() / n.max(1);
     let mut dx = vec![0f32; m * k];
-    match packed_w {
-        Some(p) => p.gemm(m, Src::F32(g), false, &mut dx, false),
-        None => with_f32(w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?,
-    }
+    with_f32(w, |wv| input_grad_product(g, wv, packed_w, (m, n, k), &mut dx))?;
     let dw = match weight_grad.then(|| crate::nn::grad::buffer(w)) {
         None => None,
         Some(Some(buf)) => {
@@ -548,10 +561,7 @@ impl CustomOp3 for LowRankMatMulT {
         with_f32(dy, |g| {
             with_f32(b, |bv| sgemm_autocast(m, r, n, g, false, bv, false, &mut gbs, false))?;
             gbs.iter_mut().for_each(|v| *v *= self.scale);
-            match &self.packed_dx {
-                Some(p) => p.gemm(m, Src::F32(g), false, &mut dx, false),
-                None => with_f32(&self.w, |wv| sgemm_autocast(m, k, n, g, false, wv, false, &mut dx, false))?,
-            }
+            with_f32(&self.w, |wv| input_grad_product(g, wv, self.packed_dx.as_deref(), (m, n, k), &mut dx))?;
             with_f32(a, |av| sgemm_autocast(m, k, r, &gbs, false, av, false, &mut dx, true))?;
             with_f32(x, |xv| match &buf_a {
                 Some(buf) => buf.update(|dst, acc| sgemm_autocast(r, k, m, &gbs, true, xv, false, dst, acc)),

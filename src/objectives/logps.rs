@@ -6,6 +6,7 @@
 //! writes `g (onehot(y) - softmax(x))` straight into the logits' gradient.
 
 use crate::nn::bf16::sgemm_autocast;
+use crate::nn::linear::input_grad_product;
 use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::simd::{exp_shifted_sum, log_sum_exp};
 use crate::nn::team::{SharedMut, Team};
@@ -228,10 +229,7 @@ impl CustomOp1 for FrozenHeadLogps {
                     }
                 });
                 let dhc = &mut dh[r0 * hidden..(r0 + c) * hidden];
-                match &self.packed_dx {
-                    Some(p) => p.gemm(c, crate::nn::bf16::Src::F32(z), false, dhc, false),
-                    None => sgemm_autocast(c, hidden, v, z, false, w, false, dhc, false),
-                }
+                input_grad_product(z, w, self.packed_dx.as_deref(), (c, v, hidden), dhc);
             }
         })?;
         *self.dh.lock().unwrap_or_else(|p| p.into_inner()) = dh;
