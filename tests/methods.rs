@@ -692,7 +692,10 @@ fn assert_composes(r: &TwoDimensionRates) {
 /// MEET's step 2 on whole combinations (labelled by step 1's controls) is what makes the prompts
 /// compose: with `meet.combinations = "single"` each prompt alone works (asserted) but
 /// combinations do not (printed; the README gives both sets of rates).
+// Ignored in the parallel run, as RiC's below: beside other tests sharing the kernel team a
+// clean-clone CI run gave affirm,so yes 0.31 (alone: 0.96). scripts/test.sh runs it alone.
 #[test]
+#[ignore = "run alone by scripts/test.sh"]
 fn meet_with_soft_prompts_composes_two_dimensions() {
     assert_composes(&train_two_dimensions("meet", &MEET_PROMPT));
     let single = [MEET_PROMPT.as_slice(), &[("meet.combinations", "\"single\"")]].concat();
