@@ -141,9 +141,11 @@ const KEY_BLOCK: usize = 512;
 /// Query (and key) steps per block of the training products. A block of queries scores only the
 /// keys up to its last step's causal limit, and a block of keys is reached only by the queries
 /// from the first one that sees it: the skipped products are the masked ones, exact zeros in the
-/// sums they entered, so the results keep their bits while causal attention does about half the
-/// multiply-adds (a 4x128 batch: a quarter fewer; 1k-token sequences: close to half). Blocks are
-/// at least this long (the last takes the remainder), so no product shrinks to a vector one.
+/// sums they entered, so causal attention does about half the multiply-adds (a 4x128 batch: a
+/// quarter fewer) with the same bits as whole products, tested up to 148 steps. Longer sums may
+/// round differently: the `gemm` crate splits a sum by its length (a 1x1024 LoRA step's second loss
+/// moved in the 7th digit). Blocks are at least this long (the last takes the remainder), so no
+/// product shrinks to a vector one.
 const CAUSAL_BLOCK: usize = 64;
 
 /// `0..n` in blocks of `block` steps, the last one taking the remainder (one block if `n` is
