@@ -157,7 +157,6 @@ fn blocks(n: usize, block: usize) -> impl Iterator<Item = std::ops::Range<usize>
 
 /// How far the causal rule lets the training products stop, per batch row.
 struct Reach {
-    block: usize,
     past: usize,
     total: usize,
     /// Per batch row: whether the causal cut applies (a mask, and no step that sees no key: such
@@ -166,7 +165,7 @@ struct Reach {
 }
 
 impl Reach {
-    fn new(mask: Option<&Mask>, b: usize, t: usize, total: usize, block: usize) -> Self {
+    fn new(mask: Option<&Mask>, b: usize, t: usize, total: usize) -> Self {
         let causal = (0..b)
             .map(|bi| {
                 mask.is_some_and(|m| {
@@ -176,7 +175,7 @@ impl Reach {
                 })
             })
             .collect();
-        Self { block, past: mask.map_or(0, |m| m.past), total, causal }
+        Self { past: mask.map_or(0, |m| m.past), total, causal }
     }
 
     /// Keys the query steps `rows` of batch row `bi` may see (with nonzero probability).
@@ -369,13 +368,13 @@ impl CustomOp3 for Attention {
             let mut out = vec![0f32; b * t * h * d];
             let mut probs = vec![0f32; b * h * t * total];
             let (po, pp) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
-            let reach = Reach::new(mask, b, t, total, self.block);
+            let reach = Reach::new(mask, b, t, total);
             Team::global().for_chunks(b * h, 1, &|units| {
                 let (po, pp) = (&po, &pp);
                 for unit in units {
                     let (bi, head) = (unit / h, unit % h);
                     let hi = head / g;
-                    for rows in blocks(t, reach.block) {
+                    for rows in blocks(t, self.block) {
                         // Keys past `end` are masked for every step of the block: their
                         // probabilities stay the zeros `probs` starts with.
                         let (r0, m, end) = (rows.start, rows.len(), reach.key_end(bi, &rows));
@@ -520,7 +519,7 @@ impl Attention {
             with_f32(k, |k| {
                 with_f32(v, |v| {
                     with_f32(dout, |dout| {
-                        let reach = Reach::new(self.mask.as_ref(), b, t, total, self.block);
+                        let reach = Reach::new(self.mask.as_ref(), b, t, total);
                         Team::global().for_chunks(b * kvh, 1, &|units| {
                             let (pq, pk, pv) = (&pq, &pk, &pv);
                             let mut ds = vec![0f32; t * total];
@@ -534,7 +533,7 @@ impl Attention {
                                     let dov = View { ptr: dout.as_ptr().wrapping_add(ho), rs: hrs, cs: 1 };
                                     // dP = dO Vᵀ, only up to each query block's last visible key;
                                     // past it dS is zero, as the probabilities are.
-                                    for rows in blocks(t, reach.block) {
+                                    for rows in blocks(t, self.block) {
                                         let (r0, m, end) = (rows.start, rows.len(), reach.key_end(bi, &rows));
                                         let dsb = &mut ds[r0 * total..(r0 + m) * total];
                                         // Safety: views stay inside the contiguous v and dout.
@@ -581,7 +580,7 @@ impl Attention {
                                     }
                                     // dV += Pᵀ dO and dK += s dSᵀ Q per block of keys, from the first
                                     // query that sees the block (earlier ones add exact zeros).
-                                    for keys in blocks(total, reach.block) {
+                                    for keys in blocks(total, self.block) {
                                         let (j0, m, i0) = (keys.start, keys.len(), reach.first_query(bi, &keys));
                                         if i0 >= t {
                                             continue;
