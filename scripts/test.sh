@@ -7,9 +7,6 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
 ./scripts/fetch-data.sh
 cargo test --release --all-targets
-# RiC's and MEET-prompt's two-dimension tests alone: run beside other tests they are not reproducible
-# (tests/methods.rs).
-cargo test --release --test methods -- --ignored --test-threads 1
 # meet's own kernels again on their fallback paths (AVX2, then plain Rust), whatever this CPU has:
 # the unit tests of the kernels and the parity tests of both architecture families.
 # On the plain-Rust path the DPO reference log-probs (sums over 64 tokens) land 1e-3 from

@@ -100,6 +100,34 @@ seed = 1
     RunConfig::from_table(table, &set).unwrap()
 }
 
+/// A training run gives the same bits whether or not another runs beside it in the process (as
+/// tests do): a call that finds the kernel team busy splits its work as the team would. Whole-data
+/// batches (96 rows of ~16 steps, width 64) are large enough for the row kernels (the norms'
+/// weight gradients sum per-part partials) to go to the team.
+#[test]
+fn training_keeps_its_bits_beside_another_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data, _) = task(dir.path());
+    let set = [("model.train_weights", "true"), ("train.batch_size", "96"), ("train.epochs", "12")];
+    let train = |name: &str| {
+        let out = dir.path().join(name);
+        meet::methods::run(&config("sft", &model, &data, &out, &set), false).unwrap();
+        let losses: Vec<u64> = metrics(&out).iter().map(|s| s.loss.to_bits()).collect();
+        (losses, std::fs::read(out.join("final/model.safetensors")).unwrap())
+    };
+    let alone = train("alone");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| train("a"));
+        let b = s.spawn(|| train("b"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(alone.0.len() >= 12, "{} steps", alone.0.len());
+    for (name, run) in [("a", &a), ("b", &b)] {
+        assert_eq!(run.0, alone.0, "run {name}'s losses");
+        assert!(run.1 == alone.1, "run {name}'s weights differ from the run alone");
+    }
+}
+
 /// Share of sampled completions (temperature 1, two per prompt) that end with the marker.
 fn rate(model: &str, control: Option<&str>, prompts: &[String]) -> f64 {
     let c = Controlled::load(model, &LoadOptions::default()).unwrap();
@@ -692,10 +720,7 @@ fn assert_composes(r: &TwoDimensionRates) {
 /// MEET's step 2 on whole combinations (labelled by step 1's controls) is what makes the prompts
 /// compose: with `meet.combinations = "single"` each prompt alone works (asserted) but
 /// combinations do not (printed; the README gives both sets of rates).
-// Ignored in the parallel run, as RiC's below: beside other tests sharing the kernel team a
-// clean-clone CI run gave affirm,so yes 0.31 (alone: 0.96). scripts/test.sh runs it alone.
 #[test]
-#[ignore = "run alone by scripts/test.sh"]
 fn meet_with_soft_prompts_composes_two_dimensions() {
     assert_composes(&train_two_dimensions("meet", &MEET_PROMPT));
     let single = [MEET_PROMPT.as_slice(), &[("meet.combinations", "\"single\"")]].concat();
@@ -730,11 +755,7 @@ fn chain_of_hindsight_learns_each_dimension_alone() {
 
 /// RiC on the same task: every response of both dimensions' pairs as a supervised row scored on
 /// both objectives (marker present: 1, absent: 0); the combinations ask for z-scores of ±1.
-// Ignored in the parallel run: its tiny model's held-out behaviour turns on small numeric
-// differences, which concurrent tests sharing the kernel team can cause (seen: neutral,so yes
-// 0.45). scripts/test.sh runs it alone (`-- --ignored --test-threads 1`), where it is exact.
 #[test]
-#[ignore = "run alone by scripts/test.sh"]
 fn rewards_in_context_composes_two_dimensions() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data, prompts) = two_marker_task(dir.path());

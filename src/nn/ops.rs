@@ -64,6 +64,31 @@ fn split(n: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     }
 }
 
+/// Sums per-row vectors of width `width` over `rows` rows, split as [`split`] splits them:
+/// `f(range, acc)` adds its rows' terms into `acc`, and the parts' sums are added in part order, so
+/// the bits depend only on the split (the team's size), never on which thread finishes first.
+fn sum_rows(
+    rows: usize,
+    work: usize,
+    width: usize,
+    f: &(dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let parts = std::sync::Mutex::new(Vec::new());
+    split(rows, work, &|range| {
+        let mut acc = vec![0f32; width];
+        let start = range.start;
+        f(range, &mut acc);
+        parts.lock().unwrap_or_else(|e| e.into_inner()).push((start, acc));
+    });
+    let mut parts = parts.into_inner().unwrap_or_else(|e| e.into_inner());
+    parts.sort_by_key(|(start, _)| *start);
+    let mut total = vec![0f32; width];
+    for (_, acc) in &parts {
+        total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
+    }
+    total
+}
+
 fn use_kernel(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
@@ -102,15 +127,13 @@ impl CustomOp2 for RmsNorm {
         let h = w.dim(0)?;
         let rows = x.elem_count() / h.max(1);
         let mut dx = vec![0f32; x.elem_count()];
-        let partial = std::sync::Mutex::new(vec![0f32; h]);
         let eps = self.eps;
         let out = SharedMut(dx.as_mut_ptr());
-        with_f32(x, |xv| {
+        let dw = with_f32(x, |xv| {
             with_f32(w, |wv| {
                 with_f32(dy, |dyv| {
-                    let f = |range: std::ops::Range<usize>| {
+                    let f = |range: std::ops::Range<usize>, dw: &mut [f32]| {
                         let out = &out;
-                        let mut dw = vec![0f32; h];
                         for r in range {
                             let (xr, gr) = (&xv[r * h..(r + 1) * h], &dyv[r * h..(r + 1) * h]);
                             let inv = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
@@ -123,14 +146,11 @@ impl CustomOp2 for RmsNorm {
                                 dw[i] += gr[i] * xh;
                             }
                         }
-                        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
-                        p.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
                     };
-                    split(rows, rows * h, &f)
+                    sum_rows(rows, rows * h, h, &f)
                 })
             })
         })???;
-        let dw = partial.into_inner().unwrap_or_else(|e| e.into_inner());
         // A frozen norm weight gets no gradient.
         let dw = if w.track_op() { Some(Tensor::from_vec(dw, h, w.device())?) } else { None };
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
@@ -212,15 +232,15 @@ impl CustomOp3 for LayerNormOp {
         let h = w.dim(0)?;
         let rows = x.elem_count() / h.max(1);
         let mut dx = vec![0f32; x.elem_count()];
-        let partial = std::sync::Mutex::new((vec![0f32; h], vec![0f32; h]));
         let eps = self.eps;
         let out = SharedMut(dx.as_mut_ptr());
-        with_f32(x, |xv| {
+        // dw and db side by side in one sum of width 2h.
+        let mut sums = with_f32(x, |xv| {
             with_f32(w, |wv| {
                 with_f32(dy, |dyv| {
-                    let f = |range: std::ops::Range<usize>| {
+                    let f = |range: std::ops::Range<usize>, acc: &mut [f32]| {
                         let out = &out;
-                        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                        let (dw, db) = acc.split_at_mut(h);
                         let mut xh = vec![0f32; h];
                         for r in range {
                             let (xr, gr) = (&xv[r * h..(r + 1) * h], &dyv[r * h..(r + 1) * h]);
@@ -241,15 +261,13 @@ impl CustomOp3 for LayerNormOp {
                                 o[i] = inv * (gr[i] * wv[i] - mg - xh[i] * mgx);
                             }
                         }
-                        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
-                        p.0.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
-                        p.1.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
                     };
-                    split(rows, rows * h, &f)
+                    sum_rows(rows, rows * h, 2 * h, &f)
                 })
             })
         })???;
-        let (dw, db) = partial.into_inner().unwrap_or_else(|e| e.into_inner());
+        let db = sums.split_off(h);
+        let dw = sums;
         // Frozen norm parameters get no gradient.
         let dw = if w.track_op() { Some(Tensor::from_vec(dw, h, w.device())?) } else { None };
         let db = if b.track_op() { Some(Tensor::from_vec(db, h, b.device())?) } else { None };

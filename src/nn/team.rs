@@ -53,7 +53,30 @@ pub struct Team {
     busy: Mutex<()>,
 }
 
+thread_local! {
+    /// The team (its `Shared`'s address) whose job this thread is running, 0 when none: a call
+    /// from inside a job is nested and runs inline.
+    static IN_JOB: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as running a job of `team` until dropped.
+struct JobMark(usize);
+
+impl JobMark {
+    fn enter(team: usize) -> Self {
+        Self(IN_JOB.with(|c| c.replace(team)))
+    }
+}
+
+impl Drop for JobMark {
+    fn drop(&mut self) {
+        IN_JOB.with(|c| c.set(self.0));
+    }
+}
+
 fn helper(shared: Arc<Shared>, index: usize) {
+    // A helper only ever runs this team's jobs.
+    let _mark = JobMark::enter(Arc::as_ptr(&shared) as usize);
     let mut seen = 0usize;
     loop {
         let start = Instant::now();
@@ -137,10 +160,21 @@ impl Team {
     }
 
     /// Runs `f(index, threads)` once on every thread of the team and returns when all are done.
-    /// A nested or concurrent call runs `f(0, 1)` on the calling thread instead.
+    ///
+    /// A nested call (from inside one of this team's jobs) runs `f(0, 1)` on the calling thread.
+    /// A concurrent call from another thread while the team is busy runs `f(0, n)` .. `f(n-1, n)`
+    /// one after another on the calling thread: the same split as the team's, so the same bits
+    /// whatever else is running in the process (two tests side by side, say), only slower.
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        let Ok(_busy) = self.busy.try_lock() else {
+        let me = Arc::as_ptr(&self.shared) as usize;
+        if IN_JOB.with(|c| c.get()) == me {
             f(0, 1);
+            return;
+        }
+        let Ok(_busy) = self.busy.try_lock() else {
+            let _mark = JobMark::enter(me);
+            let n = self.threads();
+            (0..n).for_each(|i| f(i, n));
             return;
         };
         let n = self.threads();
@@ -159,7 +193,10 @@ impl Team {
             let _g = self.shared.park.lock().unwrap_or_else(|p| p.into_inner());
             self.shared.wake.notify_all();
         }
-        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0, n)));
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _mark = JobMark::enter(me);
+            f(0, n)
+        }));
         while self.shared.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
@@ -244,5 +281,36 @@ mod tests {
             });
         });
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    /// A call from another thread while the team is busy gets the team's split, not one range.
+    #[test]
+    fn concurrent_calls_keep_the_split() {
+        let team = Team::new(2);
+        let (inside, outside) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
+        let started = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                team.run(&|i, t| {
+                    inside.lock().unwrap().push((i, t));
+                    if i == 0 {
+                        started.store(true, Ordering::Release);
+                        while !done.load(Ordering::Acquire) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                })
+            });
+            while !started.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            team.for_ranges(10, 1, &|r| outside.lock().unwrap().push(r));
+            done.store(true, Ordering::Release);
+        });
+        let mut inside = inside.into_inner().unwrap();
+        inside.sort();
+        assert_eq!(inside, [(0, 2), (1, 2)]);
+        assert_eq!(outside.into_inner().unwrap(), [0..5, 5..10]);
     }
 }
