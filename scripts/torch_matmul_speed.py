@@ -3,6 +3,8 @@
 same three products per shape (y = x Wᵀ, dx = dy W, dW = dyᵀ x), with the threads `meet` uses:
     MEET_THREADS=2 cargo run --release --example gemm_speed
     ~/.cache/meet-reference/venv/bin/python scripts/torch_matmul_speed.py --threads 2
+`--dtype bf16`: bf16 operands (what `torch.autocast("cpu", torch.bfloat16)` hands oneDNN), against
+`gemm_speed bf16`.
 """
 import argparse
 import time
@@ -33,11 +35,13 @@ def rate(f, flop, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     rows = 512
     for name, n, k in SHAPES:
-        x, w, dy = torch.full((rows, k), 0.5), torch.full((n, k), 0.25), torch.full((rows, n), 0.1)
+        x, w, dy = (torch.full(s, v, dtype=dtype) for s, v in [((rows, k), 0.5), ((n, k), 0.25), ((rows, n), 0.1)])
         reps = 3 if n > 10000 else 20
         flop = 2.0 * rows * n * k
         f = rate(lambda: x @ w.T, flop, reps)
