@@ -19,71 +19,89 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-#define REPS 50000000L
+#define REPS 100000000L
 
-// A register-only peak: ten independent accumulators, `op(acc, b, c)` REPS times each, `flops`
-// per instruction. Each use below is one function compiled for its own instruction set.
-#define PEAK(name, isa, vec, zero, b_init, c_init, op, reduce, flops)                                  \
-    __attribute__((target(isa))) static double name(void) {                                            \
-        vec a0 = zero, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;      \
-        const __typeof__(b_init) b = b_init, c = c_init;                                                   \
-        double t0 = now();                                                                                 \
-        for (long i = 0; i < REPS; i++) {                                                                  \
-            a0 = op(a0, b, c); a1 = op(a1, b, c); a2 = op(a2, b, c); a3 = op(a3, b, c); a4 = op(a4, b, c); \
-            a5 = op(a5, b, c); a6 = op(a6, b, c); a7 = op(a7, b, c); a8 = op(a8, b, c); a9 = op(a9, b, c); \
-        }                                                                                                  \
-        double t = now() - t0;                                                                             \
-        volatile float sink = reduce(a0) + reduce(a1) + reduce(a2) + reduce(a3) + reduce(a4) + reduce(a5) + \
-                              reduce(a6) + reduce(a7) + reduce(a8) + reduce(a9);                           \
-        (void)sink;                                                                                        \
-        return REPS * 10.0 * (flops) / t / 1e9;                                                            \
+// The core's clock: a chain of dependent integer adds runs one per cycle on every x86 core of
+// this century, so adds per second is cycles per second (turbo included).
+static double clock_ghz(void) {
+    const long n = 1000000000L;
+    long x = 0;
+    double t0 = now();
+    for (long i = 0; i < n; i += 10)
+        __asm__ volatile("add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\t"
+                         "add $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0\n\tadd $1,%0"
+                         : "+r"(x));
+    return n / (now() - t0) / 1e9;
+}
+
+// Register-only peaks: twelve independent accumulators, one instruction `ins` into each per
+// iteration, REPS iterations, `flops` per instruction. Written in assembly: with intrinsics gcc
+// sees ten identical chains (same start, same operands), merges them into one and times one
+// latency-bound chain as if it were ten (the figures of this script before 2026-12-02, and of
+// scripts/fma_ceiling.c, were that artefact).
+#define ACC12(ins, reg)                                                                              \
+    ins " %%" reg "14,%%" reg "15,%%" reg "0\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "1\n\t"       \
+    ins " %%" reg "14,%%" reg "15,%%" reg "2\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "3\n\t"       \
+    ins " %%" reg "14,%%" reg "15,%%" reg "4\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "5\n\t"       \
+    ins " %%" reg "14,%%" reg "15,%%" reg "6\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "7\n\t"       \
+    ins " %%" reg "14,%%" reg "15,%%" reg "8\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "9\n\t"       \
+    ins " %%" reg "14,%%" reg "15,%%" reg "10\n\t" ins " %%" reg "14,%%" reg "15,%%" reg "11\n\t"
+#define PEAK(name, isa, ins, reg, flops)                                                             \
+    __attribute__((target(isa))) static double name(void) {                                          \
+        long n = REPS;                                                                               \
+        double t0 = now();                                                                           \
+        __asm__ volatile("vxorps %%xmm14,%%xmm14,%%xmm14\n\tvxorps %%xmm15,%%xmm15,%%xmm15\n\t"     \
+                         "1:\n\t" ACC12(ins, reg) "dec %0\n\tjnz 1b"                                   \
+                         : "+r"(n)                                                                   \
+                         :                                                                           \
+                         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
+                           "xmm9", "xmm10", "xmm11", "xmm14", "xmm15", "cc");                        \
+        return REPS * 12.0 * (flops) / (now() - t0) / 1e9;                                           \
     }
-
-#define FMA512(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define FIRST512(v) _mm512_reduce_add_ps(v)
-PEAK(peak512, "avx512f", __m512, _mm512_set1_ps(0.1f), _mm512_set1_ps(0.9999f), _mm512_set1_ps(0.0001f), FMA512,
-     FIRST512, 32)
-// bf16 1.0 and 2^-7 in every half of every lane: 16 lanes x 2 multiply-adds.
-#define DP(a, b, c) _mm512_dpbf16_ps(a, b, c)
-PEAK(peak_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps(), (__m512bh)_mm512_set1_epi16(0x3f80),
-     (__m512bh)_mm512_set1_epi16(0x3c00), DP, FIRST512, 64)
+PEAK(peak256, "avx2,fma", "vfmadd231ps", "ymm", 16)
+PEAK(peak512, "avx512f", "vfmadd231ps", "zmm", 32)
+// A vdpbf16ps lane does two multiply-adds: 16 lanes x 2 x 2 FLOP.
+PEAK(peak_bf16, "avx512f,avx512bf16", "vdpbf16ps", "zmm", 64)
 
 // The 12 x 32 f32 tile: per step of k, two 16-lane loads of the B panel and twelve broadcasts of A
-// into 24 accumulators (what a packed AVX-512 SGEMM's inner loop is).
+// into 24 accumulators (what a packed AVX-512 SGEMM's inner loop is). The accumulators are named
+// variables: as an array gcc keeps them in memory (a load and a store around every FMA).
+#define DECL2(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0;
+#define DECL12 DECL2(0) DECL2(1) DECL2(2) DECL2(3) DECL2(4) DECL2(5) DECL2(6) DECL2(7) DECL2(8) DECL2(9) DECL2(a) DECL2(b)
+#define ROWS12(R) R(0, 0) R(1, 1) R(2, 2) R(3, 3) R(4, 4) R(5, 5) R(6, 6) R(7, 7) R(8, 8) R(9, 9) R(a, 10) R(b, 11)
+#define STORE2(i, n)                                                                                    \
+    _mm512_storeu_ps(c + n * 32, _mm512_add_ps(c##i##0, _mm512_loadu_ps(c + n * 32)));                   \
+    _mm512_storeu_ps(c + n * 32 + 16, _mm512_add_ps(c##i##1, _mm512_loadu_ps(c + n * 32 + 16)));
+#define FMA2(i, n)                                                                                      \
+    {                                                                                                   \
+        __m512 ai = _mm512_set1_ps(a[p * 12 + n]);                                                      \
+        c##i##0 = _mm512_fmadd_ps(ai, b0, c##i##0);                                                     \
+        c##i##1 = _mm512_fmadd_ps(ai, b1, c##i##1);                                                     \
+    }
 __attribute__((target("avx512f"), noinline)) static void tile512(long kc, const float *a, const float *b, float *c) {
-    __m512 acc[12][2];
-    for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    DECL12
     for (long p = 0; p < kc; p++) {
         __m512 b0 = _mm512_load_ps(b + p * 32), b1 = _mm512_load_ps(b + p * 32 + 16);
-        for (int i = 0; i < 12; i++) {
-            __m512 ai = _mm512_set1_ps(a[p * 12 + i]);
-            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-        }
+        ROWS12(FMA2)
     }
-    for (int i = 0; i < 12; i++) {
-        _mm512_storeu_ps(c + i * 32, _mm512_add_ps(acc[i][0], _mm512_loadu_ps(c + i * 32)));
-        _mm512_storeu_ps(c + i * 32 + 16, _mm512_add_ps(acc[i][1], _mm512_loadu_ps(c + i * 32 + 16)));
-    }
+    ROWS12(STORE2)
 }
 
 // The same tile in bf16: each step covers two values of k (a pair of bf16 per 32-bit lane).
+#define DP2(i, n)                                                                                       \
+    {                                                                                                   \
+        __m512bh ai = (__m512bh)_mm512_set1_ps(a[p * 12 + n]);                                          \
+        c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);                                                    \
+        c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1);                                                    \
+    }
 __attribute__((target("avx512f,avx512bf16"), noinline)) static void tile_bf16(long kc, const float *a, const float *b,
                                                                                float *c) {
-    __m512 acc[12][2];
-    for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    DECL12
     for (long p = 0; p < kc / 2; p++) {
         __m512bh b0 = (__m512bh)_mm512_load_si512(b + p * 32), b1 = (__m512bh)_mm512_load_si512(b + p * 32 + 16);
-        for (int i = 0; i < 12; i++) {
-            __m512bh ai = (__m512bh)_mm512_set1_ps(a[p * 12 + i]);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
-        }
+        ROWS12(DP2)
     }
-    for (int i = 0; i < 12; i++) {
-        _mm512_storeu_ps(c + i * 32, _mm512_add_ps(acc[i][0], _mm512_loadu_ps(c + i * 32)));
-        _mm512_storeu_ps(c + i * 32 + 16, _mm512_add_ps(acc[i][1], _mm512_loadu_ps(c + i * 32 + 16)));
-    }
+    ROWS12(STORE2)
 }
 
 // GFLOP/s of a tile over depth kc (both panels in L1), best of 20 runs of `reps` calls.
@@ -146,25 +164,32 @@ __attribute__((target("amx-tile,amx-bf16"))) static double peak_amx(void) {
 
 int main(void) {
     __builtin_cpu_init();
-    printf("per core, GFLOP/s\n");
-    // The AVX2 peak and meet's AVX2 tiles: scripts/fma_ceiling.c.
+    double ghz = clock_ghz();
+    printf("per core, GFLOP/s (clock %.2f GHz; FLOP per cycle in brackets)\n", ghz);
+#define SHOW(label, rate)                                                                               \
+    do {                                                                                                \
+        double r_ = (rate);                                                                             \
+        printf("  %-40s %7.1f  (%5.1f)\n", label, r_, r_ / ghz);                                        \
+    } while (0)
+    // meet's AVX2 tiles: scripts/fma_ceiling.c.
+    SHOW("f32 FMA, 256-bit registers (peak):", peak256());
     if (!__builtin_cpu_supports("avx512f")) {
         printf("  no AVX-512 F: the 512-bit and bf16 parts are skipped\n");
         return 0;
     }
-    printf("  f32 FMA, 512-bit registers (peak):      %7.1f\n", peak512());
-    printf("  f32 12x32 GEMM tile, k=256, L1:         %7.1f\n", tile_rate(tile512, 256, 2.0 * 12 * 32 * 256));
+    SHOW("f32 FMA, 512-bit registers (peak):", peak512());
+    SHOW("f32 12x32 GEMM tile, k=256, L1:", tile_rate(tile512, 256, 2.0 * 12 * 32 * 256));
     if (!__builtin_cpu_supports("avx512bf16")) {
         printf("  no AVX512_BF16: the bf16 parts are skipped\n");
         return 0;
     }
-    printf("  bf16 dot product vdpbf16ps (peak):      %7.1f\n", peak_bf16());
-    printf("  bf16 12x32 GEMM tile, k=512, L1:        %7.1f\n", tile_rate(tile_bf16, 512, 2.0 * 12 * 32 * 512));
+    SHOW("bf16 dot product vdpbf16ps (peak):", peak_bf16());
+    SHOW("bf16 12x32 GEMM tile, k=512, L1:", tile_rate(tile_bf16, 512, 2.0 * 12 * 32 * 512));
     // AMX needs the kernel's permission for its tile state (Linux 5.16+).
     if (!__builtin_cpu_supports("amx-bf16") || syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) != 0) {
         printf("  no AMX-BF16 (or the kernel refuses its tile state): skipped\n");
         return 0;
     }
-    printf("  bf16 AMX tdpbf16ps (peak):              %7.1f\n", peak_amx());
+    SHOW("bf16 AMX tdpbf16ps (peak):", peak_amx());
     return 0;
 }

@@ -199,7 +199,9 @@ impl CustomOp1 for FrozenHeadLogps {
         const CHUNK: usize = 256;
         let mut out = vec![0f32; n];
         let mut dh = vec![0f32; n * hidden];
-        let mut logits = vec![0f32; CHUNK.min(n) * v];
+        // 50 MB: above the allocator's mmap threshold, so a fresh buffer per step is fresh pages
+        // (12k page faults and their zeroing per step).
+        let mut logits = take_logit_buffer(CHUNK.min(n) * v);
         with_f32(&self.w, |w| {
             for r0 in (0..n).step_by(CHUNK) {
                 let c = CHUNK.min(n - r0);
@@ -232,6 +234,7 @@ impl CustomOp1 for FrozenHeadLogps {
                 input_grad_product(z, w, self.packed_dx.as_deref(), (c, v, hidden), dhc);
             }
         })?;
+        keep_logit_buffer(logits);
         *self.dh.lock().unwrap_or_else(|p| p.into_inner()) = dh;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -266,8 +269,9 @@ pub fn frozen_head_logps(
     Ok(h.contiguous()?.apply_op1(op)?)
 }
 
-/// Logit buffers of [`TrainableHeadLogps`], kept between steps: a fresh `(n, v)` buffer per step
-/// (100 MB for a 4x128 batch of SmolLM2) costs ~25k page faults, more than its products.
+/// Logit buffers of [`TrainableHeadLogps`] and [`FrozenHeadLogps`]' chunks, kept between steps: a
+/// fresh `(n, v)` buffer per step (100 MB for a 4x128 batch of SmolLM2) costs ~25k page faults,
+/// more than its products.
 static LOGIT_BUFFERS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 /// Most buffers kept (a DPO step holds two heads' logits at once at most), and the largest kept
 /// (in values: 256 MB; a larger batch's logits are freed after use, not held for the process).
@@ -436,6 +440,30 @@ mod tests {
         let g2 = (plain * &wr).unwrap().sum_all().unwrap().backward().unwrap().get(h.as_tensor()).unwrap().clone();
         let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn the_frozen_head_ignores_what_a_kept_logit_buffer_held() {
+        // The chunk buffer comes from the kept ones: leave a NaN-filled one there (more rows than
+        // a chunk, so a second, shorter chunk reuses its head) and expect the fresh values.
+        let dev = Device::Cpu;
+        let (n, hidden, v) = (300, 8, 50);
+        {
+            let mut kept = LOGIT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+            kept.clear();
+            kept.push(vec![f32::NAN; 1000 * v]);
+        }
+        let h: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919) % 97) as f32 / 40.0 - 1.2).collect();
+        let w: Vec<f32> = (0..v * hidden).map(|i| ((i * 104729) % 89) as f32 / 50.0 - 0.9).collect();
+        let h = Tensor::from_vec(h, (n, hidden), &dev).unwrap();
+        let w = Tensor::from_vec(w, (v, hidden), &dev).unwrap();
+        let y: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+        let plain = token_logps(&h.matmul(&w.t().unwrap()).unwrap(), &y).unwrap();
+        for _ in 0..2 {
+            let fused = frozen_head_logps(&h, &w, None, None, &y).unwrap();
+            let d = (&fused - &plain).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{d}");
+        }
     }
 
     #[test]
