@@ -172,6 +172,10 @@ int main(void) {
         printf("  %-40s %7.1f  (%5.1f)\n", label, r_, r_ / ghz);                                        \
     } while (0)
     // meet's AVX2 tiles: scripts/fma_ceiling.c.
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+        printf("  no AVX2 + FMA: nothing to measure\n");
+        return 0;
+    }
     SHOW("f32 FMA, 256-bit registers (peak):", peak256());
     if (!__builtin_cpu_supports("avx512f")) {
         printf("  no AVX-512 F: the 512-bit and bf16 parts are skipped\n");
