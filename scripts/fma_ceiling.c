@@ -1,6 +1,7 @@
-// What one core of this machine can do with AVX2 FMAs: pure register FMAs (the peak), the 3x4
-// dot-product tile of meet's row-major kernels (7 loads per 12 FMAs), and the 6x16 broadcast tile
-// of its batched packed kernel (2 panel loads + 6 broadcasts per 12 FMAs), data in L1.
+// What one core of this machine does with the AVX2 tiles of meet's generation kernels: the 3x4
+// dot-product tile of its row-major kernels (7 loads per 12 FMAs), and the 6x16 broadcast tile of
+// its batched packed kernel (2 panel loads + 6 broadcasts per 12 FMAs), data in L1. The AVX2 peak
+// they are measured against (register-only FMAs) is scripts/cpu_ceiling.c's "f32 FMA, 256-bit".
 //   gcc -O3 -mavx2 -mfma scripts/fma_ceiling.c -o /tmp/fma_ceiling && /tmp/fma_ceiling
 #include <immintrin.h>
 #include <stdio.h>
@@ -11,28 +12,6 @@ static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-// Twelve independent chains of register FMAs, in assembly: with intrinsics gcc merged identical
-// chains into one and timed one latency-bound chain as ten (this script's "peak" before 2026-12-02).
-static double peak(void) {
-    long n = 100000000;
-    const long reps = n;
-    double t0 = now();
-    __asm__ volatile("vxorps %%xmm14,%%xmm14,%%xmm14\n\tvxorps %%xmm15,%%xmm15,%%xmm15\n\t"
-                     "1:\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm0\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm1\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm2\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm3\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm4\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm5\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm6\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm7\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm8\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm9\n\t"
-                     "vfmadd231ps %%ymm14,%%ymm15,%%ymm10\n\tvfmadd231ps %%ymm14,%%ymm15,%%ymm11\n\t"
-                     "dec %0\n\tjnz 1b"
-                     : "+r"(n)
-                     :
-                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
-                       "xmm11", "xmm14", "xmm15", "cc");
-    return reps * 12.0 * 16 / (now() - t0) / 1e9;
 }
 
 // One pass of the 3x4 dot tile over k columns: x holds 3 rows of k, w 4 rows of k.
@@ -95,7 +74,6 @@ static double best_rate(float (*pass)(const float *, const float *, int), int xn
 }
 
 int main(void) {
-    printf("register FMAs (peak): %.1f GFLOP/s per core\n", peak());
     const int k = 576;
     printf("3x4 dot tile, k=576, L1: %.1f GFLOP/s per core\n", best_rate(tile_pass, 3 * k, 4 * k, k, 12.0 * k * 2));
     printf("6x16 broadcast tile, k=576, L1 and L2: %.1f GFLOP/s per core\n",

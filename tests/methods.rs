@@ -241,23 +241,14 @@ fn meet_with_lora_controls_learns_the_rule() {
 /// MEET (step 1 + step 2, soft prompts) on the paper's architecture and on GPT-2.
 #[test]
 fn meet_learns_the_rule_on_gpt_neo_and_gpt2() {
-    // Open defect (issue 16): on an AVX2-only processor (AMD EPYC Zen 3), where bf16 products
-    // run on the f32 kernels, MEET's step 2 on GPT-Neo in bf16 lost the rule (good 0.36 after
-    // step 1's 0.71). On AVX512_BF16 (Zen 5) it passes, and so does the f32-kernel path there
-    // (`MEET_SIMD=avx2`: good 0.94), so it depends on the AVX2 kernels' sums, which this test
-    // cannot reach on other machines. Skipped only where it failed: bf16 on a CPU without
-    // AVX-512 (whose bf16 products always run on the f32 kernels).
-    let bf16 = std::env::var("MEET_TEST_DTYPE").is_ok_and(|d| d == "bf16");
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
-    if bf16 && !avx512 {
-        eprintln!("skipped: bf16 on the f32 kernels without AVX-512 (the open defect above)");
-        return;
-    }
+    // Step 2 at the other methods' lr (3e-3) is unstable on GPT-Neo: gradient norms spike to
+    // 50-220 before clipping, and on some seeds the last spike leaves a damaged model (an AVX2-only
+    // Zen 3, bf16, seed 1: good 0.36; an Intel Xeon, seeds 1-4 x f32 / bf16 / bf16 on the f32
+    // kernels: 3 of 12 runs below 0.8, f32 seed 4 at 0.50). At 1e-3 the spikes stay under 70 and
+    // every one of those 12 runs, and of the same 12 on GPT-2, ends with good 0.96-1.00, bad 0.00.
+    let recipe = [MEET_PROMPT.as_slice(), &[("meet.step2.lr", "1e-3")]].concat();
     for arch in ["gpt_neo", "gpt2"] {
-        let r = train_and_rate_on(arch, "meet", &MEET_PROMPT);
+        let r = train_and_rate_on(arch, "meet", &recipe);
         let (g1, b1) = r.step1.unwrap();
         assert!(g1 - b1 >= 0.3, "{arch} step 1: good {g1}, bad {b1}");
         assert_controllable(&r);
