@@ -97,6 +97,10 @@ seed = 1
     if let Ok(dtype) = std::env::var("MEET_TEST_DTYPE") {
         set.push(("train.dtype".into(), format!("{dtype:?}")));
     }
+    // MEET_TEST_SEED=N: the same tests on another training seed, for seed sweeps by hand.
+    if let Ok(seed) = std::env::var("MEET_TEST_SEED") {
+        set.push(("train.seed".into(), seed));
+    }
     RunConfig::from_table(table, &set).unwrap()
 }
 
@@ -188,7 +192,11 @@ fn train_and_rate_on(arch: &str, method: &str, set: &[(&str, &str)]) -> Rates {
     let both = |d: &str| (rate(d, Some("good"), &prompts), rate(d, Some("bad"), &prompts));
     let step1 = out.join("step1").is_dir().then(|| both(&final_dir(&out.join("step1"))));
     let (good, bad) = both(&final_dir(&out));
-    eprintln!("{arch} {method}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}");
+    // The largest gradient norm before clipping: how close the run came to a damaging spike.
+    let max_grad = metrics(&out).iter().map(|s| s.grad_norm).fold(0.0, f64::max);
+    eprintln!(
+        "{arch} {method}: base {base:.2}, step 1 {step1:?}, good {good:.2}, bad {bad:.2}, max grad norm {max_grad:.1}"
+    );
     Rates { base, step1, good, bad }
 }
 
@@ -242,7 +250,7 @@ fn meet_with_lora_controls_learns_the_rule() {
 #[test]
 fn meet_learns_the_rule_on_gpt_neo_and_gpt2() {
     // Step 2 at the other methods' lr (3e-3) is unstable on GPT-Neo: gradient norms spike to
-    // 50-220 before clipping, and on some seeds the last spike leaves a damaged model (an AVX2-only
+    // 22-220 before clipping, and on some seeds the last spike leaves a damaged model (an AVX2-only
     // Zen 3, bf16, seed 1: good 0.36; an Intel Xeon, seeds 1-4 x f32 / bf16 / bf16 on the f32
     // kernels: 3 of 12 runs below 0.8, f32 seed 4 at 0.50). At 1e-3 the spikes stay under 70 and
     // every one of those 12 runs, and of the same 12 on GPT-2, ends with good 0.96-1.00, bad 0.00.
