@@ -110,7 +110,7 @@ fn pick(params: &SamplingParams, logits: &[f32], u: f32) -> u32 {
     if params.top_k.is_none() && params.top_p.is_none() {
         // Plain temperature: no candidate list, one pass of exp and a scan of the mass.
         let mut w: Vec<f32> = logits.iter().map(|&v| v / t).collect();
-        let max = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let max = crate::nn::simd::max(&w);
         let target = u * crate::nn::simd::exp_shifted_sum(&mut w, max);
         let mut acc = 0f32;
         let mut last = 0;

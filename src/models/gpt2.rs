@@ -10,7 +10,7 @@
 use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
 use crate::nn::linear::Linear;
-use crate::nn::ops::gelu_new;
+use crate::nn::ops::{self, gelu_new};
 use crate::nn::{Builder, Embedding, Init, LayerNorm};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -146,9 +146,9 @@ impl Block {
         cache: Option<&mut (Tensor, Tensor)>,
         past: usize,
     ) -> Result<Tensor> {
-        let h = (x + self.attention(&self.ln_1.forward(x)?, inp, cache, past)?)?;
+        let h = ops::add(x, &self.attention(&self.ln_1.forward(x)?, inp, cache, past)?)?;
         let m = self.mlp_c_proj.forward(&gelu_new(&self.c_fc.forward(&self.ln_2.forward(&h)?)?)?)?;
-        Ok((h + m)?)
+        Ok(ops::add(&h, &m)?)
     }
 }
 

@@ -8,7 +8,7 @@
 use crate::models::{parse_config, Architecture, AttentionInputs, CausalLm, KvCache};
 use crate::nn::attention::attention;
 use crate::nn::linear::Linear;
-use crate::nn::ops::{rms_norm, rope, swiglu, swiglu_packed, RopeTables};
+use crate::nn::ops::{self, rms_norm, rope, swiglu, swiglu_packed, RopeTables};
 use crate::nn::{Builder, Embedding, Init};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -306,8 +306,8 @@ impl DecoderLayer {
         cache: Option<&mut (Tensor, Tensor)>,
         past: usize,
     ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rt, inp, cache, past)?)?;
-        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let h = ops::add(x, &self.self_attn.forward(&self.input_layernorm.forward(x)?, rt, inp, cache, past)?)?;
+        Ok(ops::add(&h, &self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 }
 

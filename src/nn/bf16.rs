@@ -283,6 +283,63 @@ impl PackedB {
     }
 }
 
+/// A left operand `op(a)` (`m x k`) packed once for several products (a layer's input times its
+/// frozen weight and its LoRA adapter's `A`; the output gradient times `W` and `B`): each product
+/// gives the bits [`gemm`] or [`PackedB::gemm`] gives with `a` itself, without packing `a` again.
+pub struct PackedA<'a> {
+    m: usize,
+    k: usize,
+    a: Src<'a>,
+    a_t: bool,
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<tiled::PackedA>,
+}
+
+impl<'a> PackedA<'a> {
+    /// `op(a)`, packed when products run on a tiled kernel.
+    pub fn new(m: usize, k: usize, a: Src<'a>, a_t: bool) -> Self {
+        assert!(a.len() >= m * k, "bf16 pack: buffer too small");
+        #[cfg(target_arch = "x86_64")]
+        let tiles = (kernel() != Kernel::F32 && m > 0 && k > 0).then(|| tiled::PackedA::new(m, k, a, a_t));
+        PackedA {
+            m,
+            k,
+            a,
+            a_t,
+            #[cfg(target_arch = "x86_64")]
+            tiles,
+        }
+    }
+
+    /// [`gemm`]`(m, n, k, a, a_t, b, b_t, c, accumulate)`.
+    pub fn gemm(&self, n: usize, b: Src, b_t: bool, c: &mut [f32], accumulate: bool) {
+        let (m, k) = (self.m, self.k);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = &self.tiles {
+            // The tiled path [`gemm_on`] would take (the same size threshold).
+            if n > 0 && m * n * k >= 1 << 15 {
+                assert!(b.len() >= k * n && c.len() >= m * n, "bf16 gemm: buffers too small");
+                tiled::multiply(kernel(), m, n, k, t.tiles(), tiled::Right::Pack(b, b_t), c, accumulate);
+                return;
+            }
+        }
+        gemm(m, n, k, self.a, self.a_t, b, b_t, c, accumulate)
+    }
+
+    /// [`PackedB::gemm`]`(m, a, a_t, c, accumulate)` of `b`.
+    pub fn gemm_packed(&self, b: &PackedB, c: &mut [f32], accumulate: bool) {
+        let (k, n) = b.dims();
+        assert!(k == self.k, "bf16 gemm: a packed operand of depth {} for {k}", self.k);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = &self.tiles {
+            assert!(c.len() >= self.m * n, "bf16 gemm: buffers too small");
+            tiled::multiply(kernel(), self.m, n, k, t.tiles(), tiled::Right::Packed(&b.inner), c, accumulate);
+            return;
+        }
+        b.gemm(self.m, self.a, self.a_t, c, accumulate)
+    }
+}
+
 /// The AMX and AVX512_BF16 paths: both operands packed into bf16 tiles (AMX's layout, which is
 /// also the pair-interleaved one `vdpbf16ps` wants), column panels of `op(b)` spread over the
 /// kernel team; AMX multiplies 32 x 32 output blocks of four 16 x 16 f32 accumulator tiles,
@@ -699,15 +756,54 @@ mod tiled {
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(kernel: Kernel, m: usize, n: usize, k: usize, a: Src, a_t: bool, b: Right, c: &mut [f32], acc: bool) {
         assert!(kernel != Kernel::F32, "the tiled bf16 product needs AMX or AVX512_BF16");
-        let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
-        // Packed operands live in per-thread buffers that are reused: a fresh 50 MB buffer per
-        // call (the LM head's backward) cost more in page faults than its products.
-        thread_local! {
-            static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-            static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        let ap = PackedA::new(m, k, a, a_t);
+        multiply(kernel, m, n, k, ap.tiles(), b, c, acc);
+    }
+
+    // Packed operands live in per-thread buffers that are reused: a fresh 50 MB buffer per call
+    // (the LM head's backward) cost more in page faults than its products.
+    thread_local! {
+        static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+        static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// `op(a)` packed, in a buffer taken from (and given back to, on drop) this thread's.
+    pub struct PackedA {
+        buf: Vec<u16>,
+        start: usize,
+        len: usize,
+    }
+
+    impl PackedA {
+        pub fn new(m: usize, k: usize, a: Src, a_t: bool) -> PackedA {
+            let len = m.div_ceil(32) * 32 * k.div_ceil(32) * 32;
+            let mut buf = PACKED_A.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            let tiles = aligned(&mut buf, len);
+            pack_a_tiles(m, k, a, a_t, tiles);
+            let start = tiles.as_ptr() as usize - buf.as_ptr() as usize;
+            PackedA { buf, start: start / 2, len }
         }
-        let mut ap = PACKED_A.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        let ap_tiles = aligned(&mut ap, m_pad * k_pad);
+
+        pub fn tiles(&self) -> &[u16] {
+            &self.buf[self.start..self.start + self.len]
+        }
+    }
+
+    impl Drop for PackedA {
+        fn drop(&mut self) {
+            let buf = std::mem::take(&mut self.buf);
+            PACKED_A.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.capacity() < buf.capacity() {
+                    *b = buf;
+                }
+            });
+        }
+    }
+
+    /// `op(a)` (`m x k`) packed into `ap_tiles` (`m_pad x k_pad` values) on the kernel team.
+    fn pack_a_tiles(m: usize, k: usize, a: Src, a_t: bool, ap_tiles: &mut [u16]) {
+        let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
         let team = Team::global();
         let pa = SharedMut(ap_tiles.as_mut_ptr());
         team.for_ranges(m_pad, 32, &|rows| {
@@ -723,6 +819,16 @@ mod tiled {
                 }
             }
         });
+    }
+
+    /// `c (+)= op(a) op(b)` with `op(a)` already packed (`apr`, as [`pack_a_tiles`] lays it out).
+    /// `kernel` is AMX or AVX512_BF16, and the CPU has it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn multiply(kernel: Kernel, m: usize, n: usize, k: usize, apr: &[u16], b: Right, c: &mut [f32], acc: bool) {
+        assert!(kernel != Kernel::F32, "the tiled bf16 product needs AMX or AVX512_BF16");
+        let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
+        assert!(apr.len() >= m_pad * k_pad && c.len() >= m * n, "bf16 multiply: buffers too small");
+        let team = Team::global();
         // Jobs are (column panel, row block) pairs: panels alone when there are enough for
         // every thread, else the rows split too (a narrow `b` is packed by each of its jobs).
         let width = match b {
@@ -739,7 +845,6 @@ mod tiled {
         let row_parts = team.threads().div_ceil(panels).max(min_parts).min(m_pad / 32).max(1);
         let rows_per = (m_pad / 32).div_ceil(row_parts) * 32;
         let pc = SharedMut(c.as_mut_ptr());
-        let apr: &[u16] = ap_tiles;
         let per = slice_depth(k);
         let amx = kernel == Kernel::Amx;
         team.for_chunks(panels * row_parts, 1, &|jobs| {
@@ -781,7 +886,6 @@ mod tiled {
             }
             PACKED_B.with(|b| *b.borrow_mut() = bp);
         });
-        PACKED_A.with(|b| *b.borrow_mut() = ap);
     }
 
     /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -1099,6 +1203,30 @@ mod tests {
 
     fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
+    }
+
+    #[test]
+    fn a_packed_left_operand_gives_the_bits_of_packing_it_per_product() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // Above and below the tiled path's size threshold, both layouts of each operand.
+        for (m, n, k) in [(512, 64, 576), (70, 300, 65), (3, 5, 7), (40, 70, 1600)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.07).sin()).collect();
+            for (a_t, b_t, acc) in [(false, true, false), (true, false, true), (false, false, true)] {
+                let pa = PackedA::new(m, k, Src::F32(&a), a_t);
+                let (mut want, mut got) = (c0.clone(), c0.clone());
+                gemm(m, n, k, Src::F32(&a), a_t, Src::F32(&b), b_t, &mut want, acc);
+                pa.gemm(n, Src::F32(&b), b_t, &mut got, acc);
+                assert_eq!(bits(&want), bits(&got), "{m}x{n}x{k} a_t {a_t} b_t {b_t} accumulate {acc}");
+                if let Some(pb) = PackedB::new(k, n, Src::F32(&b), b_t) {
+                    let (mut want, mut got) = (c0.clone(), c0.clone());
+                    pb.gemm(m, Src::F32(&a), a_t, &mut want, acc);
+                    pa.gemm_packed(&pb, &mut got, acc);
+                    assert_eq!(bits(&want), bits(&got), "packed b: {m}x{n}x{k} a_t {a_t} b_t {b_t} accumulate {acc}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
+    // An empty sum: zeros, written here since callers may pass an unfilled `c`.
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
     // Row and column strides of op(a) (m x k) and op(b) (k x n) in their row-major storage.
     let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };

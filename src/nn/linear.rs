@@ -7,7 +7,7 @@
 //! frozen weight too (a third of the backward pass in LoRA and prompt tuning), and goes through
 //! transposed copies.
 
-use crate::nn::bf16::{sgemm_autocast, PackedB, Src};
+use crate::nn::bf16::{sgemm_autocast, PackedA, PackedB, Src};
 use crate::nn::ops::{f32_slice, with_f32};
 use crate::nn::packed::PackedWeight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -428,7 +428,8 @@ impl MatMulT {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = w_shape.dims2()?;
         let (m, out) = product_shape(x_shape, k, n)?;
-        let mut y = vec![0f32; m * n];
+        // Written in full by the bias copy or the product (which accumulates only onto a bias).
+        let mut y = crate::nn::unfilled(m * n);
         if let Some(b) = bias {
             if b.len() != n {
                 candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
@@ -462,7 +463,8 @@ pub(crate) fn product_backward(
 ) -> candle_core::Result<(Vec<f32>, Option<Tensor>)> {
     let (n, k) = w.dims2()?;
     let m = g.len() / n.max(1);
-    let mut dx = vec![0f32; m * k];
+    // Written in full by the product (`accumulate` false).
+    let mut dx = crate::nn::unfilled(m * k);
     with_f32(w, |wv| input_grad_product(g, wv, packed_w, (m, n, k), &mut dx))?;
     let dw = match weight_grad.then(|| crate::nn::grad::buffer(w)) {
         None => None,
@@ -471,7 +473,7 @@ pub(crate) fn product_backward(
             None
         }
         Some(None) => {
-            let mut dw = vec![0f32; n * k];
+            let mut dw = crate::nn::unfilled(n * k);
             with_f32(x, |xv| sgemm_autocast(n, k, m, g, true, xv, false, &mut dw, false))?;
             Some(Tensor::from_vec(dw, (n, k), w.device())?)
         }
@@ -518,15 +520,26 @@ impl CustomOp3 for LowRankMatMulT {
             candle_core::bail!("low-rank linear: A {:?} and B {:?} do not fit W [{n}, {k}]", l2.shape(), l3.shape());
         }
         let (m, out) = product_shape(l1.shape(), k, n)?;
-        let mut y = vec![0f32; m * n];
+        // Written in full by the bias copy or the product (which accumulates only onto a bias).
+        let mut y = crate::nn::unfilled(m * n);
         if let Some(bias) = &self.bias {
             with_f32(bias, |bv| y.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(&bv[..n])))?;
         }
-        with_f32(&self.w, |wv| {
-            forward_product(x, wv, &self.packed, &self.wt, (m, n, k), &mut y, self.bias.is_some())
-        })??;
-        let mut hs = vec![0f32; m * r];
-        sgemm_autocast(m, r, k, x, false, a, true, &mut hs, false);
+        let mut hs = crate::nn::unfilled(m * r);
+        match (&self.packed, crate::nn::bf16::autocast_on()) {
+            // `x` packed once for both of its products.
+            (Some(p), true) => {
+                let xa = PackedA::new(m, k, Src::F32(x), false);
+                xa.gemm_packed(p, &mut y, self.bias.is_some());
+                xa.gemm(r, Src::F32(a), true, &mut hs, false);
+            }
+            _ => {
+                with_f32(&self.w, |wv| {
+                    forward_product(x, wv, &self.packed, &self.wt, (m, n, k), &mut y, self.bias.is_some())
+                })??;
+                sgemm_autocast(m, r, k, x, false, a, true, &mut hs, false);
+            }
+        }
         hs.iter_mut().for_each(|v| *v *= self.scale);
         sgemm_autocast(m, n, r, &hs, false, b, true, &mut y, true);
         *self.hs.lock().unwrap_or_else(|e| e.into_inner()) = Some(hs);
@@ -553,15 +566,26 @@ impl CustomOp3 for LowRankMatMulT {
             Some(h) => h,
             None => candle_core::bail!("low-rank linear: backward without its forward"),
         };
-        let mut dx = vec![0f32; m * k];
-        let mut gbs = vec![0f32; m * r];
+        // Both written in full by the first product into them (`accumulate` false).
+        let mut dx = crate::nn::unfilled(m * k);
+        let mut gbs = crate::nn::unfilled(m * r);
         let (buf_a, buf_b) = (crate::nn::grad::buffer(a), crate::nn::grad::buffer(b));
         let mut da = if a.track_op() && buf_a.is_none() { vec![0f32; r * k] } else { Vec::new() };
         let mut db = if b.track_op() && buf_b.is_none() { vec![0f32; n * r] } else { Vec::new() };
         with_f32(dy, |g| {
-            with_f32(b, |bv| sgemm_autocast(m, r, n, g, false, bv, false, &mut gbs, false))?;
+            match (&self.packed_dx, crate::nn::bf16::autocast_on()) {
+                // `dy` packed once for both of its products.
+                (Some(p), true) => {
+                    let ga = PackedA::new(m, n, Src::F32(g), false);
+                    with_f32(b, |bv| ga.gemm(r, Src::F32(bv), false, &mut gbs, false))?;
+                    ga.gemm_packed(p, &mut dx, false);
+                }
+                _ => {
+                    with_f32(b, |bv| sgemm_autocast(m, r, n, g, false, bv, false, &mut gbs, false))?;
+                    with_f32(&self.w, |wv| input_grad_product(g, wv, self.packed_dx.as_deref(), (m, n, k), &mut dx))?;
+                }
+            }
             gbs.iter_mut().for_each(|v| *v *= self.scale);
-            with_f32(&self.w, |wv| input_grad_product(g, wv, self.packed_dx.as_deref(), (m, n, k), &mut dx))?;
             with_f32(a, |av| sgemm_autocast(m, k, r, &gbs, false, av, false, &mut dx, true))?;
             with_f32(x, |xv| match &buf_a {
                 Some(buf) => buf.update(|dst, acc| sgemm_autocast(r, k, m, &gbs, true, xv, false, dst, acc)),

@@ -93,6 +93,47 @@ fn use_kernel(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// `x + y` for two f32 tensors of one shape, on the kernel team (candle's add runs on the calling
+/// thread while the team's helper waits); the residual stream's adds. Its backward hands `dy` to
+/// both inputs, as candle's add does, so gradients keep their bits.
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "meet-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (a, b) = (f32_slice(s1, l1, "add")?, f32_slice(s2, l2, "add")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        // Every part written below.
+        let mut y = crate::nn::unfilled(a.len());
+        let out = SharedMut(y.as_mut_ptr());
+        split(a.len(), a.len(), &|r| {
+            let out = &out;
+            // SAFETY: parts are disjoint ranges of y.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(r.start), r.len()) };
+            o.iter_mut().zip(&a[r.clone()]).zip(&b[r]).for_each(|((o, x), y)| *o = x + y);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, _out: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dy.clone()), Some(dy.clone())))
+    }
+}
+
+/// `x + y` (same shape), the fused op above on CPU f32, candle's add elsewhere.
+pub fn add(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    if use_kernel(x) && use_kernel(y) && x.shape() == y.shape() {
+        x.contiguous()?.apply_op2(&y.contiguous()?, Add)
+    } else {
+        x + y
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * w   (Zhang & Sennrich 2019; HF LlamaRMSNorm)
 
@@ -109,7 +150,11 @@ impl CustomOp2 for RmsNorm {
         let x = f32_slice(s1, l1, "rms_norm")?;
         let w = f32_slice(s2, l2, "rms_norm")?;
         let h = w.len();
-        let mut y = vec![0f32; x.len()];
+        if x.len() % h.max(1) != 0 {
+            candle_core::bail!("rms_norm: weight of {h} for rows of {:?}", l1.shape());
+        }
+        // Every row written below.
+        let mut y = crate::nn::unfilled(x.len());
         let eps = self.eps;
         for_rows(&mut y, x, h, &|yr, xr| {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
@@ -126,7 +171,8 @@ impl CustomOp2 for RmsNorm {
         //   dx = r * (g - xh * mean(g*xh)),  dw = sum over rows of dy*xh.
         let h = w.dim(0)?;
         let rows = x.elem_count() / h.max(1);
-        let mut dx = vec![0f32; x.elem_count()];
+        // Every row written by the parts below.
+        let mut dx = crate::nn::unfilled(x.elem_count());
         let eps = self.eps;
         let out = SharedMut(dx.as_mut_ptr());
         let dw = with_f32(x, |xv| {
@@ -208,7 +254,8 @@ impl CustomOp3 for LayerNormOp {
         if b.len() != h || x.len() % h.max(1) != 0 {
             candle_core::bail!("layer_norm: weight {h}, bias {} for rows of {:?}", b.len(), l1.shape());
         }
-        let mut y = vec![0f32; x.len()];
+        // Every row written below (x.len() is a multiple of h, checked above).
+        let mut y = crate::nn::unfilled(x.len());
         let eps = self.eps;
         for_rows(&mut y, x, h, &|yr, xr| {
             let (mean, r) = moments(xr, eps);
@@ -231,7 +278,8 @@ impl CustomOp3 for LayerNormOp {
         //   dx = r (g - mean(g) - xh mean(g xh)),  dw = Σ_rows dy xh,  db = Σ_rows dy.
         let h = w.dim(0)?;
         let rows = x.elem_count() / h.max(1);
-        let mut dx = vec![0f32; x.elem_count()];
+        // Every row written by the parts below.
+        let mut dx = crate::nn::unfilled(x.elem_count());
         let eps = self.eps;
         let out = SharedMut(dx.as_mut_ptr());
         // dw and db side by side in one sum of width 2h.
@@ -303,7 +351,8 @@ impl CustomOp1 for GeluNew {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu_new")?;
-        let mut y = vec![0f32; x.len()];
+        // Whole blocks below, then the rest.
+        let mut y = crate::nn::unfilled(x.len());
         for_rows(&mut y, x, GELU_BLOCK, &|yr, xr| simd::gelu_new(xr, yr));
         let done = x.len() / GELU_BLOCK * GELU_BLOCK;
         simd::gelu_new(&x[done..], &mut y[done..]);
@@ -311,7 +360,11 @@ impl CustomOp1 for GeluNew {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        let mut dx = vec![0f32; x.elem_count()];
+        if dy.elem_count() != x.elem_count() {
+            candle_core::bail!("gelu_new: gradient {:?} for input {:?}", dy.shape(), x.shape());
+        }
+        // Every block written below.
+        let mut dx = crate::nn::unfilled(x.elem_count());
         with_f32(x, |xv| {
             with_f32(dy, |dv| {
                 let n = xv.len();
@@ -410,31 +463,34 @@ impl CustomOp1 for Rope {
             );
         }
         let sign = if self.inverse { -1f32 } else { 1f32 };
-        let mut y = vec![0f32; x.len()];
         let tables = &self.tables;
-        let mut err = None;
-        for (row, &p) in self.positions.iter().enumerate() {
-            let p = p as usize;
-            if p >= tables.max_positions {
-                err = Some(p);
-                break;
-            }
-            let cos = &tables.cos[p * half..(p + 1) * half];
-            let sin = &tables.sin[p * half..(p + 1) * half];
-            for head in 0..h {
-                let off = (row * h + head) * d;
-                let (x1, x2) = x[off..off + d].split_at(half);
-                let (y1, y2) = y[off..off + d].split_at_mut(half);
-                for i in 0..half {
-                    let (c, s) = (cos[i], sign * sin[i]);
-                    y1[i] = x1[i] * c - x2[i] * s;
-                    y2[i] = x2[i] * c + x1[i] * s;
-                }
-            }
-        }
-        if let Some(p) = err {
+        if let Some(&p) = self.positions.iter().find(|&&p| p as usize >= tables.max_positions) {
             candle_core::bail!("rope: position {p} is beyond the {} positions of the model", tables.max_positions);
         }
+        // Every position's row and head written below, over the kernel team for a long input.
+        let mut y = crate::nn::unfilled(x.len());
+        let out = SharedMut(y.as_mut_ptr());
+        let rotate = |rows: std::ops::Range<usize>| {
+            let out = &out;
+            for row in rows {
+                let p = self.positions[row] as usize;
+                let cos = &tables.cos[p * half..(p + 1) * half];
+                let sin = &tables.sin[p * half..(p + 1) * half];
+                // SAFETY: row `row` of y (h heads of d values) is written by this part only.
+                let yr = unsafe { std::slice::from_raw_parts_mut(out.0.add(row * h * d), h * d) };
+                for head in 0..h {
+                    let off = head * d;
+                    let (x1, x2) = x[row * h * d + off..row * h * d + off + d].split_at(half);
+                    let (y1, y2) = yr[off..off + d].split_at_mut(half);
+                    for i in 0..half {
+                        let (c, s) = (cos[i], sign * sin[i]);
+                        y1[i] = x1[i] * c - x2[i] * s;
+                        y2[i] = x2[i] * c + x1[i] * s;
+                    }
+                }
+            }
+        };
+        split(b * t, x.len(), &rotate);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -483,14 +539,28 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
-        let mut y = vec![0f32; g.len()];
-        silu_mul(g, u, &mut y);
+        // Written in full (gate and up have its shape, checked above).
+        let mut y = crate::nn::unfilled(g.len());
+        let out = SharedMut(y.as_mut_ptr());
+        // Parts of 16 values (the widest kernel's step), so each element gets the same kernel
+        // path whatever the split.
+        split(g.len().div_ceil(16), g.len(), &|r| {
+            let out = &out;
+            let (a, e) = (r.start * 16, (r.end * 16).min(g.len()));
+            // SAFETY: parts are disjoint ranges of y.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(a), e - a) };
+            silu_mul(&g[a..e], &u[a..e], o);
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let n = g.elem_count();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        if u.elem_count() != n || dy.elem_count() != n {
+            candle_core::bail!("swiglu: gate {:?}, up {:?}, gradient {:?}", g.shape(), u.shape(), dy.shape());
+        }
+        // Every part of both written below.
+        let (mut dg, mut du) = (crate::nn::unfilled(n), crate::nn::unfilled(n));
         let (pg, pu) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
         with_f32(g, |gv| {
             with_f32(u, |uv| {
@@ -531,7 +601,8 @@ impl CustomOp1 for SwiGluPacked {
         }
         let n = two_n / 2;
         dims.push(n);
-        let mut y = vec![0f32; x.len() / 2];
+        // Every row written below (x.len() is rows x two_n).
+        let mut y = crate::nn::unfilled(x.len() / 2);
         for (row, out) in x.chunks_exact(two_n).zip(y.chunks_exact_mut(n.max(1))) {
             silu_mul(&row[..n], &row[n..], out);
         }
@@ -541,7 +612,11 @@ impl CustomOp1 for SwiGluPacked {
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         let n = x.dim(D::Minus1)? / 2;
         let rows = x.elem_count() / (2 * n).max(1);
-        let mut dx = vec![0f32; x.elem_count()];
+        if dy.elem_count() != rows * n {
+            candle_core::bail!("swiglu: gradient {:?} for gate and up {:?}", dy.shape(), x.shape());
+        }
+        // Every row written below.
+        let mut dx = crate::nn::unfilled(x.elem_count());
         let p = SharedMut(dx.as_mut_ptr());
         with_f32(x, |xv| {
             with_f32(dy, |dv| {
@@ -593,9 +668,10 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
+        // Every row written below (n is the last dimension).
+        let mut y = crate::nn::unfilled(x.len());
         for_rows(&mut y, x, n, &|yr, xr| {
-            let max = xr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let max = crate::nn::simd::max(xr);
             yr.copy_from_slice(xr);
             let inv = 1.0 / crate::nn::simd::exp_shifted_sum(yr, max);
             yr.iter_mut().for_each(|o| *o *= inv);
@@ -650,7 +726,8 @@ impl CustomOp2 for EmbeddingLookup {
         let w = f32_slice(s1, l1, "embedding")?;
         let (vocab, hidden) = l1.shape().dims2()?;
         let ids = token_ids(s2, l2, vocab)?;
-        let mut out = vec![0f32; ids.len() * hidden];
+        // Every row copied below.
+        let mut out = crate::nn::unfilled(ids.len() * hidden);
         for (row, &id) in out.chunks_exact_mut(hidden.max(1)).zip(&ids) {
             row.copy_from_slice(&w[id * hidden..(id + 1) * hidden]);
         }

@@ -197,8 +197,10 @@ impl CustomOp1 for FrozenHeadLogps {
         // Rows per chunk: each chunk streams the whole head twice, so fewer, larger chunks (50 MB
         // of logits for SmolLM2) beat small cache-sized ones.
         const CHUNK: usize = 256;
-        let mut out = vec![0f32; n];
-        let mut dh = vec![0f32; n * hidden];
+        // Both written in full: every row of every chunk below (`dh` by a product that does not
+        // accumulate).
+        let mut out = crate::nn::unfilled(n);
+        let mut dh = crate::nn::unfilled(n * hidden);
         // 50 MB: above the allocator's mmap threshold, so a fresh buffer per step is fresh pages
         // (12k page faults and their zeroing per step).
         let mut logits = take_logit_buffer(CHUNK.min(n) * v);
@@ -219,7 +221,7 @@ impl CustomOp1 for FrozenHeadLogps {
                         // Safety: row i of the chunk and out[r0 + i] belong to this thread.
                         let row = unsafe { std::slice::from_raw_parts_mut(pz.0.add(i * v), v) };
                         let t = self.targets[r0 + i] as usize;
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let max = crate::nn::simd::max(row);
                         let xt = row[t];
                         let sum = exp_shifted_sum(row, max);
                         // Safety: as above: out[r0 + i] is this thread's.

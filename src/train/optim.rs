@@ -89,8 +89,15 @@ impl InplaceOp1 for Update<'_> {
             candle_core::bail!("adamw: sizes differ (param {n}, grad {}, moments {})", g.len(), m.len());
         }
         let (pp, pm, pv) = (SharedMut(p.as_mut_ptr()), SharedMut(m.as_mut_ptr()), SharedMut(v.as_mut_ptr()));
-        let (lr, decay, b1, b2, eps, step_size, bc2_sqrt, gscale) =
-            (self.lr, self.decay, self.beta1, self.beta2, self.eps, self.step_size, self.bc2_sqrt, self.grad_scale);
+        let k = crate::nn::simd::AdamWStep {
+            keep: 1.0 - self.lr * self.decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            step_size: self.step_size,
+            bc2_sqrt: self.bc2_sqrt,
+            grad_scale: self.grad_scale,
+        };
         let run = |r: std::ops::Range<usize>| {
             let (pp, pm, pv) = (&pp, &pm, &pv);
             // Safety: ranges handed out by the team are disjoint and within n.
@@ -101,17 +108,7 @@ impl InplaceOp1 for Update<'_> {
                     std::slice::from_raw_parts_mut(pv.0.add(r.start), r.len()),
                 )
             };
-            let g = &g[r];
-            let keep = 1.0 - lr * decay;
-            for i in 0..p.len() {
-                let gi = g[i] * gscale;
-                // torch: param *= 1 - lr wd; m.lerp_(g, 1 - b1); v = b2 v + (1 - b2) g^2;
-                // param -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-                p[i] *= keep;
-                m[i] += (gi - m[i]) * (1.0 - b1);
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
-            }
+            crate::nn::simd::adamw(p, m, v, &g[r], k);
         };
         if n < 1 << 15 {
             run(0..n);
@@ -214,16 +211,15 @@ fn sum_of_squares(v: &[f32]) -> f64 {
     let out = SharedMut(sums.as_mut_ptr());
     let work = |range: std::ops::Range<usize>| {
         let out = &out;
-        for c in range {
-            let part = &v[c * CHUNK..((c + 1) * CHUNK).min(v.len())];
-            // SAFETY: chunk c's sum is written by this thread only, inside `sums`.
-            unsafe { *out.0.add(c) = part.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() };
-        }
+        // SAFETY: the sums of chunks `range` are written by this thread only, inside `sums`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(range.start), range.len()) };
+        crate::nn::simd::chunk_square_sums(&v[range.start * CHUNK..(range.end * CHUNK).min(v.len())], CHUNK, dst);
     };
     if chunks < 16 {
         work(0..chunks);
     } else {
-        Team::global().for_ranges(chunks, 1, &work);
+        // Whole groups of 16 chunks per part where possible (the vector kernel's unit).
+        Team::global().for_ranges(chunks, 16, &work);
     }
     sums.iter().sum()
 }

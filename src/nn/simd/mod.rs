@@ -266,6 +266,12 @@ pub fn weighted_rows(p: &[f32], src: &[f32], stride: usize, out: &mut [f32]) {
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     debug_assert!(g.len() == u.len() && u.len() == out.len());
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: the features were detected (every AVX-512 CPU `meet` uses has AVX2 and FMA:
+        // `has_avx512` requires `has_avx2`).
+        return unsafe { x86::silu_mul_512(g, u, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // Safety: the features were detected.
         return unsafe { x86::silu_mul(g, u, out) };
@@ -279,6 +285,11 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
 pub fn silu_mul_grads(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     debug_assert!(g.len() == u.len() && u.len() == dy.len() && dy.len() == dg.len() && dg.len() == du.len());
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: as in `silu_mul`.
+        return unsafe { x86::silu_mul_grads_512(g, u, dy, dg, du) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // Safety: the features were detected.
         return unsafe { x86::silu_mul_grads(g, u, dy, dg, du) };
@@ -287,6 +298,71 @@ pub fn silu_mul_grads(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut
         let s = 1.0 / (1.0 + (-g[i]).exp());
         dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
         du[i] = dy[i] * g[i] * s;
+    }
+}
+
+/// `out[c] = Σ x²` in f64 over chunk `c` of `chunk` values of `v` (the last may be shorter), each
+/// chunk summed in order from its first value: the gradient norm's partial sums. With AVX-512,
+/// sixteen chunks go through one vector, one chunk per lane, so each lane keeps its chunk's order
+/// (and `x²` is exact in f64, so the fused multiply-add rounds as the add alone): the same bits,
+/// without one chunk's chain of dependent adds (4 cycles each) bounding the speed.
+pub fn chunk_square_sums(v: &[f32], chunk: usize, out: &mut [f64]) {
+    assert!(
+        chunk > 0 && out.len() == v.len().div_ceil(chunk),
+        "chunk_square_sums: {} sums for {} values",
+        out.len(),
+        v.len()
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && chunk < 1 << 26 {
+        // Safety: the feature was detected; the kernel reads only whole chunks inside `v` and
+        // writes one sum per chunk it reads.
+        done = unsafe { x86::chunk_square_sums_512(v, chunk, out) };
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(done) {
+        *o = v[c * chunk..((c + 1) * chunk).min(v.len())].iter().map(|&x| (x as f64) * (x as f64)).sum();
+    }
+}
+
+/// Constants of one AdamW step (torch's `AdamW` with `foreach=False`; see [`adamw`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// `1 - lr * weight_decay`.
+    pub keep: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2_sqrt: f32,
+    /// The clipping factor applied to the gradient.
+    pub grad_scale: f32,
+}
+
+/// One AdamW step in place, element by element as torch does it: `p *= 1 - lr wd`, `m` moves
+/// toward `g` by `1 - beta1`, `v = beta2 v + (1 - beta2) g²`, `p -= step_size m / (sqrt(v) /
+/// sqrt(bc2) + eps)`. The AVX-512 copy is the same code compiled for wider vectors (Rust never
+/// fuses a multiply and an add on its own), so every path gives the same bits.
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamWStep) {
+    assert!(p.len() == m.len() && m.len() == v.len() && v.len() == g.len(), "adamw: sizes differ");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // Safety: the feature was detected.
+        return unsafe { x86::adamw_512(p, m, v, g, k) };
+    }
+    adamw_body(p, m, v, g, k)
+}
+
+#[inline(always)]
+pub(super) fn adamw_body(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: AdamWStep) {
+    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        let gi = g * k.grad_scale;
+        *p *= k.keep;
+        *m += (gi - *m) * (1.0 - k.beta1);
+        *v = k.beta2 * *v + (1.0 - k.beta2) * gi * gi;
+        *p -= k.step_size * *m / (v.sqrt() / k.bc2_sqrt + k.eps);
     }
 }
 
@@ -330,6 +406,77 @@ mod x86;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx512_swiglu_kernels_give_the_avx2_bits() {
+        if !(has_avx512() && has_avx2()) {
+            eprintln!("skipped: no AVX-512 here (or MEET_SIMD caps it)");
+            return;
+        }
+        for n in [0, 7, 8, 15, 16, 17, 31, 40, 1000, 1003] {
+            let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.731).sin() * 12.0).collect();
+            let u: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.3).cos()).collect();
+            let dy: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.17).sin()).collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            // SAFETY: the features were checked above.
+            unsafe {
+                x86::silu_mul_512(&g, &u, &mut a);
+                x86::silu_mul(&g, &u, &mut b);
+            }
+            assert_eq!(bits(&a), bits(&b), "silu_mul, {n} values");
+            let (mut dg1, mut du1, mut dg2, mut du2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            // SAFETY: as above.
+            unsafe {
+                x86::silu_mul_grads_512(&g, &u, &dy, &mut dg1, &mut du1);
+                x86::silu_mul_grads(&g, &u, &dy, &mut dg2, &mut du2);
+            }
+            assert_eq!((bits(&dg1), bits(&du1)), (bits(&dg2), bits(&du2)), "silu_mul_grads, {n} values");
+        }
+    }
+
+    #[test]
+    fn chunk_square_sums_are_each_chunk_summed_in_order() {
+        // Whole groups of sixteen chunks, a partial group, a short last chunk; values whose
+        // squares round differently in another order.
+        for (len, chunk) in [(0usize, 7usize), (5, 7), (16 * 7, 7), (33 * 7 + 3, 7), (40 * 64 + 1, 64), (70_001, 4096)]
+        {
+            let v: Vec<f32> = (0..len).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 13) as f32) * 1e3).collect();
+            let mut got = vec![0f64; len.div_ceil(chunk)];
+            chunk_square_sums(&v, chunk, &mut got);
+            let want: Vec<u64> =
+                v.chunks(chunk).map(|c| c.iter().fold(0f64, |a, &x| a + (x as f64) * (x as f64)).to_bits()).collect();
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "len {len}, chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn adamw_gives_the_bits_of_the_plain_loop() {
+        let n = 1000 + 7;
+        let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.61).cos() * 1e-2).collect();
+        let p0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.23).sin()).collect();
+        let m0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.11).sin() * 1e-3).collect();
+        let v0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.07).cos().abs() * 1e-5).collect();
+        let k = AdamWStep {
+            keep: 1.0 - 1e-3 * 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
+            bc2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(),
+            grad_scale: 0.7,
+        };
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        adamw(&mut p, &mut m, &mut v, &g, k);
+        for i in 0..n {
+            let gi = g[i] * k.grad_scale;
+            let mi = m0[i] + (gi - m0[i]) * (1.0 - k.beta1);
+            let vi = k.beta2 * v0[i] + (1.0 - k.beta2) * gi * gi;
+            let pi = p0[i] * k.keep - k.step_size * mi / (vi.sqrt() / k.bc2_sqrt + k.eps);
+            assert_eq!((p[i].to_bits(), m[i].to_bits(), v[i].to_bits()), (pi.to_bits(), mi.to_bits(), vi.to_bits()));
+        }
+    }
 
     #[test]
     fn wide_exponentials_match_the_scalar_ones() {

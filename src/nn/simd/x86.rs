@@ -386,3 +386,72 @@ unsafe fn exp256(x: __m256) -> __m256 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
     _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2))
 }
+
+/// [`super::chunk_square_sums`] for the groups of sixteen whole chunks (one per lane of a gather);
+/// returns how many chunks it summed (the caller sums the rest).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn chunk_square_sums_512(v: &[f32], chunk: usize, out: &mut [f64]) -> usize {
+    let groups = v.len() / chunk / 16;
+    // Lane j reads chunk j of the group: offsets j * chunk (below 2^31: chunk < 2^26).
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(chunk as i32),
+    );
+    for gi in 0..groups {
+        let base = v.as_ptr().add(gi * 16 * chunk);
+        let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        for i in 0..chunk {
+            let x = _mm512_i32gather_ps::<4>(idx, base.add(i));
+            let xl = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            let xh = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))));
+            lo = _mm512_fmadd_pd(xl, xl, lo);
+            hi = _mm512_fmadd_pd(xh, xh, hi);
+        }
+        _mm512_storeu_pd(out.as_mut_ptr().add(gi * 16), lo);
+        _mm512_storeu_pd(out.as_mut_ptr().add(gi * 16 + 8), hi);
+    }
+    groups * 16
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn adamw_512(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: super::AdamWStep) {
+    super::adamw_body(p, m, v, g, k)
+}
+
+/// [`silu_mul`] sixteen lanes at a time: the same arithmetic per element ([`exp512`] is
+/// [`exp256`] widened), the last `n % 16` through [`silu_mul`] itself, so every element gets the
+/// bits the AVX2 kernel gives it.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(super) unsafe fn silu_mul_512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    let n = g.len();
+    let (pg, pu, po) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let x = _mm512_loadu_ps(pg.add(i));
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
+        _mm512_storeu_ps(po.add(i), _mm512_mul_ps(silu, _mm512_loadu_ps(pu.add(i))));
+        i += 16;
+    }
+    silu_mul(&g[i..], &u[i..], &mut out[i..]);
+}
+
+/// [`silu_mul_grads`] sixteen lanes at a time, as [`silu_mul_512`] widens [`silu_mul`].
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(super) unsafe fn silu_mul_grads_512(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = g.len();
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let x = _mm512_loadu_ps(g.as_ptr().add(i));
+        let s = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        let d = _mm512_loadu_ps(dy.as_ptr().add(i));
+        let uu = _mm512_loadu_ps(u.as_ptr().add(i));
+        let ds = _mm512_mul_ps(s, _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one));
+        _mm512_storeu_ps(dg.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(d, uu), ds));
+        _mm512_storeu_ps(du.as_mut_ptr().add(i), _mm512_mul_ps(d, _mm512_mul_ps(x, s)));
+        i += 16;
+    }
+    silu_mul_grads(&g[i..], &u[i..], &dy[i..], &mut dg[i..], &mut du[i..]);
+}
