@@ -195,6 +195,10 @@ impl Bits for u16 {
     }
 }
 
+/// Fewest multiply-adds (`m n k`) a product needs to go to a tiled kernel: smaller ones multiply
+/// the rounded operands on the f32 kernels.
+const TILED_MIN_WORK: usize = 1 << 15;
+
 /// `c[m, n] = (accumulate ? c : 0) + op(a) · op(b)` with bf16 operands and f32 sums, all
 /// row-major; `op(a)` is `a[m, k]` or `a[k, m]ᵀ` (`a_t`), `op(b)` is `b[k, n]` or `b[n, k]ᵀ`
 /// (`b_t`), as [`sgemm`].
@@ -228,7 +232,7 @@ fn gemm_on(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::F32 && m * n * k >= 1 << 15 {
+    if kernel != Kernel::F32 && m * n * k >= TILED_MIN_WORK {
         tiled::gemm(kernel, m, n, k, a, a_t, tiled::Right::Pack(b, b_t), c, accumulate);
         return;
     }
@@ -316,8 +320,8 @@ impl<'a> PackedA<'a> {
         let (m, k) = (self.m, self.k);
         #[cfg(target_arch = "x86_64")]
         if let Some(t) = &self.tiles {
-            // The tiled path [`gemm_on`] would take (the same size threshold).
-            if n > 0 && m * n * k >= 1 << 15 {
+            // The tiled path [`gemm_on`] would take.
+            if n > 0 && m * n * k >= TILED_MIN_WORK {
                 assert!(b.len() >= k * n && c.len() >= m * n, "bf16 gemm: buffers too small");
                 tiled::multiply(kernel(), m, n, k, t.tiles(), tiled::Right::Pack(b, b_t), c, accumulate);
                 return;

@@ -61,14 +61,7 @@ struct Update<'a> {
     g: &'a [f32],
     m: RefCell<&'a mut [f32]>,
     v: RefCell<&'a mut [f32]>,
-    lr: f32,
-    decay: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-    grad_scale: f32,
+    step: crate::nn::simd::AdamWStep,
 }
 
 impl InplaceOp1 for Update<'_> {
@@ -89,15 +82,7 @@ impl InplaceOp1 for Update<'_> {
             candle_core::bail!("adamw: sizes differ (param {n}, grad {}, moments {})", g.len(), m.len());
         }
         let (pp, pm, pv) = (SharedMut(p.as_mut_ptr()), SharedMut(m.as_mut_ptr()), SharedMut(v.as_mut_ptr()));
-        let k = crate::nn::simd::AdamWStep {
-            keep: 1.0 - self.lr * self.decay,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            step_size: self.step_size,
-            bc2_sqrt: self.bc2_sqrt,
-            grad_scale: self.grad_scale,
-        };
+        let k = self.step;
         let run = |r: std::ops::Range<usize>| {
             let (pp, pm, pv) = (&pp, &pm, &pv);
             // Safety: ranges handed out by the team are disjoint and within n.
@@ -184,14 +169,15 @@ impl AdamW {
                     g,
                     m: RefCell::new(m),
                     v: RefCell::new(v),
-                    lr: lr as f32,
-                    decay: c.weight_decay as f32,
-                    beta1: c.beta1 as f32,
-                    beta2: c.beta2 as f32,
-                    eps: c.eps as f32,
-                    step_size: (lr / bc1) as f32,
-                    bc2_sqrt: bc2.sqrt() as f32,
-                    grad_scale: grad_scale as f32,
+                    step: crate::nn::simd::AdamWStep {
+                        keep: 1.0 - lr as f32 * c.weight_decay as f32,
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        step_size: (lr / bc1) as f32,
+                        bc2_sqrt: bc2.sqrt() as f32,
+                        grad_scale: grad_scale as f32,
+                    },
                 };
                 var.as_tensor().inplace_op1(&op)
             })
