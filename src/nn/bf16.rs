@@ -330,6 +330,41 @@ impl<'a> PackedA<'a> {
         gemm(m, n, k, self.a, self.a_t, b, b_t, c, accumulate)
     }
 
+    /// `c (+)= op(a) B + op(a2) op(b2)` (`op(b2)` is `k2 x n`, `a2` packed with this `m`): the
+    /// bits of [`PackedA::gemm_packed`] followed by `a2.gemm(n, b2, b2_t, c, true)`, but on the
+    /// tiled kernels the second product is summed into each output block while it is still in
+    /// registers, so `c` is written once instead of written, read back and written again (a
+    /// LoRA layer's `x Wᵀ + (s x Aᵀ) Bᵀ` and `dy W + (s dy B) A`: the round trip of `c` cost more
+    /// than the rank-64 product itself).
+    pub fn gemm_packed_then(&self, b: &PackedB, a2: &PackedA, b2: Src, b2_t: bool, c: &mut [f32], accumulate: bool) {
+        let (k, n) = b.dims();
+        assert!(k == self.k, "bf16 gemm: a packed operand of depth {} for {k}", self.k);
+        assert!(a2.m == self.m, "bf16 gemm: {} rows then {}", self.m, a2.m);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(t), Some(t2)) = (&self.tiles, &a2.tiles) {
+            // Only where the second product alone would take the tiled path: else its bits are
+            // the f32 kernels'.
+            if self.m * n * a2.k >= TILED_MIN_WORK {
+                assert!(b2.len() >= a2.k * n && c.len() >= self.m * n, "bf16 gemm: buffers too small");
+                let tail = tiled::Tail { k: a2.k, apr: t2.tiles(), b: b2, b_t: b2_t };
+                tiled::multiply_then(
+                    kernel(),
+                    self.m,
+                    n,
+                    k,
+                    t.tiles(),
+                    tiled::Right::Packed(&b.inner),
+                    Some(tail),
+                    c,
+                    accumulate,
+                );
+                return;
+            }
+        }
+        self.gemm_packed(b, c, accumulate);
+        a2.gemm(n, b2, b2_t, c, true);
+    }
+
     /// [`PackedB::gemm`]`(m, a, a_t, c, accumulate)` of `b`.
     pub fn gemm_packed(&self, b: &PackedB, c: &mut [f32], accumulate: bool) {
         let (k, n) = b.dims();
@@ -361,10 +396,16 @@ mod tiled {
     /// columns on two threads: two panels of 288, where fixed 256-column panels gave one thread
     /// 512 columns and the other 64).
     fn panel_width(n: usize) -> usize {
+        if n <= NARROW {
+            return n.div_ceil(32) * 32;
+        }
         let threads = Team::global().threads().max(1);
         let panels = n.div_ceil(threads * PANEL_MAX) * threads;
         n.div_ceil(32).div_ceil(panels).max(1) * 32
     }
+
+    /// Widest `op(b)` kept as one panel, its rows shared out instead.
+    const NARROW: usize = 64;
 
     /// Most depths summed per packed panel (a `DEPTH x PANEL_MAX` bf16 panel is 480 KB, in L2; the
     /// 32 rows of `a` multiplied against it, 48 KB, mostly in L1). A longer `k` (1536 of an MLP's
@@ -769,6 +810,7 @@ mod tiled {
     thread_local! {
         static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
         static PACKED_B: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        static PACKED_TAIL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// `op(a)` packed, in a buffer taken from (and given back to, on drop) this thread's.
@@ -829,7 +871,46 @@ mod tiled {
     /// `kernel` is AMX or AVX512_BF16, and the CPU has it.
     #[allow(clippy::too_many_arguments)]
     pub fn multiply(kernel: Kernel, m: usize, n: usize, k: usize, apr: &[u16], b: Right, c: &mut [f32], acc: bool) {
+        multiply_then(kernel, m, n, k, apr, b, None, c, acc)
+    }
+
+    /// A second product `op(a2) op(b2)` (`a2` packed for the same rows, depth `k`) summed into
+    /// the first's output blocks after its last depth, before they are stored.
+    #[derive(Clone, Copy)]
+    pub struct Tail<'a> {
+        pub k: usize,
+        pub apr: &'a [u16],
+        pub b: Src<'a>,
+        pub b_t: bool,
+    }
+
+    /// A [`Tail`] as one job's block loop sees it: `a2` packed for depth `k_pad`, its `b2` panel
+    /// packed for the job's columns, `steps` of 32 depths.
+    struct TailBlock<'a> {
+        apr: &'a [u16],
+        k_pad: usize,
+        bp: &'a [u32],
+        steps: usize,
+    }
+
+    /// [`multiply`], then `tail` summed into the same blocks (its bits: those of a second
+    /// [`multiply`] accumulating into `c`, as f32 sums stored and loaded back are exact).
+    #[allow(clippy::too_many_arguments)]
+    pub fn multiply_then(
+        kernel: Kernel,
+        m: usize,
+        n: usize,
+        k: usize,
+        apr: &[u16],
+        b: Right,
+        tail: Option<Tail>,
+        c: &mut [f32],
+        acc: bool,
+    ) {
         assert!(kernel != Kernel::F32, "the tiled bf16 product needs AMX or AVX512_BF16");
+        if let Some(t) = &tail {
+            assert!(t.k > 0 && t.apr.len() >= m.div_ceil(32) * 32 * t.k.div_ceil(32) * 32 && t.b.len() >= t.k * n);
+        }
         let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
         assert!(apr.len() >= m_pad * k_pad && c.len() >= m * n, "bf16 multiply: buffers too small");
         let team = Team::global();
@@ -858,10 +939,25 @@ mod tiled {
                 Right::Pack(..) => aligned(&mut bp, per / 2 * width),
                 Right::Packed(_) => &mut [],
             };
+            let mut tbp = PACKED_TAIL.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            let tail_tiles = match &tail {
+                Some(t) => aligned(&mut tbp, t.k.div_ceil(32) * 16 * width),
+                None => &mut [],
+            };
             for job in jobs {
                 let (panel, part) = (job / row_parts, job % row_parts);
                 let cols = panel * width..((panel + 1) * width).min(n);
                 let rows = part * rows_per..((part + 1) * rows_per).min(m);
+                let tail_block = tail.map(|t| {
+                    // SAFETY: AVX-512 as below; the buffer holds the panel's pairs x width words.
+                    unsafe {
+                        match t.b {
+                            Src::F32(v) => pack_b(t.k, n, v, t.b_t, cols.clone(), 0..t.k, tail_tiles),
+                            Src::Bf16(v) => pack_b(t.k, n, v, t.b_t, cols.clone(), 0..t.k, tail_tiles),
+                        }
+                    }
+                    TailBlock { apr: t.apr, k_pad: t.k.div_ceil(32) * 32, bp: &*tail_tiles, steps: t.k.div_ceil(32) }
+                });
                 for (s, d) in (0..k).step_by(per).enumerate() {
                     let depth = d..(d + per).min(k);
                     // SAFETY: AVX-512 as above, and AMX or AVX512_BF16 ([`kernel`] chose this
@@ -880,15 +976,17 @@ mod tiled {
                             Right::Packed(p) => &p.data[p.start + p.offsets[panel * k.div_ceil(per) + s]..],
                         };
                         let acc = acc || d > 0;
+                        let tail = if depth.end == k { tail_block.as_ref() } else { None };
                         if amx {
-                            tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc)
+                            tiles(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, tail, pc.0, acc)
                         } else {
-                            dots(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, pc.0, acc)
+                            dots(n, k_pad, apr, panel_b, rows.clone(), cols.clone(), depth, tail, pc.0, acc)
                         }
                     };
                 }
             }
             PACKED_B.with(|b| *b.borrow_mut() = bp);
+            PACKED_TAIL.with(|b| *b.borrow_mut() = tbp);
         });
     }
 
@@ -924,6 +1022,7 @@ mod tiled {
         rows: Range<usize>,
         cols: Range<usize>,
         depth: Range<usize>,
+        tail: Option<&TailBlock>,
         c: *mut f32,
         acc: bool,
     ) {
@@ -979,10 +1078,6 @@ mod tiled {
                     "add {b2}, 1024",
                     "dec {steps}",
                     "jnz 5b",
-                    "tilestored [{d} + {sd}*1], tmm0",
-                    "tilestored [{d1} + {sd}*1], tmm1",
-                    "tilestored [{d2} + {sd}*1], tmm2",
-                    "tilestored [{d3} + {sd}*1], tmm3",
                     acc = in(reg) acc as usize,
                     d = in(reg) dst,
                     d1 = in(reg) (dst as *mut u8).add(64),
@@ -995,6 +1090,48 @@ mod tiled {
                     b = inout(reg) b0 => _,
                     b2 = inout(reg) b0.add((pairs / 16) * TILE) => _,
                     steps = inout(reg) steps => _,
+                    options(nostack),
+                );
+                // The accumulators stay in tmm0-3 between these blocks: nothing else in the
+                // program uses tile registers.
+                if let Some(t) = tail {
+                    let ta = (t.apr.as_ptr() as *const u8).add((i / 16) * (t.k_pad / 32) * TILE);
+                    let tb = (t.bp.as_ptr() as *const u8).add((jj / 16) * t.steps * TILE);
+                    std::arch::asm!(
+                        "6:",
+                        "tileloadd tmm4, [{a} + {s64}*1]",
+                        "tileloadd tmm6, [{b} + {s64}*1]",
+                        "tileloadd tmm7, [{b2} + {s64}*1]",
+                        "tileloadd tmm5, [{a2} + {s64}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        "add {a}, 1024",
+                        "add {a2}, 1024",
+                        "add {b}, 1024",
+                        "add {b2}, 1024",
+                        "dec {steps}",
+                        "jnz 6b",
+                        s64 = in(reg) 64usize,
+                        a = inout(reg) ta => _,
+                        a2 = inout(reg) ta.add((t.k_pad / 32) * TILE) => _,
+                        b = inout(reg) tb => _,
+                        b2 = inout(reg) tb.add(t.steps * TILE) => _,
+                        steps = inout(reg) t.steps => _,
+                        options(nostack, readonly),
+                    );
+                }
+                std::arch::asm!(
+                    "tilestored [{d} + {sd}*1], tmm0",
+                    "tilestored [{d1} + {sd}*1], tmm1",
+                    "tilestored [{d2} + {sd}*1], tmm2",
+                    "tilestored [{d3} + {sd}*1], tmm3",
+                    d = in(reg) dst,
+                    d1 = in(reg) (dst as *mut u8).add(64),
+                    d2 = in(reg) (dst as *mut u8).add(16 * sd),
+                    d3 = in(reg) (dst as *mut u8).add(16 * sd + 64),
+                    sd = in(reg) sd,
                     options(nostack),
                 );
                 if !full {
@@ -1030,6 +1167,7 @@ mod tiled {
         rows: Range<usize>,
         cols: Range<usize>,
         depth: Range<usize>,
+        tail: Option<&TailBlock>,
         c: *mut f32,
         acc: bool,
     ) {
@@ -1061,18 +1199,11 @@ mod tiled {
                 // The panel's two 16-column words of pair p are at `b0 + p * 16` and `b1 + p * 16`.
                 let b0 = bp.as_ptr().add((jj / 16) * pairs * 16);
                 let b1 = b0.add(pairs * 16);
-                for t in 0..steps {
-                    let at = a0.add(t * 256);
-                    for q in 0..16 {
-                        let p = t * 16 + q;
-                        let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(p * 16) as *const __m512i));
-                        let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 16) as *const __m512i));
-                        for (r, sr) in s.iter_mut().enumerate() {
-                            let w: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + q) as i32));
-                            sr[0] = _mm512_dpbf16_ps(sr[0], w, x0);
-                            sr[1] = _mm512_dpbf16_ps(sr[1], w, x1);
-                        }
-                    }
+                dot_steps(&mut s, a0, b0, b1, steps);
+                if let Some(t) = tail {
+                    let ta = (t.apr.as_ptr() as *const u32).add((i / 16) * (t.k_pad / 32) * 256 + (i % 16) * 16);
+                    let tb0 = t.bp.as_ptr().add((jj / 16) * t.steps * 256);
+                    dot_steps(&mut s, ta, tb0, tb0.add(t.steps * 256), t.steps);
                 }
                 for (r, sr) in s.iter().enumerate() {
                     _mm512_storeu_ps(dst.add(r * ld), sr[0]);
@@ -1082,6 +1213,29 @@ mod tiled {
                     for r in 0..nr {
                         std::ptr::copy_nonoverlapping(edge.as_ptr().add(r * 32), c.add((i + r) * n + j), nc);
                     }
+                }
+            }
+        }
+    }
+
+    /// `steps` times 32 depths of an 8 x 32 block of [`dots`]: `a0` is row `i`'s word for the
+    /// first pair, `b0`/`b1` the panel's two 16-column words of the first pair.
+    ///
+    /// # Safety
+    /// As [`dots`]; the pointers lie in packed operands holding `steps` tiles from them.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_steps(s: &mut [[__m512; 2]; ROWS], a0: *const u32, b0: *const u32, b1: *const u32, steps: usize) {
+        for t in 0..steps {
+            let at = a0.add(t * 256);
+            for q in 0..16 {
+                let p = t * 16 + q;
+                let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(p * 16) as *const __m512i));
+                let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(p * 16) as *const __m512i));
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let w: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + q) as i32));
+                    sr[0] = _mm512_dpbf16_ps(sr[0], w, x0);
+                    sr[1] = _mm512_dpbf16_ps(sr[1], w, x1);
                 }
             }
         }
@@ -1230,6 +1384,77 @@ mod tests {
                     assert_eq!(bits(&want), bits(&got), "packed b: {m}x{n}x{k} a_t {a_t} b_t {b_t} accumulate {acc}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_tail_product_gives_the_bits_of_accumulating_it_after_the_first() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut kernels = Vec::new();
+            if tiled::avx512_bf16_available() {
+                kernels.push(Kernel::Avx512Bf16);
+            }
+            if tiled::amx_available() {
+                kernels.push(Kernel::Amx);
+            }
+            // Whole and partial blocks, depths cut into slices (1600), tails shorter than a step.
+            for (m, n, k, k2) in [(512, 576, 576, 64), (70, 300, 65, 40), (40, 70, 1600, 64), (33, 47, 70, 96)] {
+                let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+                let a2: Vec<f32> = (0..m * k2).map(|i| (i as f32 * 0.23).cos() * 0.5).collect();
+                let b2: Vec<f32> = (0..k2 * n).map(|i| (i as f32 * 0.05).sin()).collect();
+                let c0: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.07).sin()).collect();
+                for &kr in &kernels {
+                    let (pa, pa2) = (
+                        tiled::PackedA::new(m, k, Src::F32(&a), false),
+                        tiled::PackedA::new(m, k2, Src::F32(&a2), true),
+                    );
+                    let pb = tiled::Packed::new(k, n, Src::F32(&b), true);
+                    for (b2_t, acc) in [(false, false), (true, true)] {
+                        let (mut want, mut got) = (c0.clone(), c0.clone());
+                        tiled::multiply(kr, m, n, k, pa.tiles(), tiled::Right::Packed(&pb), &mut want, acc);
+                        tiled::multiply(
+                            kr,
+                            m,
+                            n,
+                            k2,
+                            pa2.tiles(),
+                            tiled::Right::Pack(Src::F32(&b2), b2_t),
+                            &mut want,
+                            true,
+                        );
+                        let tail = tiled::Tail { k: k2, apr: pa2.tiles(), b: Src::F32(&b2), b_t: b2_t };
+                        tiled::multiply_then(
+                            kr,
+                            m,
+                            n,
+                            k,
+                            pa.tiles(),
+                            tiled::Right::Packed(&pb),
+                            Some(tail),
+                            &mut got,
+                            acc,
+                        );
+                        assert_eq!(bits(&want), bits(&got), "{kr:?} {m}x{n}x{k} then {k2}, accumulate {acc}");
+                    }
+                }
+            }
+        }
+        // The public entry (whichever kernel this process uses) against its two-product meaning.
+        let (m, n, k, k2) = (128, 200, 96, 64);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let a2: Vec<f32> = (0..m * k2).map(|i| (i as f32 * 0.23).cos()).collect();
+        let b2: Vec<f32> = (0..k2 * n).map(|i| (i as f32 * 0.05).sin()).collect();
+        let (pa, pa2) = (PackedA::new(m, k, Src::F32(&a), false), PackedA::new(m, k2, Src::F32(&a2), false));
+        if let Some(pb) = PackedB::new(k, n, Src::F32(&b), true) {
+            let (mut want, mut got) = (vec![0.25f32; m * n], vec![0.25f32; m * n]);
+            pa.gemm_packed(&pb, &mut want, true);
+            pa2.gemm(n, Src::F32(&b2), false, &mut want, true);
+            pa.gemm_packed_then(&pb, &pa2, Src::F32(&b2), false, &mut got, true);
+            assert_eq!(bits(&want), bits(&got));
         }
     }
 

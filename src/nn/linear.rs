@@ -528,20 +528,23 @@ impl CustomOp3 for LowRankMatMulT {
         let mut hs = crate::nn::unfilled(m * r);
         match (&self.packed, crate::nn::bf16::autocast_on()) {
             // `x` packed once for both of its products.
+            // `x` packed once for both of its products; `(s x Aᵀ) Bᵀ` summed into `x Wᵀ`'s blocks.
             (Some(p), true) => {
                 let xa = PackedA::new(m, k, Src::F32(x), false);
-                xa.gemm_packed(p, &mut y, self.bias.is_some());
                 xa.gemm(r, Src::F32(a), true, &mut hs, false);
+                hs.iter_mut().for_each(|v| *v *= self.scale);
+                let ha = PackedA::new(m, r, Src::F32(&hs), false);
+                xa.gemm_packed_then(p, &ha, Src::F32(b), true, &mut y, self.bias.is_some());
             }
             _ => {
                 with_f32(&self.w, |wv| {
                     forward_product(x, wv, &self.packed, &self.wt, (m, n, k), &mut y, self.bias.is_some())
                 })??;
                 sgemm_autocast(m, r, k, x, false, a, true, &mut hs, false);
+                hs.iter_mut().for_each(|v| *v *= self.scale);
+                sgemm_autocast(m, n, r, &hs, false, b, true, &mut y, true);
             }
         }
-        hs.iter_mut().for_each(|v| *v *= self.scale);
-        sgemm_autocast(m, n, r, &hs, false, b, true, &mut y, true);
         *self.hs.lock().unwrap_or_else(|e| e.into_inner()) = Some(hs);
         Ok((CpuStorage::F32(y), out))
     }
@@ -575,18 +578,21 @@ impl CustomOp3 for LowRankMatMulT {
         with_f32(dy, |g| {
             match (&self.packed_dx, crate::nn::bf16::autocast_on()) {
                 // `dy` packed once for both of its products.
+                // `dy` packed once for both of its products; `(s dy B) A` summed into `dy W`'s blocks.
                 (Some(p), true) => {
                     let ga = PackedA::new(m, n, Src::F32(g), false);
                     with_f32(b, |bv| ga.gemm(r, Src::F32(bv), false, &mut gbs, false))?;
-                    ga.gemm_packed(p, &mut dx, false);
+                    gbs.iter_mut().for_each(|v| *v *= self.scale);
+                    let gp = PackedA::new(m, r, Src::F32(&gbs), false);
+                    with_f32(a, |av| ga.gemm_packed_then(p, &gp, Src::F32(av), false, &mut dx, false))?;
                 }
                 _ => {
                     with_f32(b, |bv| sgemm_autocast(m, r, n, g, false, bv, false, &mut gbs, false))?;
                     with_f32(&self.w, |wv| input_grad_product(g, wv, self.packed_dx.as_deref(), (m, n, k), &mut dx))?;
+                    gbs.iter_mut().for_each(|v| *v *= self.scale);
+                    with_f32(a, |av| sgemm_autocast(m, k, r, &gbs, false, av, false, &mut dx, true))?;
                 }
             }
-            gbs.iter_mut().for_each(|v| *v *= self.scale);
-            with_f32(a, |av| sgemm_autocast(m, k, r, &gbs, false, av, false, &mut dx, true))?;
             with_f32(x, |xv| match &buf_a {
                 Some(buf) => buf.update(|dst, acc| sgemm_autocast(r, k, m, &gbs, true, xv, false, dst, acc)),
                 None if a.track_op() => sgemm_autocast(r, k, m, &gbs, true, xv, false, &mut da, false),

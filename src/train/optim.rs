@@ -129,7 +129,6 @@ impl AdamW {
     /// non-finite norm is an error and nothing is updated. A parameter without a gradient is
     /// skipped, as torch skips parameters whose `.grad` is None.
     pub fn step(&mut self, grads: &GradStore, lrs: &[f64], max_norm: Option<f64>) -> Result<f64> {
-        let mut sq = 0f64;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
                 with_f32(g, |gv| {
@@ -143,9 +142,10 @@ impl AdamW {
                 })
                 .map_err(|e| Error::Invalid(format!("gradient of '{}': {e}", p.name)))?;
             }
-            // Nothing for a parameter without a gradient this step.
-            sq += p.buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
         }
+        // Summed in parameter order (nothing for one without a gradient this step), whichever
+        // thread summed each.
+        let sq: f64 = squared_norms(&self.params).iter().sum();
         let norm = sq.sqrt();
         if !norm.is_finite() {
             self.params.iter().for_each(|p| p.buf.clear());
@@ -188,10 +188,36 @@ impl AdamW {
     }
 }
 
+/// Values per chunk of [`sum_of_squares`].
+const CHUNK: usize = 4096;
+
+/// [`sum_of_squares`] of each parameter's gradient (0 where none was written this step). The
+/// parameters of fewer than 16 chunks (LoRA's factors: hundreds of them) are shared out whole
+/// over the kernel team, the larger ones are cut into chunks on it one after the other.
+fn squared_norms(params: &[Param]) -> Vec<f64> {
+    let mut sums = vec![0f64; params.len()];
+    let is_small = |p: &Param| p.buf.with(|v| v.len().div_ceil(CHUNK) < 16).unwrap_or(false);
+    let small: Vec<usize> = (0..params.len()).filter(|&i| is_small(&params[i])).collect();
+    let out = SharedMut(sums.as_mut_ptr());
+    Team::global().for_chunks(small.len(), 1, &|range| {
+        let out = &out;
+        for &i in &small[range] {
+            let s = params[i].buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
+            // SAFETY: entry `i` of `sums` is written by this job only.
+            unsafe { *out.0.add(i) = s };
+        }
+    });
+    for (i, p) in params.iter().enumerate() {
+        if !is_small(p) {
+            sums[i] = p.buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
+        }
+    }
+    sums
+}
+
 /// `Σ x²` in f64 over chunks of 4096 values, each summed in order, then the chunk sums in order:
 /// the chunks are summed on the kernel team (the same value on any number of threads).
 fn sum_of_squares(v: &[f32]) -> f64 {
-    const CHUNK: usize = 4096;
     let chunks = v.len().div_ceil(CHUNK);
     let mut sums = vec![0f64; chunks];
     let out = SharedMut(sums.as_mut_ptr());

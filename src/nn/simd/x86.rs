@@ -387,30 +387,36 @@ unsafe fn exp256(x: __m256) -> __m256 {
     _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2))
 }
 
-/// [`super::chunk_square_sums`] for the groups of sixteen whole chunks (one per lane of a gather);
-/// returns how many chunks it summed (the caller sums the rest).
+/// [`super::chunk_square_sums`] for the whole chunks, sixteen at a time (one per lane of a
+/// gather), the last fewer than sixteen in masked lanes (a LoRA factor of 64 x 576 is 9 chunks of
+/// 4096); returns how many chunks it summed (the caller sums the partial last one).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn chunk_square_sums_512(v: &[f32], chunk: usize, out: &mut [f64]) -> usize {
-    let groups = v.len() / chunk / 16;
+    let whole = v.len() / chunk;
+    let groups = whole.div_ceil(16);
     // Lane j reads chunk j of the group: offsets j * chunk (below 2^31: chunk < 2^26).
     let idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(chunk as i32),
     );
     for gi in 0..groups {
+        // Lanes of the chunks that exist: all sixteen but in the last group. A masked-off lane
+        // reads nothing and adds zeros, and its sum is not stored.
+        let lanes = (whole - gi * 16).min(16);
+        let mask = (((1u32 << lanes) - 1) & 0xffff) as __mmask16;
         let base = v.as_ptr().add(gi * 16 * chunk);
         let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
         for i in 0..chunk {
-            let x = _mm512_i32gather_ps::<4>(idx, base.add(i));
+            let x = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.add(i));
             let xl = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
             let xh = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))));
             lo = _mm512_fmadd_pd(xl, xl, lo);
             hi = _mm512_fmadd_pd(xh, xh, hi);
         }
-        _mm512_storeu_pd(out.as_mut_ptr().add(gi * 16), lo);
-        _mm512_storeu_pd(out.as_mut_ptr().add(gi * 16 + 8), hi);
+        _mm512_mask_storeu_pd(out.as_mut_ptr().add(gi * 16), mask as u8, lo);
+        _mm512_mask_storeu_pd(out.as_mut_ptr().add(gi * 16 + 8), (mask >> 8) as u8, hi);
     }
-    groups * 16
+    whole
 }
 
 #[target_feature(enable = "avx512f")]
