@@ -1064,63 +1064,21 @@ mod tiled {
                     "tilezero tmm2",
                     "tilezero tmm3",
                     "5:",
-                    "tileloadd tmm4, [{a} + {s64}*1]",
-                    "tileloadd tmm6, [{b} + {s64}*1]",
-                    "tileloadd tmm7, [{b2} + {s64}*1]",
-                    "tileloadd tmm5, [{a2} + {s64}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    "add {a}, 1024",
-                    "add {a2}, 1024",
-                    "add {b}, 1024",
-                    "add {b2}, 1024",
-                    "dec {steps}",
-                    "jnz 5b",
                     acc = in(reg) acc as usize,
                     d = in(reg) dst,
                     d1 = in(reg) (dst as *mut u8).add(64),
                     d2 = in(reg) (dst as *mut u8).add(16 * sd),
                     d3 = in(reg) (dst as *mut u8).add(16 * sd + 64),
                     sd = in(reg) sd,
-                    s64 = in(reg) 64usize,
-                    a = inout(reg) a0 => _,
-                    a2 = inout(reg) a0.add((k_pad / 32) * TILE) => _,
-                    b = inout(reg) b0 => _,
-                    b2 = inout(reg) b0.add((pairs / 16) * TILE) => _,
-                    steps = inout(reg) steps => _,
-                    options(nostack),
+                    options(nostack, readonly),
                 );
                 // The accumulators stay in tmm0-3 between these blocks: nothing else in the
                 // program uses tile registers.
+                tile_steps(a0, a0.add((k_pad / 32) * TILE), b0, b0.add((pairs / 16) * TILE), steps);
                 if let Some(t) = tail {
                     let ta = (t.apr.as_ptr() as *const u8).add((i / 16) * (t.k_pad / 32) * TILE);
                     let tb = (t.bp.as_ptr() as *const u8).add((jj / 16) * t.steps * TILE);
-                    std::arch::asm!(
-                        "6:",
-                        "tileloadd tmm4, [{a} + {s64}*1]",
-                        "tileloadd tmm6, [{b} + {s64}*1]",
-                        "tileloadd tmm7, [{b2} + {s64}*1]",
-                        "tileloadd tmm5, [{a2} + {s64}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        "add {a}, 1024",
-                        "add {a2}, 1024",
-                        "add {b}, 1024",
-                        "add {b2}, 1024",
-                        "dec {steps}",
-                        "jnz 6b",
-                        s64 = in(reg) 64usize,
-                        a = inout(reg) ta => _,
-                        a2 = inout(reg) ta.add((t.k_pad / 32) * TILE) => _,
-                        b = inout(reg) tb => _,
-                        b2 = inout(reg) tb.add(t.steps * TILE) => _,
-                        steps = inout(reg) t.steps => _,
-                        options(nostack, readonly),
-                    );
+                    tile_steps(ta, ta.add((t.k_pad / 32) * TILE), tb, tb.add(t.steps * TILE), t.steps);
                 }
                 std::arch::asm!(
                     "tilestored [{d} + {sd}*1], tmm0",
@@ -1145,6 +1103,40 @@ mod tiled {
         }
         // SAFETY: releases the tile state this thread configured.
         std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `steps` times 32 depths into the accumulator tiles tmm0-3 (a 32 x 32 block): the tiles of
+    /// rows 0-15 and 16-31 of `a` from `a` and `a2`, of columns 0-15 and 16-31 of the panel from
+    /// `b` and `b2`, each one tile (1 KB) further per step.
+    ///
+    /// # Safety
+    /// As [`tiles`], with its tile configuration loaded; each pointer has `steps` packed tiles.
+    #[inline(always)]
+    unsafe fn tile_steps(a: *const u8, a2: *const u8, b: *const u8, b2: *const u8, steps: usize) {
+        std::arch::asm!(
+            "7:",
+            "tileloadd tmm4, [{a} + {s64}*1]",
+            "tileloadd tmm6, [{b} + {s64}*1]",
+            "tileloadd tmm7, [{b2} + {s64}*1]",
+            "tileloadd tmm5, [{a2} + {s64}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a}, 1024",
+            "add {a2}, 1024",
+            "add {b}, 1024",
+            "add {b2}, 1024",
+            "dec {steps}",
+            "jnz 7b",
+            s64 = in(reg) 64usize,
+            a = inout(reg) a => _,
+            a2 = inout(reg) a2 => _,
+            b = inout(reg) b => _,
+            b2 = inout(reg) b2 => _,
+            steps = inout(reg) steps => _,
+            options(nostack, readonly),
+        );
     }
 
     /// Rows of `a` per block of [`dots`]: eight rows by 32 columns are sixteen accumulator
