@@ -909,7 +909,8 @@ mod tiled {
     ) {
         assert!(kernel != Kernel::F32, "the tiled bf16 product needs AMX or AVX512_BF16");
         if let Some(t) = &tail {
-            assert!(t.k > 0 && t.apr.len() >= m.div_ceil(32) * 32 * t.k.div_ceil(32) * 32 && t.b.len() >= t.k * n);
+            let whole = t.apr.len() >= m.div_ceil(32) * 32 * t.k.div_ceil(32) * 32 && t.b.len() >= t.k * n;
+            assert!(t.k > 0 && whole, "bf16 multiply: a tail of depth {} with buffers too small", t.k);
         }
         let (m_pad, k_pad) = (m.div_ceil(32) * 32, k.div_ceil(32) * 32);
         assert!(apr.len() >= m_pad * k_pad && c.len() >= m * n, "bf16 multiply: buffers too small");

@@ -527,7 +527,6 @@ impl CustomOp3 for LowRankMatMulT {
         }
         let mut hs = crate::nn::unfilled(m * r);
         match (&self.packed, crate::nn::bf16::autocast_on()) {
-            // `x` packed once for both of its products.
             // `x` packed once for both of its products; `(s x Aᵀ) Bᵀ` summed into `x Wᵀ`'s blocks.
             (Some(p), true) => {
                 let xa = PackedA::new(m, k, Src::F32(x), false);
@@ -577,7 +576,6 @@ impl CustomOp3 for LowRankMatMulT {
         let mut db = if b.track_op() && buf_b.is_none() { vec![0f32; n * r] } else { Vec::new() };
         with_f32(dy, |g| {
             match (&self.packed_dx, crate::nn::bf16::autocast_on()) {
-                // `dy` packed once for both of its products.
                 // `dy` packed once for both of its products; `(s dy B) A` summed into `dy W`'s blocks.
                 (Some(p), true) => {
                     let ga = PackedA::new(m, n, Src::F32(g), false);

@@ -196,8 +196,8 @@ const CHUNK: usize = 4096;
 /// over the kernel team, the larger ones are cut into chunks on it one after the other.
 fn squared_norms(params: &[Param]) -> Vec<f64> {
     let mut sums = vec![0f64; params.len()];
-    let is_small = |p: &Param| p.buf.with(|v| v.len().div_ceil(CHUNK) < 16).unwrap_or(false);
-    let small: Vec<usize> = (0..params.len()).filter(|&i| is_small(&params[i])).collect();
+    let split = |p: &Param| p.buf.with(|v| splits_over_team(v.len())).unwrap_or(true);
+    let (small, large): (Vec<usize>, Vec<usize>) = (0..params.len()).partition(|&i| !split(&params[i]));
     let out = SharedMut(sums.as_mut_ptr());
     Team::global().for_chunks(small.len(), 1, &|range| {
         let out = &out;
@@ -207,12 +207,16 @@ fn squared_norms(params: &[Param]) -> Vec<f64> {
             unsafe { *out.0.add(i) = s };
         }
     });
-    for (i, p) in params.iter().enumerate() {
-        if !is_small(p) {
-            sums[i] = p.buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
-        }
+    for i in large {
+        sums[i] = params[i].buf.with(|v| sum_of_squares(v)).unwrap_or(0.0);
     }
     sums
+}
+
+/// Whether [`sum_of_squares`] cuts `len` values into chunks over the kernel team (at least 16
+/// chunks: one group of the vector kernel) rather than summing them on the calling thread.
+fn splits_over_team(len: usize) -> bool {
+    len.div_ceil(CHUNK) >= 16
 }
 
 /// `Σ x²` in f64 over chunks of 4096 values, each summed in order, then the chunk sums in order:
@@ -227,7 +231,7 @@ fn sum_of_squares(v: &[f32]) -> f64 {
         let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(range.start), range.len()) };
         crate::nn::simd::chunk_square_sums(&v[range.start * CHUNK..(range.end * CHUNK).min(v.len())], CHUNK, dst);
     };
-    if chunks < 16 {
+    if !splits_over_team(v.len()) {
         work(0..chunks);
     } else {
         // Whole groups of 16 chunks per part where possible (the vector kernel's unit).
