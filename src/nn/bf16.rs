@@ -413,6 +413,15 @@ mod tiled {
     /// after the other into `c`.
     const DEPTH: usize = 768;
 
+    /// Whether a product is tall: far more rows than columns, its right operand small enough to
+    /// pack whole for each job (one panel of every column, one depth slice). Its jobs then split
+    /// the rows, so that the packed left operand is read once in all instead of once per
+    /// column panel (the LM head's weight gradient `dlogitsᵀ h`: 49152 x 576, depth 512, where
+    /// the packed `dlogitsᵀ` is 50 MB).
+    pub fn tall_product(m: usize, n: usize, k: usize) -> bool {
+        m >= 16 * n && n <= 2 * PANEL_MAX && k <= DEPTH && n > NARROW
+    }
+
     /// The depth of each slice of `k` (a multiple of 32; the last slice may be shorter).
     fn slice_depth(k: usize) -> usize {
         k.div_ceil(k.div_ceil(DEPTH)).div_ceil(32) * 32
@@ -917,7 +926,9 @@ mod tiled {
         let team = Team::global();
         // Jobs are (column panel, row block) pairs: panels alone when there are enough for
         // every thread, else the rows split too (a narrow `b` is packed by each of its jobs).
+        let tall = matches!(b, Right::Pack(..)) && tall_product(m, n, k);
         let width = match b {
+            _ if tall => n.div_ceil(32) * 32,
             Right::Pack(..) => panel_width(n),
             Right::Packed(p) => p.width,
         };
@@ -925,6 +936,7 @@ mod tiled {
         // Jobs are taken in turn (a thread slowed by another tenant of its core does fewer). A
         // prepacked `b` costs nothing to share, so its rows are cut finer (128 per job) for that.
         let min_parts = match b {
+            _ if tall => 2 * team.threads(),
             Right::Pack(..) => 1,
             Right::Packed(_) => m_pad / 128,
         };
@@ -1448,6 +1460,51 @@ mod tests {
             pa2.gemm(n, Src::F32(&b2), false, &mut want, true);
             pa.gemm_packed_then(&pb, &pa2, Src::F32(&b2), false, &mut got, true);
             assert_eq!(bits(&want), bits(&got));
+        }
+    }
+
+    #[test]
+    fn a_tall_product_gives_the_bits_of_its_row_blocks() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if tiled::avx512_bf16_available() {
+                kernels.push(Kernel::Avx512Bf16);
+            }
+            if tiled::amx_available() {
+                kernels.push(Kernel::Amx);
+            }
+        }
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has no tiled bf16 kernel");
+        }
+        // Tall (rows split over the jobs, one panel of every column) against blocks of 200 rows,
+        // each product short enough for the column panels; whole and partial 32 x 32 blocks.
+        for (m, n, k) in [(1600, 96, 100), (2100, 130, 512), (4800, 300, 64)] {
+            assert!(tiled::tall_product(m, n, k) && !tiled::tall_product(200, n, k));
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.07).sin()).collect();
+            for &kr in &kernels {
+                for (a_t, b_t, acc) in [(false, false, false), (true, false, true), (true, true, false)] {
+                    let mut whole = c0.clone();
+                    gemm_on(kr, m, n, k, Src::F32(&a), a_t, Src::F32(&b), b_t, &mut whole, acc);
+                    let mut blocks = c0.clone();
+                    for r0 in (0..m).step_by(200) {
+                        let rows = (m - r0).min(200);
+                        // Rows r0.. of op(a), in the same layout as `a`.
+                        let part: Vec<f32> = if a_t {
+                            (0..k).flat_map(|l| a[l * m + r0..l * m + r0 + rows].to_vec()).collect()
+                        } else {
+                            a[r0 * k..(r0 + rows) * k].to_vec()
+                        };
+                        let c = &mut blocks[r0 * n..(r0 + rows) * n];
+                        gemm_on(kr, rows, n, k, Src::F32(&part), a_t, Src::F32(&b), b_t, c, acc);
+                    }
+                    assert_eq!(bits(&whole), bits(&blocks), "{kr:?} {m}x{n}x{k} a_t {a_t} b_t {b_t} accumulate {acc}");
+                }
+            }
         }
     }
 
