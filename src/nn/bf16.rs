@@ -417,7 +417,10 @@ mod tiled {
     /// pack whole for each job (one panel of every column, one depth slice). Its jobs then split
     /// the rows, so that the packed left operand is read once in all instead of once per
     /// column panel (the LM head's weight gradient `dlogitsᵀ h`: 49152 x 576, depth 512, where
-    /// the packed `dlogitsᵀ` is 50 MB).
+    /// the packed `dlogitsᵀ` is 50 MB). Each job packs `op(b)` again (0.6 MB there, two jobs per
+    /// thread so that a slowed thread does less), small against the 12 MB of packed `dlogitsᵀ`
+    /// each job multiplies; one shared packed copy would leave the other threads idle while one
+    /// packs it.
     pub fn tall_product(m: usize, n: usize, k: usize) -> bool {
         m >= 16 * n && n <= 2 * PANEL_MAX && k <= DEPTH && n > NARROW
     }
