@@ -1277,6 +1277,16 @@ mod tiled {
                     sd = in(reg) sd,
                     options(nostack, readonly),
                 );
+                // The next block's rows of `c`, fetched for writing while this one multiplies:
+                // its stores (and loads, when accumulating) then find them in cache.
+                let (ni, nj) = if jj + 32 < cols.len() { (i, j + 32) } else { (i + 32, cols.start) };
+                if ni + 32 <= rows.end && nj + 32 <= cols.end {
+                    for r in 0..32 {
+                        let row = c.add((ni + r) * n + nj) as *const i8;
+                        _mm_prefetch::<_MM_HINT_ET0>(row);
+                        _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                    }
+                }
                 // The accumulators stay in tmm0-3 between these blocks: nothing else in the
                 // program uses tile registers.
                 tile_steps(a0, a0.add((k_pad / 32) * TILE), b0, b0.add((pairs / 16) * TILE), steps);
