@@ -10,11 +10,12 @@ use common::max_diff;
 use meet::data::Example;
 use meet::generate::{generate, SamplingParams};
 use meet::models::AttentionInputs;
+use meet::nn::packed::PackedFormat;
 use meet::objectives::lm::LanguageModeling;
 use meet::peft::folder;
 use meet::peft::lora::{Adapters, Routing};
 use meet::policy::Policy;
-use meet::{LoadOptions, Pretrained};
+use meet::{LoadOptions, Packing, Pretrained};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -48,6 +49,26 @@ fn logits_match_transformers() {
         let ids = Tensor::new(u32s(&exp["ids"]).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let d = max_diff(&p.model.forward(&ids).unwrap().squeeze(0).unwrap(), &rows(&exp["logits"]));
         assert!(d < 1e-4, "{name}: max |logit diff| {d}");
+    }
+}
+
+#[test]
+fn rounded_weights_load_and_stay_near_transformers_logits() {
+    // `--weights bf16|f16|q8_0|q4_1` round the linear layers only: GPT-2's and GPT-Neo's position
+    // tables (2-D, read as tensors) stay as stored, and GPT-2's `[in, out]` Conv1D weights are
+    // rounded in their `[out, in]` layout. The logits move by the rounding (so the layers are
+    // packed), and no further than it explains (observed: f16 6-8e-5, bf16 4-6e-4, q8_0 1.5e-3,
+    // q4_1 2.0-2.3e-2).
+    for name in MODELS {
+        let exp = expected(name);
+        let ids = Tensor::new(u32s(&exp["ids"]).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want = rows(&exp["logits"]);
+        for (format, bound) in [("f16", 5e-4), ("bf16", 4e-3), ("q8_0", 1e-2), ("q4_1", 0.15)] {
+            let packing = Packing::Quantize(PackedFormat::parse(format).unwrap());
+            let p = load(name, &LoadOptions { packing, ..Default::default() });
+            let d = max_diff(&p.model.forward(&ids).unwrap().squeeze(0).unwrap(), &want);
+            assert!(d > 0.0 && d < bound, "{name} {format}: max |logit diff| {d}");
+        }
     }
 }
 

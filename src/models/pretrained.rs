@@ -24,7 +24,8 @@ pub enum Packing {
     /// Keep a GGUF file's compact formats (exact values, several times less memory traffic);
     /// f32 sources stay f32.
     Source,
-    /// Round every matrix to this format (lossy, for fast generation from f32 models).
+    /// Round the weight of every linear layer (projections, embeddings, LM head) to this format
+    /// (lossy, for fast generation from f32 models).
     Quantize(PackedFormat),
 }
 
@@ -61,7 +62,7 @@ pub struct RawModel {
 /// Reads config, weights, tokenizer and generation defaults from `model`.
 pub fn read(model: &str, opts: &LoadOptions) -> Result<RawModel> {
     let pack_source = opts.packing != Packing::Dense && opts.device.is_cpu();
-    let mut raw = match resolve(model)? {
+    let raw = match resolve(model)? {
         Source::Folder(dir) => read_folder(&dir, &opts.device)?,
         Source::Gguf(path) => {
             let g = gguf::read(&path, pack_source, &opts.device)?;
@@ -70,9 +71,6 @@ pub fn read(model: &str, opts: &LoadOptions) -> Result<RawModel> {
             RawModel { config: g.config, tensors: g.tensors, packed: g.packed, tokenizer, generation, origin: path }
         }
     };
-    if let (Packing::Quantize(fmt), true) = (opts.packing, opts.device.is_cpu()) {
-        quantize_matrices(&mut raw, fmt)?;
-    }
     Ok(raw)
 }
 
@@ -119,23 +117,6 @@ fn read_folder(dir: &Path, device: &Device) -> Result<RawModel> {
     Ok(RawModel { config, tensors, packed: HashMap::new(), tokenizer, generation, origin: dir.to_path_buf() })
 }
 
-/// Packs every 2-D weight (projections, embeddings, LM head) of `raw` into `fmt`.
-fn quantize_matrices(raw: &mut RawModel, fmt: PackedFormat) -> Result<()> {
-    let names: Vec<String> = raw.tensors.iter().filter(|(_, t)| t.rank() == 2).map(|(n, _)| n.clone()).collect();
-    for name in names {
-        let t = &raw.tensors[&name];
-        let (n, k) = t.dims2()?;
-        if !k.is_multiple_of(fmt.block_size()) {
-            continue; // stays dense: rows do not split into whole blocks
-        }
-        let w = t.flatten_all()?.to_vec1::<f32>()?;
-        raw.packed.insert(name.clone(), Arc::new(PackedWeight::quantize(fmt, n, k, &w)?));
-        raw.tensors.remove(&name);
-    }
-    // Matrices a GGUF file already stores packed keep their exact format.
-    Ok(())
-}
-
 /// A model ready to run, with its tokenizer.
 pub struct Pretrained {
     pub model: Box<dyn CausalLm>,
@@ -176,7 +157,12 @@ impl Pretrained {
         } else {
             (VarBuilder::from_tensors(tensors, DType::F32, &opts.device), None)
         };
-        let builder = Builder::loaded(vb, packed, origin.clone()).with_adapters(opts.adapters.clone());
+        let mut builder = Builder::loaded(vb, packed, origin.clone()).with_adapters(opts.adapters.clone());
+        if let (Packing::Quantize(fmt), true) = (opts.packing, opts.device.is_cpu()) {
+            // Rounded as each linear layer is built, in its `[out, in]` layout (GPT-2's Conv1D
+            // weights are stored `[in, out]`); other tensors (position tables, norms) stay as stored.
+            builder = builder.quantizing(fmt);
+        }
         let model = models::build(&config, &builder, &cfg_path)?;
         // As transformers does, report weights the architecture does not use rather than fail.
         let used = builder.used();

@@ -53,6 +53,10 @@ enum Origin {
         path: Arc<PathBuf>,
         packed: Arc<HashMap<String, Arc<PackedWeight>>>,
         used: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+        /// The format a dense weight of a linear layer is rounded to when the layer is built
+        /// (`--weights q8_0|bf16|...`); tensors read any other way (GPT-2's position table,
+        /// norms) stay as stored.
+        quantize: Option<packed::PackedFormat>,
     },
     /// Fresh parameters drawn from a seeded RNG (tiny test models).
     Init { varmap: VarMap, seed: u64 },
@@ -84,7 +88,45 @@ impl<'a> Builder<'a> {
     /// Weights from `vb` (tensors or a pre-filled `VarMap`) and `packed`, loaded from `path`.
     pub fn loaded(vb: VarBuilder<'a>, packed: HashMap<String, Arc<PackedWeight>>, path: PathBuf) -> Self {
         let used = Default::default();
-        Self { vb, origin: Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used }, adapters: None }
+        let origin = Origin::Loaded { path: Arc::new(path), packed: Arc::new(packed), used, quantize: None };
+        Self { vb, origin, adapters: None }
+    }
+
+    /// Rounds the dense weight of every linear layer built from here on to `format` (whose rows
+    /// split into whole blocks; others stay dense): frozen inference weights only.
+    pub fn quantizing(mut self, format: packed::PackedFormat) -> Self {
+        if let Origin::Loaded { quantize, .. } = &mut self.origin {
+            *quantize = Some(format);
+        }
+        self
+    }
+
+    /// The format dense linear weights of `[_, k]` are rounded to, when one is set and `k` splits
+    /// into its blocks.
+    fn quantize_for(&self, k: usize) -> Option<packed::PackedFormat> {
+        match &self.origin {
+            Origin::Loaded { quantize: Some(f), .. } if k.is_multiple_of(f.block_size()) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// A linear layer over the packed `w` (`[out_dim, in_dim]`).
+    fn packed_linear(
+        &self,
+        w: Arc<PackedWeight>,
+        bias: Option<Tensor>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Linear> {
+        let adapter = self.adapter(in_dim, out_dim)?;
+        Ok(Linear {
+            weight: LinearWeight::Packed(w),
+            bias,
+            adapter,
+            transposed: Default::default(),
+            bf16: Default::default(),
+            bf16_dx: Default::default(),
+        })
     }
 
     /// Names of the loaded tensors the model has asked for so far.
@@ -188,16 +230,14 @@ impl<'a> Builder<'a> {
                         ),
                     ));
                 }
-                let adapter = self.adapter(in_dim, out_dim)?;
-                return Ok(Linear {
-                    weight: LinearWeight::Packed(p.clone()),
-                    bias,
-                    adapter,
-                    transposed: Default::default(),
-                    bf16: Default::default(),
-                    bf16_dx: Default::default(),
-                });
+                return self.packed_linear(p.clone(), bias, in_dim, out_dim);
             }
+        }
+        if let Some(format) = self.quantize_for(in_dim) {
+            let w = self.get((out_dim, in_dim), "weight", Init::Normal(std))?;
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            let p = PackedWeight::quantize(format, out_dim, in_dim, &values)?;
+            return self.packed_linear(Arc::new(p), bias, in_dim, out_dim);
         }
         let mut l = Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias);
         l.adapter = self.adapter(in_dim, out_dim)?;
@@ -212,6 +252,11 @@ impl<'a> Builder<'a> {
         let bias = Some(self.get(out_dim, "bias", Init::Const(0.0))?);
         let w = self.get((in_dim, out_dim), "weight", Init::Normal(std))?;
         let w = if w.is_variable() { w.t()? } else { w.t()?.contiguous()? };
+        if let Some(format) = self.quantize_for(in_dim) {
+            // Rounded in the `[out, in]` layout, blocks along the input as for any linear layer.
+            let p = PackedWeight::quantize(format, out_dim, in_dim, &w.flatten_all()?.to_vec1::<f32>()?)?;
+            return self.packed_linear(Arc::new(p), bias, in_dim, out_dim);
+        }
         let mut l = Linear::new(w, bias);
         l.adapter = self.adapter(in_dim, out_dim)?;
         Ok(l)
