@@ -1597,7 +1597,7 @@ mod tiled {
                 .map(|i| {
                     if (i / k) % 3 == 0 {
                         let sign = if i & 8 == 0 { 0 } else { 0x8000 };
-                        sign | ((i as u32 * 7919) % 0x7f | 1) as u16
+                        sign | (((i as u32 * 7919) % 0x7f) | 1) as u16
                     } else {
                         to_bf16_bits((i as f32 * 0.37).sin())
                     }
