@@ -651,6 +651,30 @@ mod tiled {
         }
     }
 
+    /// `$soft` and `$hw`: the packing `$with` compiled for AVX-512 alone, rounding with [`Soft`],
+    /// and with AVX512_BF16 too, rounding with [`Hw`] (each inlines its copy of the body).
+    macro_rules! rounding_copies {
+        ($soft:ident, $hw:ident, $with:ident, $what:ident, ($($arg:ident: $ty:ty),*)) => {
+            #[doc = concat!("[`", stringify!($what), "`] rounding with [`Soft`].")]
+            ///
+            /// # Safety
+            #[doc = concat!("As [`", stringify!($what), "`].")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            unsafe fn $soft<T: Bits>($($arg: $ty),*) {
+                $with::<T, Soft>($($arg),*)
+            }
+
+            #[doc = concat!("[`", stringify!($what), "`] rounding with [`Hw`].")]
+            ///
+            /// # Safety
+            #[doc = concat!("As [`", stringify!($what), "`], and the CPU has AVX512_BF16.")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+            unsafe fn $hw<T: Bits>($($arg: $ty),*) {
+                $with::<T, Hw>($($arg),*)
+            }
+        };
+    }
+
     /// Whether the packing rounds with AVX512_BF16 (the CPU has it and `MEET_SIMD` allows
     /// `avx512`).
     fn hw_rounding() -> bool {
@@ -716,39 +740,8 @@ mod tiled {
         }
     }
 
-    /// [`pack_a`] rounding with [`Soft`].
-    ///
-    /// # Safety
-    /// As [`pack_a`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pack_a_soft<T: Bits>(
-        m: usize,
-        k: usize,
-        a: &[T],
-        a_t: bool,
-        k_pad: usize,
-        out: &mut [u16],
-        rows: Range<usize>,
-    ) {
-        pack_a_with::<T, Soft>(m, k, a, a_t, k_pad, out, rows)
-    }
-
-    /// [`pack_a`] rounding with [`Hw`].
-    ///
-    /// # Safety
-    /// As [`pack_a`], and the CPU has AVX512_BF16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn pack_a_hw<T: Bits>(
-        m: usize,
-        k: usize,
-        a: &[T],
-        a_t: bool,
-        k_pad: usize,
-        out: &mut [u16],
-        rows: Range<usize>,
-    ) {
-        pack_a_with::<T, Hw>(m, k, a, a_t, k_pad, out, rows)
-    }
+    rounding_copies!(pack_a_soft, pack_a_hw, pack_a_with, pack_a,
+        (m: usize, k: usize, a: &[T], a_t: bool, k_pad: usize, out: &mut [u16], rows: Range<usize>));
 
     /// The body of [`pack_a`], inlined into each rounding's copy (compiled for its features).
     ///
@@ -870,39 +863,8 @@ mod tiled {
         }
     }
 
-    /// [`pack_b`] rounding with [`Soft`].
-    ///
-    /// # Safety
-    /// As [`pack_b`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pack_b_soft<T: Bits>(
-        k: usize,
-        n: usize,
-        b: &[T],
-        b_t: bool,
-        cols: Range<usize>,
-        depth: Range<usize>,
-        out: &mut [u32],
-    ) {
-        pack_b_with::<T, Soft>(k, n, b, b_t, cols, depth, out)
-    }
-
-    /// [`pack_b`] rounding with [`Hw`].
-    ///
-    /// # Safety
-    /// As [`pack_b`], and the CPU has AVX512_BF16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn pack_b_hw<T: Bits>(
-        k: usize,
-        n: usize,
-        b: &[T],
-        b_t: bool,
-        cols: Range<usize>,
-        depth: Range<usize>,
-        out: &mut [u32],
-    ) {
-        pack_b_with::<T, Hw>(k, n, b, b_t, cols, depth, out)
-    }
+    rounding_copies!(pack_b_soft, pack_b_hw, pack_b_with, pack_b,
+        (k: usize, n: usize, b: &[T], b_t: bool, cols: Range<usize>, depth: Range<usize>, out: &mut [u32]));
 
     /// The body of [`pack_b`], inlined into each rounding's copy.
     ///
