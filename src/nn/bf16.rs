@@ -1462,7 +1462,7 @@ mod tiled {
         }
 
         /// The first place where `got` is neither `soft` nor `flushed`, with the three values.
-        fn either(got: &[u32], soft: &[u32], flushed: &[u32]) -> Option<(usize, u32, u32, u32)> {
+        fn either<W: Copy + PartialEq>(got: &[W], soft: &[W], flushed: &[W]) -> Option<(usize, W, W, W)> {
             let i = (0..got.len()).find(|&i| got[i] != soft[i] && got[i] != flushed[i])?;
             Some((i, got[i], soft[i], flushed[i]))
         }
@@ -1504,8 +1504,7 @@ mod tiled {
                     }
                     assert_eq!(x, y, "pack_a {rows}x{depth} transposed {t}");
                     if hw {
-                        let halves = |v: &[u16]| v.iter().map(|&w| w as u32).collect::<Vec<_>>();
-                        let bad = either(&halves(&xh), &halves(&y), &halves(&yh));
+                        let bad = either(&xh, &y, &yh);
                         assert!(bad.is_none(), "pack_a (AVX512_BF16) {rows}x{depth} transposed {t}: {bad:x?}");
                     }
                     let n = cols + 5;

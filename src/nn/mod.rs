@@ -110,6 +110,19 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// A linear layer over the dense `w` (`[out_dim, in_dim]`) rounded to `format`.
+    fn quantized_linear(
+        &self,
+        format: packed::PackedFormat,
+        w: &Tensor,
+        bias: Option<Tensor>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Linear> {
+        let p = PackedWeight::quantize(format, out_dim, in_dim, &w.flatten_all()?.to_vec1::<f32>()?)?;
+        self.packed_linear(Arc::new(p), bias, in_dim, out_dim)
+    }
+
     /// A linear layer over the packed `w` (`[out_dim, in_dim]`).
     fn packed_linear(
         &self,
@@ -235,9 +248,7 @@ impl<'a> Builder<'a> {
         }
         if let Some(format) = self.quantize_for(in_dim) {
             let w = self.get((out_dim, in_dim), "weight", Init::Normal(std))?;
-            let values = w.flatten_all()?.to_vec1::<f32>()?;
-            let p = PackedWeight::quantize(format, out_dim, in_dim, &values)?;
-            return self.packed_linear(Arc::new(p), bias, in_dim, out_dim);
+            return self.quantized_linear(format, &w, bias, in_dim, out_dim);
         }
         let mut l = Linear::new(self.get((out_dim, in_dim), "weight", Init::Normal(std))?, bias);
         l.adapter = self.adapter(in_dim, out_dim)?;
@@ -254,8 +265,7 @@ impl<'a> Builder<'a> {
         let w = if w.is_variable() { w.t()? } else { w.t()?.contiguous()? };
         if let Some(format) = self.quantize_for(in_dim) {
             // Rounded in the `[out, in]` layout, blocks along the input as for any linear layer.
-            let p = PackedWeight::quantize(format, out_dim, in_dim, &w.flatten_all()?.to_vec1::<f32>()?)?;
-            return self.packed_linear(Arc::new(p), bias, in_dim, out_dim);
+            return self.quantized_linear(format, &w, bias, in_dim, out_dim);
         }
         let mut l = Linear::new(w, bias);
         l.adapter = self.adapter(in_dim, out_dim)?;
